@@ -1,0 +1,77 @@
+"""The exceptions rdmamig raises, in one place.
+
+Following h11, misuse by our own caller (``LocalProtocolError``) is kept apart from
+bad input from the peer (``RemoteProtocolError``); both are ``ProtocolError``.
+Failures of the transport itself carry the errno, the way pyverbs'
+``PyverbsRDMAError.error_code`` does.
+"""
+
+from __future__ import annotations
+
+
+class RdmamigError(Exception):
+    """Base class of every error rdmamig raises on purpose."""
+
+
+class ProtocolError(RdmamigError):
+    """The migration protocol was violated (by us or by the peer)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Our own caller asked for something the protocol does not allow here."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes or a message that break the protocol."""
+
+
+class PeerAbortedError(ProtocolError):
+    """The peer sent ERROR: it hit a fatal error and the migration is aborted."""
+
+
+class TransportError(RdmamigError):
+    """The transport failed: connection refused or lost, remote access error, ...
+
+    Attributes:
+        errno: the operating-system or verbs error number, when there is one.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class RegistrationError(RdmamigError):
+    """Memory could not be registered (pinned)."""
+
+
+class MemlockLimitError(RegistrationError):
+    """Pinning would exceed ``RLIMIT_MEMLOCK``; the message says how to raise it.
+
+    Attributes:
+        requested: bytes asked for by the refused registration.
+        limit: the soft ``RLIMIT_MEMLOCK`` in bytes.
+        locked: bytes this process had locked when it was refused.
+    """
+
+    def __init__(self, message: str, *, requested: int, limit: int, locked: int) -> None:
+        super().__init__(message)
+        self.requested = requested
+        self.limit = limit
+        self.locked = locked
+
+
+class UnknownNameError(RdmamigError, LookupError):
+    """A backend or policy was asked for by a name no plugin registered."""
+
+
+class BackendUnavailableError(RdmamigError):
+    """A backend exists but cannot run on this machine (the reason says why)."""
+
+
+class MigrationError(RdmamigError):
+    """The migration failed; the source's memory is intact and it keeps running."""
+
+
+class VerificationError(MigrationError):
+    """After transfer, a block's hash on the destination differs from the source's."""

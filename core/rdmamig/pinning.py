@@ -1,0 +1,88 @@
+"""Real pinning of memory with mlock(2), and the clear error when it is refused.
+
+Backends without a kernel driver of their own (TCP) pin with ``mlock``; the verbs
+backend's ``ibv_reg_mr`` pins the same way inside the kernel and is bound by the same
+``RLIMIT_MEMLOCK``. Both report a refusal through :func:`memlock_error`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import resource
+
+from .errors import MemlockLimitError, RegistrationError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def buffer_address(buffer: memoryview) -> int:
+    """Virtual address of the first byte of a writable, contiguous buffer."""
+    if buffer.readonly:
+        raise RegistrationError("cannot register read-only memory")
+    if not buffer.c_contiguous:
+        raise RegistrationError("cannot register non-contiguous memory")
+    if buffer.nbytes == 0:
+        raise RegistrationError("cannot register an empty range")
+    flat = buffer.cast("B")
+    return ctypes.addressof(ctypes.c_char.from_buffer(flat))
+
+
+def locked_bytes() -> int:
+    """Bytes this process has locked, per the kernel (``VmLck`` in /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        match = re.search(r"^VmLck:\s+(\d+) kB", status.read(), re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def memlock_limit() -> int:
+    """The soft ``RLIMIT_MEMLOCK`` in bytes (``resource.RLIM_INFINITY`` when unlimited)."""
+    return resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+
+
+def _format_bytes(count: int) -> str:
+    return f"{count} bytes ({count / 2**20:.1f} MiB)"
+
+
+def memlock_error(requested: int, what: str = "pin") -> MemlockLimitError:
+    """The error for a registration refused under ``RLIMIT_MEMLOCK``: how much was
+    asked, what the limit is, and how to raise it."""
+    limit, locked = memlock_limit(), locked_bytes()
+    shown = "unlimited" if limit == resource.RLIM_INFINITY else _format_bytes(limit)
+    return MemlockLimitError(
+        f"cannot {what} {_format_bytes(requested)}: RLIMIT_MEMLOCK is {shown} and "
+        f"{_format_bytes(locked)} are already locked by this process. Raise the limit "
+        f"(`ulimit -l unlimited`, `LimitMEMLOCK=infinity` for a systemd service, a "
+        f"`memlock` line in /etc/security/limits.conf), run with CAP_IPC_LOCK, or "
+        f"choose an unpin policy that keeps pinned memory under the limit "
+        f"(--policy memlock)",
+        requested=requested,
+        limit=limit,
+        locked=locked,
+    )
+
+
+def mlock(address: int, length: int) -> None:
+    """Lock ``length`` bytes at ``address`` into RAM.
+
+    Raises:
+        MemlockLimitError: refused by ``RLIMIT_MEMLOCK`` (ENOMEM / EPERM / EAGAIN).
+        RegistrationError: any other failure.
+    """
+    if _libc.mlock(address, length) == 0:
+        return
+    code = ctypes.get_errno()
+    if code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+        raise memlock_error(length)
+    raise RegistrationError(f"mlock of {length} bytes failed: {os.strerror(code)}")
+
+
+def munlock(address: int, length: int) -> None:
+    """Unlock a range locked with :func:`mlock` (failures are not fatal: the range
+    is being released anyway)."""
+    _libc.munlock(address, length)

@@ -1,0 +1,213 @@
+"""The interfaces a backend implements: small ABCs with keyword-only methods.
+
+A backend (TCP, verbs, a third party's) provides a :class:`Backend` that makes
+:class:`Listener` and :class:`Endpoint` objects. An endpoint is one connected queue
+pair: a :class:`ControlChannel` for SEND / RECV of control messages, a
+:class:`MemoryRegistry` that pins memory and hands out keys, and a
+:class:`RemoteWriter` for one-sided writes into the peer's registered memory.
+Capabilities are negotiated at connect time (:mod:`rdmamig.caps`).
+
+Resources are context managers; ``close()`` is idempotent and releases everything the
+object owns (an endpoint's close deregisters every region it registered).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from types import TracebackType
+from typing import ClassVar, Self
+
+import attrs
+
+from .caps import Capability
+
+
+@attrs.frozen(kw_only=True)
+class MemoryRegion:
+    """A registered (pinned) range of local memory.
+
+    Attributes:
+        addr: virtual address of the first byte (what a peer adds offsets to).
+        length: bytes in the range.
+        lkey: key for using the range as the source of our own writes.
+        rkey: key a peer uses to write into the range (0 when not remotely writable).
+    """
+
+    addr: int
+    length: int
+    lkey: int
+    rkey: int
+
+
+@attrs.frozen(kw_only=True)
+class RemoteWrite:
+    """One one-sided write: ``length`` bytes at ``offset`` of local ``region`` go to
+    ``remote_addr`` in the peer's memory registered under ``rkey``."""
+
+    region: MemoryRegion
+    offset: int
+    length: int
+    remote_addr: int
+    rkey: int
+
+
+class _Closing(abc.ABC):
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release everything this object owns. Calling it again does nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ControlChannel(abc.ABC):
+    """SEND and RECV of whole control messages (header + data portion)."""
+
+    @abc.abstractmethod
+    def send_message(self, *, data: bytes) -> None:
+        """Send one control message (at most 512 KiB).
+
+        Raises:
+            TransportError: the connection is closed, broken or in the error state.
+        """
+
+    @abc.abstractmethod
+    def recv_message(self, *, timeout: float | None) -> bytes:
+        """Wait for the next control message and return its bytes, unparsed.
+
+        Raises:
+            TransportError: the peer closed or broke the connection, a remote access
+                error put it in the error state, or ``timeout`` seconds passed
+                (``errno.ETIMEDOUT``).
+        """
+
+
+class MemoryRegistry(abc.ABC):
+    """Registration (pinning) of local memory, with pinned-bytes accounting."""
+
+    @abc.abstractmethod
+    def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
+        """Pin ``buffer`` (writable, contiguous) and return its keys.
+
+        Args:
+            buffer: the memory; it must stay alive until deregistered.
+            remote_write: whether the peer may write into it (gets an rkey).
+
+        Raises:
+            MemlockLimitError: pinning would exceed ``RLIMIT_MEMLOCK``.
+            RegistrationError: any other refusal.
+        """
+
+    @abc.abstractmethod
+    def deregister(self, *, region: MemoryRegion) -> None:
+        """Unpin ``region``; its rkey stops working at once.
+
+        Raises:
+            LocalProtocolError: ``region`` is not registered here.
+        """
+
+    @property
+    @abc.abstractmethod
+    def pinned_bytes(self) -> int:
+        """Bytes currently registered through this registry."""
+
+    @property
+    @abc.abstractmethod
+    def pinned_peak_bytes(self) -> int:
+        """The most bytes that were registered at any one time."""
+
+
+class RemoteWriter(abc.ABC):
+    """One-sided writes into the peer's registered memory."""
+
+    @abc.abstractmethod
+    def post_writes(self, *, writes: Sequence[RemoteWrite]) -> int:
+        """Start a batch of writes; only the last one signals completion.
+
+        Returns:
+            A ticket for :meth:`wait_writes`.
+
+        Raises:
+            LocalProtocolError: a write's local range is not inside its region.
+            TransportError: the connection is broken or in the error state.
+        """
+
+    @abc.abstractmethod
+    def wait_writes(self, *, ticket: int, timeout: float | None) -> None:
+        """Wait until the batch ``ticket`` (and every write before it) is placed in
+        the peer's memory.
+
+        Raises:
+            TransportError: a write failed (for example a remote access error for a
+                bad key or range), the connection broke, or the timeout passed.
+        """
+
+
+class Endpoint(ControlChannel, MemoryRegistry, RemoteWriter, _Closing):
+    """One connection to a peer. ``capabilities`` is what was negotiated."""
+
+    capabilities: Capability
+
+
+class Listener(_Closing):
+    """A bound, listening endpoint on the destination side."""
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> tuple[str, int]:
+        """The host and port actually bound (port 0 asks for any free port)."""
+
+    @abc.abstractmethod
+    def accept(self, *, timeout: float | None) -> Endpoint:
+        """Wait for a source, negotiate capabilities, return the connection.
+
+        Raises:
+            RemoteProtocolError: the source asked for an invalid protocol version
+                (it is refused with that reason).
+            TransportError: the timeout passed or the socket failed.
+        """
+
+
+class Backend(abc.ABC):
+    """A transport, registered by a plugin under :attr:`name`."""
+
+    #: The name users select it by (``--backend NAME``).
+    name: ClassVar[str]
+    #: One line for ``rdmamig backends``.
+    description: ClassVar[str] = ""
+    #: Capabilities this transport can honour (PIN_ALL etc.).
+    supported: ClassVar[Capability] = Capability(0)
+
+    @abc.abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine, or None when it can."""
+
+    @abc.abstractmethod
+    def listen(self, *, host: str, port: int, supported: Capability) -> Listener:
+        """Bind and listen on ``host``:``port`` (IPv4 or IPv6).
+
+        Raises:
+            TransportError: the address cannot be bound.
+            BackendUnavailableError: the backend cannot run here.
+        """
+
+    @abc.abstractmethod
+    def connect(
+        self, *, host: str, port: int, requested: Capability, timeout: float | None
+    ) -> Endpoint:
+        """Connect to a destination, asking for ``requested`` capabilities.
+
+        Raises:
+            TransportError: unreachable, refused (with the peer's reason) or timed out.
+            RemoteProtocolError: the destination's reply is malformed.
+            BackendUnavailableError: the backend cannot run here.
+        """

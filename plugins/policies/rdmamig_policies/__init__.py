@@ -1,0 +1,1 @@
+"""rdmamig's built-in unpin policies."""

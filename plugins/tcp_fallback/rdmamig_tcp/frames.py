@@ -1,0 +1,78 @@
+"""The TCP backend's framing: what an RDMA NIC would put on the wire, over a stream.
+
+Every frame starts with one 28-byte header; a payload of ``length`` bytes follows
+for the frames that have one. A single TCP connection carries control SENDs and
+one-sided WRITEs in order, so a write posted before a SEND is placed before the SEND
+is received, as on an RC queue pair.
+
+    kind (u8), flags (u8), padding (u16), rkey (u32), remote_addr (u64),
+    wr_id (u64), length (u32)
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+FRAME: Final = struct.Struct("!BBxxIQQI")
+#: Identifies an rdmamig TCP connect request (then 8 bytes of private data).
+MAGIC: Final = b"RDMAMIG\x01"
+#: Longest REJECT / NAK reason we accept.
+MAX_REASON: Final = 4096
+#: Kernel limit on iovecs per sendmsg (IOV_MAX), less room for a header.
+MAX_IOV: Final = 1000
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds."""
+
+    CONNECT = 1  # payload: MAGIC + private data
+    ACCEPT = 2  # payload: private data
+    REJECT = 3  # payload: reason (UTF-8)
+    SEND = 4  # payload: one control message
+    WRITE = 5  # payload: bytes for remote_addr under rkey
+    ACK = 6  # completion of the signaled WRITE wr_id
+    NAK = 7  # remote access error; payload: reason (UTF-8)
+
+
+SIGNALED: Final = 0x01
+
+
+def header(
+    kind: Kind, *, length: int = 0, rkey: int = 0, remote_addr: int = 0, wr_id: int = 0,
+    flags: int = 0,
+) -> bytes:
+    """One frame header."""
+    return FRAME.pack(kind, flags, rkey, remote_addr, wr_id, length)
+
+
+def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    """sendmsg every buffer, gathering them without copying; resumes partial sends."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        sent = sock.sendmsg(pending[:MAX_IOV])
+        while sent:
+            if sent >= pending[0].nbytes:
+                sent -= pending[0].nbytes
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][sent:]
+                sent = 0
+
+
+def recv_exact(sock: socket.socket, into: memoryview) -> bool:
+    """Fill ``into`` from the socket straight into its memory. False on a clean EOF
+    before the first byte; ConnectionError on EOF in the middle."""
+    got = 0
+    size = into.nbytes
+    while got < size:
+        count = sock.recv_into(into[got:], size - got, socket.MSG_WAITALL)
+        if count == 0:
+            if got == 0:
+                return False
+            raise ConnectionError(f"peer closed the connection after {got} of {size} bytes")
+        got += count
+    return True
