@@ -4,6 +4,7 @@ byte stream as file-like objects."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable, Collection
 
@@ -105,10 +106,8 @@ class ControlSession:
         """Tell the peer we hit a fatal error (ERROR), if the channel still works."""
         if not self.state.may_send(Command.ERROR):
             return
-        try:
+        with contextlib.suppress(TransportError, LocalProtocolError):
             self.send(wire.ErrorMessage())
-        except (TransportError, LocalProtocolError):
-            pass
 
 
 class QemuFileWriter(io.RawIOBase):

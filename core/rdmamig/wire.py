@@ -248,7 +248,7 @@ Message: TypeAlias = (
     | VerifyResult
 )
 
-_EMPTY: Final = {
+_EMPTY: Final[dict[Command, Message]] = {
     Command.ERROR: ErrorMessage(),
     Command.READY: Ready(),
     Command.RAM_BLOCKS_REQUEST: RamBlocksRequest(),
@@ -259,12 +259,13 @@ _EMPTY: Final = {
 # ---------------------------------------------------------------- encoding
 
 
-def _pack_entries(layout: struct.Struct, rows: Sequence[tuple[object, ...]]) -> bytes:
+def _pack_entries(layout: struct.Struct, rows: Sequence[tuple[Any, ...]]) -> bytes:
     return b"".join(layout.pack(*row) for row in rows)
 
 
 def _data_of(message: Message) -> tuple[bytes, int]:
     """The data portion of ``message`` and the header's ``repeat``."""
+    rows: list[tuple[Any, ...]]
     match message:
         case ErrorMessage() | Ready() | RamBlocksRequest() | RegisterFinished():
             return b"", 1

@@ -12,6 +12,7 @@ as an RC queue pair does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import secrets
@@ -283,10 +284,8 @@ class TcpEndpoint(Endpoint):
             if self._closed:
                 return
             self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._reader.join(timeout=10)
         self._sock.close()
         self._fail(TransportError("connection closed", errno=errno.ESHUTDOWN))

@@ -1,0 +1,76 @@
+"""The control-channel state machine's table."""
+
+from __future__ import annotations
+
+import pytest
+from rdmamig.control import ControlState, Role, State
+from rdmamig.errors import LocalProtocolError, RemoteProtocolError
+from rdmamig.wire import Command as C
+
+
+def drive(state: ControlState, steps: list[tuple[str, C]]) -> None:
+    for direction, command in steps:
+        (state.send if direction == "send" else state.receive)(command)
+
+
+def test_source_follows_a_qemu_like_conversation() -> None:
+    source = ControlState(Role.SOURCE)
+    drive(source, [("recv", C.READY), ("send", C.QEMU_FILE), ("recv", C.READY),
+                   ("send", C.RAM_BLOCKS_REQUEST), ("recv", C.RAM_BLOCKS_RESULT),
+                   ("recv", C.READY), ("send", C.REGISTER_REQUEST),
+                   ("recv", C.REGISTER_RESULT), ("recv", C.READY), ("send", C.COMPRESS),
+                   ("recv", C.READY), ("send", C.UNREGISTER_REQUEST),
+                   ("recv", C.UNREGISTER_FINISHED), ("recv", C.READY),
+                   ("send", C.REGISTER_FINISHED)])
+    assert source.state is State.WAIT_READY
+
+
+def test_destination_takes_any_message_after_ready() -> None:
+    for command, reply in [(C.QEMU_FILE, None), (C.COMPRESS, None),
+                           (C.REGISTER_FINISHED, None),
+                           (C.RAM_BLOCKS_REQUEST, C.RAM_BLOCKS_RESULT),
+                           (C.REGISTER_REQUEST, C.REGISTER_RESULT),
+                           (C.UNREGISTER_REQUEST, C.UNREGISTER_FINISHED)]:
+        destination = ControlState(Role.DESTINATION)
+        drive(destination, [("send", C.READY), ("recv", command)])
+        if reply is not None:
+            destination.send(reply)
+        assert destination.state is State.IDLE
+
+
+def test_source_may_not_send_before_ready() -> None:
+    with pytest.raises(LocalProtocolError,
+                       match="can't send QEMU FILE when role=SOURCE state=WAIT_READY"):
+        ControlState(Role.SOURCE).send(C.QEMU_FILE)
+
+
+def test_unexpected_message_is_a_remote_error() -> None:
+    destination = ControlState(Role.DESTINATION)
+    with pytest.raises(RemoteProtocolError,
+                       match="can't handle QEMU FILE when role=DESTINATION state=IDLE"):
+        destination.receive(C.QEMU_FILE)
+    source = ControlState(Role.SOURCE)
+    drive(source, [("recv", C.READY), ("send", C.REGISTER_REQUEST)])
+    with pytest.raises(RemoteProtocolError, match="can't handle READY when role=SOURCE "
+                                                  "state=WAIT_REGISTER_RESULT"):
+        source.receive(C.READY)
+
+
+def test_destination_must_answer_before_ready() -> None:
+    destination = ControlState(Role.DESTINATION)
+    drive(destination, [("send", C.READY), ("recv", C.REGISTER_REQUEST)])
+    with pytest.raises(LocalProtocolError, match="state=OWE_REGISTER_RESULT"):
+        destination.send(C.READY)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_error_ends_the_conversation_from_any_state(role: Role) -> None:
+    state = ControlState(role)
+    state.receive(C.ERROR)
+    assert state.state is State.ERROR
+    assert not state.may_send(C.ERROR)
+    with pytest.raises(RemoteProtocolError):
+        state.receive(C.READY)
+    sender = ControlState(role)
+    sender.send(C.ERROR)
+    assert sender.state is State.ERROR
