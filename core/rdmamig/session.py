@@ -78,6 +78,14 @@ class ControlSession:
             PeerAbortedError, TransportError: as :meth:`recv`.
         """
         self.wait_ready()
+        return self.send_request(message, reply=reply)
+
+    def send_request(self, message: Message, *, reply: Command | None) -> Message | None:
+        """Send ``message`` on a READY already received and wait for ``reply``.
+
+        Raises:
+            as :meth:`exchange_send`.
+        """
         self.send(message)
         if reply is None:
             return None

@@ -1,0 +1,16 @@
+"""The live-migration engine: RAM blocks, the source (pre-copy) and the destination."""
+
+from .destination import Destination, DestinationResult
+from .ramblock import PAGE_SIZE, ChecksumTracker, RamBlock
+from .source import Source, SourceConfig, SourceResult
+
+__all__ = [
+    "PAGE_SIZE",
+    "ChecksumTracker",
+    "Destination",
+    "DestinationResult",
+    "RamBlock",
+    "Source",
+    "SourceConfig",
+    "SourceResult",
+]

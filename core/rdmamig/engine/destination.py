@@ -1,0 +1,271 @@
+"""The destination of a migration: serves whatever the source sends.
+
+After each READY the destination takes any message – QEMU FILE bytes, RAM BLOCKS
+REQUEST, REGISTER REQUEST, COMPRESS, UNREGISTER REQUEST, REGISTER FINISHED – because
+a real QEMU source interleaves them. The QEMU FILE stream is read like QEMU's
+``get_buffer``: a read that needs bytes pumps messages until stream bytes arrive.
+Every peer-supplied index, key and range is checked against the blocks before any
+memory is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from .. import wire
+from ..caps import Capability
+from ..control import Role
+from ..errors import MigrationError, RdmamigError, RemoteProtocolError, VerificationError
+from ..pinning import buffer_address
+from ..policy import CHUNK_SHIFT, CHUNK_SIZE
+from ..session import ControlSession, QemuFileReader
+from ..transport import Endpoint, MemoryRegion
+from . import stream
+from .ramblock import RamBlock
+
+BlockFactory = Callable[[str, int], RamBlock]
+
+
+@attrs.define(kw_only=True)
+class DestinationResult:
+    """What the destination saw. ``completed`` is True only once every page and the
+    state stream arrived; ``verified`` only if the source's hashes matched too."""
+
+    completed: bool = False
+    verified: bool = False
+    error: str | None = None
+    state: bytes = b""
+    iterations: int = 0
+    registrations: int = 0
+    unregistrations: int = 0
+    zero_pages: int = 0
+    pinned_peak_bytes: int = 0
+    total_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    mismatched_blocks: list[str] = attrs.Factory(list)
+    #: (seconds since start, pinned bytes) after every (un)registration.
+    pinned_timeline: list[tuple[float, int]] = attrs.Factory(list)
+
+
+class Destination:
+    """Receives a migration into ``blocks`` (checked against the source's list by
+    name and size) or into blocks made by ``make_block(name, length)``.
+
+    Args:
+        endpoint: an accepted connection.
+        blocks: pre-allocated blocks (as QEMU's destination has its RAM already).
+        make_block: creates blocks on demand when ``blocks`` is None.
+        timeout: seconds to wait for any one message.
+    """
+
+    def __init__(self, endpoint: Endpoint, *, blocks: Sequence[RamBlock] | None = None,
+                 make_block: BlockFactory | None = None, timeout: float | None = 60.0,
+                 started_at: float | None = None) -> None:
+        if blocks is None and make_block is None:
+            raise ValueError("give the destination blocks or a make_block factory")
+        self.endpoint = endpoint
+        self.session = ControlSession(endpoint, role=Role.DESTINATION,
+                                      capabilities=endpoint.capabilities, timeout=timeout)
+        self._given = list(blocks) if blocks is not None else None
+        self._make_block = make_block
+        self.blocks: list[RamBlock] = []
+        self._offsets: list[int] = []
+        self._addrs: list[int] = []
+        self._regions: dict[tuple[int, int], tuple[MemoryRegion, int]] = {}
+        self._block_regions: list[MemoryRegion] = []
+        self.result = DestinationResult()
+        self._start = started_at if started_at is not None else time.monotonic()
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> DestinationResult:
+        """Receive the migration.
+
+        Raises:
+            MigrationError: anything failed; every registration is released and
+                ``result.completed`` stays False.
+        """
+        try:
+            self._receive()
+            if self.endpoint.capabilities & Capability.VERIFY:
+                self._verify()
+        except RdmamigError as exc:
+            self.result.error = str(exc)
+            self.session.abort()
+            raise exc if isinstance(exc, MigrationError) else MigrationError(
+                f"destination failed: {exc}") from exc
+        finally:
+            self._release_all()
+            self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
+        return self.result
+
+    def _receive(self) -> None:
+        reader = QemuFileReader(self._fill)
+        stream.read_magic(reader)
+        tag, payload = stream.read_record(reader)
+        if tag is not stream.Tag.BLOCKS:
+            raise RemoteProtocolError(f"stream starts with record {tag.name}, not BLOCKS")
+        self._set_up_blocks(stream.decode_blocks_untrusted(payload))
+        while True:
+            tag, payload = stream.read_record(reader)
+            if tag is stream.Tag.STATE:
+                self.result.state = payload
+            elif tag is stream.Tag.END:
+                break
+            else:
+                raise RemoteProtocolError(f"record {tag.name} after the stream's start")
+        self.result.total_time_s = time.monotonic() - self._start
+        self.result.completed = True
+        # This READY tells the source that everything before END is in place.
+        self.session.send(wire.Ready())
+
+    def _fill(self) -> bytes:
+        while True:
+            message = self.session.exchange_recv()
+            if isinstance(message, wire.QemuFile):
+                return message.data
+            self._handle(message)
+
+    def _handle(self, message: wire.Message) -> None:
+        match message:
+            case wire.RamBlocksRequest():
+                self._ram_blocks()
+            case wire.RegisterRequest(entries=entries):
+                self.session.send(wire.RegisterResult(
+                    entries=tuple(self._register(e) for e in entries)))
+            case wire.Compress(entries=entries):
+                for entry in entries:
+                    self._compress(entry)
+            case wire.UnregisterRequest(entries=entries):
+                for entry in entries:
+                    self._unregister(entry)
+                self.session.send(wire.UnregisterFinished())
+            case wire.RegisterFinished():
+                self.result.iterations += 1
+            case _:
+                raise RemoteProtocolError(f"{message.TYPE.label} before the stream's END")
+
+    # ------------------------------------------------------------ blocks
+
+    def _set_up_blocks(self, listed: list[tuple[str, int]]) -> None:
+        if self._given is not None:
+            ours = [(b.name, b.length) for b in self._given]
+            if ours != listed:
+                raise MigrationError(
+                    "RAM blocks do not match: source has "
+                    + ", ".join(f"{n}={length}" for n, length in listed)
+                    + "; destination has " + ", ".join(f"{n}={length}" for n, length in ours))
+            self.blocks = self._given
+        else:
+            assert self._make_block is not None
+            self.blocks = [self._make_block(name, length) for name, length in listed]
+        offset = 0
+        for block in self.blocks:
+            self._offsets.append(offset)
+            self._addrs.append(buffer_address(block.view))
+            offset += block.length
+
+    def _ram_blocks(self) -> None:
+        if not self.blocks:
+            raise RemoteProtocolError("RAM BLOCKS REQUEST before the stream listed the blocks")
+        pin_all = bool(self.endpoint.capabilities & Capability.PIN_ALL)
+        if pin_all and not self._block_regions:
+            for block in self.blocks:
+                self._block_regions.append(
+                    self.endpoint.register(buffer=block.view, remote_write=True))
+                self.result.registrations += 1
+                self._sample()
+        self.session.send(wire.RamBlocksResult(blocks=tuple(
+            wire.DestBlock(remote_host_addr=addr, offset=offset, length=block.length,
+                           remote_rkey=self._block_regions[i].rkey if pin_all else 0)
+            for i, (block, offset, addr) in enumerate(
+                zip(self.blocks, self._offsets, self._addrs, strict=True)))))
+
+    def _block_at(self, index: int, field: str) -> RamBlock:
+        if not 0 <= index < len(self.blocks):
+            raise RemoteProtocolError(f"{field}={index}: no such RAM block "
+                                      f"(there are {len(self.blocks)})")
+        return self.blocks[index]
+
+    # ------------------------------------------------------------ requests
+
+    def _register(self, entry: wire.Register) -> wire.RegisterKey:
+        block = self._block_at(entry.current_index, "current_index")
+        start = entry.key - self._offsets[entry.current_index]
+        if not 0 <= start < block.length:
+            raise RemoteProtocolError(f"key={entry.key:#x}: outside RAM block "
+                                      f"{entry.current_index} ({block.name})")
+        first = start >> CHUNK_SHIFT
+        count = max(entry.chunks, 1)  # QEMU 7.2 sends 0 for a single chunk
+        if first + count > block.chunks:
+            raise RemoteProtocolError(f"chunks={entry.chunks}: chunks {first}..{first + count - 1}"
+                                      f" run past block {block.name} ({block.chunks} chunks)")
+        if self._block_regions:
+            rkey = self._block_regions[entry.current_index].rkey
+        else:
+            known = self._regions.get((entry.current_index, first))
+            if known is None:
+                end = min((first + count) * CHUNK_SIZE, block.length)
+                region = self.endpoint.register(
+                    buffer=block.view[first * CHUNK_SIZE:end], remote_write=True)
+                known = (region, count)
+                self._regions[(entry.current_index, first)] = known
+                self.result.registrations += 1
+                self._sample()
+            rkey = known[0].rkey
+        return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
+
+    def _unregister(self, entry: wire.Register) -> None:
+        self._block_at(entry.current_index, "current_index")
+        known = self._regions.pop((entry.current_index, entry.key), None)
+        if known is None:
+            raise RemoteProtocolError(f"key={entry.key}: chunk {entry.key} of block "
+                                      f"{entry.current_index} is not registered")
+        self.endpoint.deregister(region=known[0])
+        self.result.unregistrations += 1
+        self._sample()
+
+    def _compress(self, entry: wire.CompressRange) -> None:
+        block = self._block_at(entry.block_idx, "block_idx")
+        start = entry.offset - self._offsets[entry.block_idx]
+        if start < 0 or start + entry.length > block.length:
+            raise RemoteProtocolError(
+                f"offset={entry.offset:#x}: COMPRESS of {entry.length} bytes is outside "
+                f"RAM block {entry.block_idx} ({block.name}, {block.length} bytes)")
+        block.array[start:start + entry.length] = entry.value
+        self.result.zero_pages += entry.length // 4096 if entry.value == 0 else 0
+
+    # ------------------------------------------------------------ the end
+
+    def _verify(self) -> None:
+        message = self.session.recv()
+        if not isinstance(message, wire.BlockHashes):
+            raise RemoteProtocolError(f"{message.TYPE.label} after END, expected BLOCK HASHES")
+        started = time.monotonic()
+        theirs = {entry.block_idx: entry.digest for entry in message.entries}
+        mismatched = [block.name for index, block in enumerate(self.blocks)
+                      if theirs.get(index) != block.digest()]
+        self.result.mismatched_blocks = mismatched
+        self.result.verify_time_s = time.monotonic() - started
+        self.session.send(wire.VerifyResult(matched=len(self.blocks) - len(mismatched),
+                                            mismatched=len(mismatched)))
+        if mismatched:
+            raise VerificationError(f"hash mismatch in block(s) {', '.join(mismatched)}")
+        self.result.verified = True
+
+    def _sample(self) -> None:
+        self.result.pinned_timeline.append(
+            (time.monotonic() - self._start, self.endpoint.pinned_bytes))
+
+    def _release_all(self) -> None:
+        regions = [region for region, _count in self._regions.values()]
+        for region in regions + self._block_regions:
+            # Already gone if the endpoint was closed under us: that released it too.
+            with contextlib.suppress(RdmamigError):
+                self.endpoint.deregister(region=region)
+        self._regions.clear()
+        self._block_regions.clear()

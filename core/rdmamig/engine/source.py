@@ -1,0 +1,478 @@
+"""The source of a migration: QEMU's pre-copy over any backend.
+
+A bulk round sends every page; dirty-page iterations follow while the workload
+runs; when the remaining dirty bytes fit in ``max_downtime`` at the measured
+bandwidth (or after ``max_iterations``), the workload stops and the last pages, the
+state stream and END go out. Zero pages travel as COMPRESS; the others as one-sided
+writes merged over contiguous pages (up to 2 MiB; within a chunk when registration is
+per chunk, since one write uses one key), completion signalled once per batch of
+``batch_chunks`` chunks. Which chunks to unpin is the unpin policy's call.
+
+The source only reads its memory: a failed migration leaves it as it was, and the
+workload keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+
+from .. import wire
+from ..caps import Capability
+from ..control import Role
+from ..errors import MemlockLimitError, MigrationError, RdmamigError, VerificationError
+from ..policy import CHUNK_SIZE, ChunkId, UnpinPolicy
+from ..session import ControlSession, QemuFileWriter
+from ..transport import Endpoint, MemoryRegion, RemoteWrite
+from . import stream
+from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
+
+#: Longest merged write (PROTOCOL.md, "RAM transfer").
+MAX_WRITE = 2 * CHUNK_SIZE
+
+
+class Workload(Protocol):
+    """What the source needs of the thing that dirties its memory."""
+
+    def stop(self) -> None:
+        """Pause it (the stop of stop-and-copy)."""
+
+    def resume(self) -> None:
+        """Let it run again (after a failed migration the source keeps running)."""
+
+    def throttle(self, fraction: float) -> None:
+        """Slow it down to ``1 - fraction`` of its speed (auto-converge)."""
+
+    def state(self) -> bytes:
+        """Its non-RAM state, sent after stop in the QEMU FILE stream."""
+
+
+@attrs.define(kw_only=True)
+class SourceConfig:
+    """Tunables, with QEMU's defaults where QEMU has one."""
+
+    max_downtime: float = 0.3
+    max_iterations: int = 30
+    auto_converge: bool = False
+    batch_chunks: int = 64
+    timeout: float | None = 60.0
+
+
+@attrs.define(kw_only=True)
+class SourceResult:
+    """What happened, timed as QEMU's ``query-migrate`` does."""
+
+    verified: bool = False
+    iterations: int = 0
+    bytes_written: int = 0
+    zero_pages: int = 0
+    registrations: int = 0
+    unregistrations: int = 0
+    reregistrations: int = 0
+    pinned_peak_bytes: int = 0
+    downtime_s: float = 0.0
+    total_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    throttle: float = 0.0
+    capabilities: int = 0
+    #: One sample per batch: seconds, bytes written, dirty bytes left, pinned bytes.
+    timeline: list[dict[str, float]] = attrs.Factory(list)
+
+
+@attrs.define
+class _Pending:
+    region: MemoryRegion
+    offset: int
+    length: int
+    remote_addr: int
+    rkey: int
+
+
+class Source:
+    """Migrates ``blocks`` over ``endpoint``.
+
+    Args:
+        endpoint: a connected endpoint (its capabilities decide PIN_ALL, batching and
+            verification).
+        blocks: the RAM to migrate.
+        policy: decides what to unpin and when.
+        workload: stopped for stop-and-copy; None for idle memory.
+        trackers: checksum trackers to scan before each round (memory rdmamig does
+            not write itself).
+        on_progress: called after every batch with the latest timeline sample.
+        started_at: ``time.monotonic()`` when the migration started (connect).
+    """
+
+    def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
+                 policy: UnpinPolicy, config: SourceConfig | None = None,
+                 workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
+                 on_progress: Callable[[dict[str, float]], None] | None = None,
+                 started_at: float | None = None) -> None:
+        self.endpoint = endpoint
+        self.blocks = list(blocks)
+        self.policy = policy
+        self.config = config or SourceConfig()
+        self.workload = workload
+        self.trackers = list(trackers)
+        self.on_progress = on_progress
+        self.session = ControlSession(endpoint, role=Role.SOURCE,
+                                      capabilities=endpoint.capabilities,
+                                      timeout=self.config.timeout)
+        caps = endpoint.capabilities
+        self.pin_all = bool(caps & Capability.PIN_ALL)
+        self.batch = bool(caps & Capability.BATCH)
+        self.result = SourceResult(capabilities=int(caps))
+        self._start = started_at if started_at is not None else time.monotonic()
+        self._remote: list[wire.DestBlock] = []
+        self._host_addr: list[int] = []
+        self._rkeys: dict[ChunkId, int] = {}
+        self._local: dict[ChunkId, MemoryRegion] = {}
+        self._local_blocks: list[MemoryRegion] = []
+        self._ever_unpinned: set[ChunkId] = set()
+        self._last_ticket: dict[ChunkId, int] = {}
+        self._completed_ticket = 0
+        self._outstanding: deque[tuple[int, list[ChunkId]]] = deque()
+        self._pending: list[_Pending] = []
+        self._pending_chunks: list[ChunkId] = []
+        self._stopped = False
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> SourceResult:
+        """Migrate.
+
+        Raises:
+            MigrationError: anything failed (the cause is chained and named). Every
+                registration is released; the source's memory is untouched and its
+                workload runs again.
+        """
+        try:
+            self._migrate()
+        except RdmamigError as exc:
+            self.session.abort()
+            if self._stopped and self.workload is not None:
+                self.workload.resume()
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"source failed: {exc}") from exc
+        finally:
+            self._release_all()
+            self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
+        return self.result
+
+    def _migrate(self) -> None:
+        self.policy.set_block_names(tuple(b.name for b in self.blocks))
+        writer = QemuFileWriter(self.session)
+        writer.write(stream.MAGIC)
+        stream.write_record(writer, stream.Tag.BLOCKS,
+                            stream.encode_blocks([(b.name, b.length) for b in self.blocks]))
+        writer.flush()
+        self._exchange_blocks()
+
+        iteration = 0
+        while True:
+            for tracker in self.trackers:
+                tracker.scan()
+            started = time.monotonic()
+            written_before = self.result.bytes_written
+            self._send_dirty(iteration)
+            self.session.exchange_send(wire.RegisterFinished())
+            elapsed = max(time.monotonic() - started, 1e-6)
+            self.policy.iteration_ended(iteration=iteration)
+            iteration += 1
+            bandwidth = max((self.result.bytes_written - written_before) / elapsed, 1.0)
+            for tracker in self.trackers:
+                tracker.scan()
+            remaining = self._dirty_bytes()
+            if remaining / bandwidth <= self.config.max_downtime:
+                break
+            if iteration >= self.config.max_iterations:
+                break
+            if self.config.auto_converge and self.workload is not None:
+                self._auto_converge(dirty_rate=remaining / elapsed, bandwidth=bandwidth)
+
+        stop = time.monotonic()
+        if self.workload is not None:
+            self.workload.stop()
+            self._stopped = True
+        for tracker in self.trackers:
+            tracker.scan()
+        self._send_dirty(iteration)
+        self.session.exchange_send(wire.RegisterFinished())
+        state = self.workload.state() if self.workload is not None else b""
+        stream.write_record(writer, stream.Tag.STATE, state)
+        stream.write_record(writer, stream.Tag.END)
+        writer.flush()
+        # The destination's next READY means it has processed END: all is in place.
+        self.session.wait_ready()
+        done = time.monotonic()
+        self.result.iterations = iteration + 1
+        self.result.downtime_s = done - stop
+        self.result.total_time_s = done - self._start
+        if self.endpoint.capabilities & Capability.VERIFY:
+            self._verify()
+
+    def _auto_converge(self, *, dirty_rate: float, bandwidth: float) -> None:
+        # QEMU's cpu-throttle: start at 20 %, add 10 % while dirtying outpaces half
+        # the link, at most 99 %.
+        assert self.workload is not None
+        if dirty_rate > bandwidth / 2:
+            throttle = 0.2 if self.result.throttle == 0 else self.result.throttle + 0.1
+            self.result.throttle = min(throttle, 0.99)
+            self.workload.throttle(self.result.throttle)
+
+    def _dirty_bytes(self) -> int:
+        return sum(block.dirty_pages() for block in self.blocks) * PAGE_SIZE
+
+    # ------------------------------------------------------------ RAM blocks
+
+    def _exchange_blocks(self) -> None:
+        reply = self.session.exchange_send(wire.RamBlocksRequest(),
+                                           reply=wire.Command.RAM_BLOCKS_RESULT)
+        assert isinstance(reply, wire.RamBlocksResult)
+        theirs = [b.length for b in reply.blocks]
+        ours = [b.length for b in self.blocks]
+        if theirs != ours:
+            raise MigrationError(f"RAM blocks do not match: source lengths {ours}, "
+                                 f"destination lengths {theirs}")
+        self._remote = list(reply.blocks)
+        self._host_addr = [b.remote_host_addr for b in reply.blocks]
+        if self.pin_all:
+            for block in self.blocks:
+                self._local_blocks.append(self._pin_local(block.view, block.length))
+                self.result.registrations += 1
+
+    def _pin_local(self, view: memoryview, needed: int) -> MemoryRegion:
+        try:
+            return self.endpoint.register(buffer=view, remote_write=False)
+        except MemlockLimitError:
+            # Pressure: give the policy one chance to make room, then give up.
+            while self._outstanding:
+                self._complete_oldest()
+            self.policy.pressure(needed_bytes=needed, pinned_bytes=self.endpoint.pinned_bytes)
+            self._unpin(self._ask_policy(needed))
+            return self.endpoint.register(buffer=view, remote_write=False)
+
+    # ------------------------------------------------------------ one round
+
+    def _send_dirty(self, iteration: int) -> None:
+        for index, block in enumerate(self.blocks):
+            dirty = block.take_dirty()
+            padded = np.zeros(block.chunks * PAGES_PER_CHUNK, dtype=np.bool_)
+            padded[:block.pages] = dirty
+            chunks = np.flatnonzero(padded.reshape(block.chunks, PAGES_PER_CHUNK).any(axis=1))
+            for start in range(0, len(chunks), self.config.batch_chunks):
+                window = chunks[start:start + self.config.batch_chunks]
+                self._send_window(index, block, dirty, window.tolist(), iteration)
+        self._drain()
+
+    def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
+                     window: list[int], iteration: int) -> None:
+        compress: list[wire.CompressRange] = []
+        writes: list[tuple[ChunkId, int, int]] = []
+        to_register: list[ChunkId] = []
+        base = self._remote[index].offset
+        for chunk in window:
+            first = chunk * PAGES_PER_CHUNK
+            last = min(first + PAGES_PER_CHUNK, block.pages)
+            pages = dirty[first:last]
+            nonzero = block.nonzero_pages(first, last)
+            cid = ChunkId(index, chunk)
+            if iteration:
+                self.policy.chunk_dirtied(chunk=cid)
+            registered = self.pin_all or cid in self._rkeys
+            if registered and not nonzero.any():
+                compress.append(wire.CompressRange(
+                    value=0, block_idx=index, offset=base + first * PAGE_SIZE,
+                    length=(last - first) * PAGE_SIZE))
+                self.result.zero_pages += last - first
+                continue
+            to_write = pages if registered else pages & nonzero
+            if not registered:
+                zero = pages & ~nonzero
+                for run_start, run_end in _runs(zero):
+                    compress.append(wire.CompressRange(
+                        value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
+                        length=(run_end - run_start) * PAGE_SIZE))
+                self.result.zero_pages += int(np.count_nonzero(zero))
+                if to_write.any():
+                    to_register.append(cid)
+            for run_start, run_end in _runs(to_write):
+                writes.append((cid, first + run_start, first + run_end))
+        if to_register:
+            self._register(to_register)
+        if compress:
+            self._send_array(wire.Compress, compress)
+        for cid, first_page, end_page in writes:
+            self._queue_write(cid, block, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
+        self._post_batch()
+
+    def _send_array(self, kind: Any, entries: Sequence[Any]) -> None:
+        """Send COMPRESS entries, batched up to 4096 per message when negotiated."""
+        step = wire.MAX_REPEAT if self.batch else 1
+        for at in range(0, len(entries), step):
+            self.session.exchange_send(kind(entries=tuple(entries[at:at + step])))
+
+    # ------------------------------------------------------------ registration
+
+    def _register(self, chunks: list[ChunkId]) -> None:
+        for cid in chunks:
+            block = self.blocks[cid.block]
+            start = cid.index * CHUNK_SIZE
+            end = min(start + CHUNK_SIZE, block.length)
+            self._local[cid] = self._pin_local(block.view[start:end], end - start)
+        step = wire.MAX_REPEAT if self.batch else 1
+        for at in range(0, len(chunks), step):
+            part = chunks[at:at + step]
+            reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
+                wire.Register(key=self._remote[c.block].offset + c.index * CHUNK_SIZE,
+                              current_index=c.block, chunks=1) for c in part)),
+                reply=wire.Command.REGISTER_RESULT)
+            assert isinstance(reply, wire.RegisterResult)
+            if len(reply.entries) != len(part):
+                raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
+                                     f"{len(part)} requested chunks")
+            for cid, key in zip(part, reply.entries, strict=True):
+                self._rkeys[cid] = key.rkey
+                self._host_addr[cid.block] = key.host_addr
+                self.result.registrations += 1
+                if cid in self._ever_unpinned:
+                    self.result.reregistrations += 1
+                self.policy.chunk_registered(chunk=cid, nbytes=self._local[cid].length)
+
+    def _pinned_chunks(self) -> dict[ChunkId, int]:
+        return {cid: region.length for cid, region in self._local.items()}
+
+    def _ask_policy(self, needed: int) -> list[ChunkId]:
+        try:
+            chosen = list(self.policy.select_unpin(pinned=self._pinned_chunks(),
+                                                   needed_bytes=needed))
+        except Exception as exc:
+            raise MigrationError(f"unpin policy {self.policy.name!r} failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        for cid in chosen:
+            if cid not in self._local:
+                raise MigrationError(f"unpin policy {self.policy.name!r} asked to unpin "
+                                     f"chunk {cid.index} of block {cid.block}, which is not "
+                                     f"pinned")
+            if self._last_ticket.get(cid, 0) > self._completed_ticket or (
+                    cid in self._pending_chunks):
+                raise MigrationError(f"unpin policy {self.policy.name!r} asked to unpin "
+                                     f"chunk {cid.index} of block {cid.block}, which has a "
+                                     f"write in flight; refused")
+        return chosen
+
+    def _unpin(self, chunks: Iterable[ChunkId]) -> None:
+        chunks = list(dict.fromkeys(chunks))
+        if not chunks:
+            return
+        step = wire.MAX_REPEAT if self.batch else 1
+        for at in range(0, len(chunks), step):
+            part = chunks[at:at + step]
+            self.session.exchange_send(wire.UnregisterRequest(entries=tuple(
+                wire.Register(key=c.index, current_index=c.block, chunks=1) for c in part)),
+                reply=wire.Command.UNREGISTER_FINISHED)
+        for cid in chunks:
+            self.endpoint.deregister(region=self._local.pop(cid))
+            del self._rkeys[cid]
+            self._ever_unpinned.add(cid)
+            self.result.unregistrations += 1
+            self.policy.chunk_unpinned(chunk=cid)
+
+    # ------------------------------------------------------------ writes
+
+    def _queue_write(self, cid: ChunkId, block: RamBlock, start: int, end: int) -> None:
+        if self.pin_all:
+            region, local_offset = self._local_blocks[cid.block], start
+            rkey = self._remote[cid.block].remote_rkey
+        else:
+            region, local_offset = self._local[cid], start - cid.index * CHUNK_SIZE
+            rkey = self._rkeys[cid]
+        remote_addr = self._host_addr[cid.block] + start
+        self.result.bytes_written += end - start
+        if not self._pending_chunks or self._pending_chunks[-1] != cid:
+            self._pending_chunks.append(cid)
+        last = self._pending[-1] if self._pending else None
+        if (last is not None and last.region == region and last.rkey == rkey
+                and last.offset + last.length == local_offset
+                and last.remote_addr + last.length == remote_addr
+                and last.length + (end - start) <= MAX_WRITE):
+            last.length += end - start
+            return
+        self._pending.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
+
+    def _post_batch(self) -> None:
+        """Post the queued writes (the last one signalled) and keep one batch in
+        flight: wait for the one before, then let the policy unpin."""
+        if self._pending:
+            ticket = self.endpoint.post_writes(writes=[
+                RemoteWrite(region=p.region, offset=p.offset, length=p.length,
+                            remote_addr=p.remote_addr, rkey=p.rkey) for p in self._pending])
+            for cid in self._pending_chunks:
+                self._last_ticket[cid] = ticket
+            self._outstanding.append((ticket, self._pending_chunks))
+            self._pending, self._pending_chunks = [], []
+        while len(self._outstanding) > 1:
+            self._complete_oldest()
+        self._progress()
+        if not self.pin_all:
+            self._unpin(self._ask_policy(0))
+
+    def _complete_oldest(self) -> None:
+        ticket, chunks = self._outstanding.popleft()
+        self.endpoint.wait_writes(ticket=ticket, timeout=self.config.timeout)
+        self._completed_ticket = ticket
+        for cid in chunks:
+            self.policy.chunk_written(chunk=cid)
+
+    def _drain(self) -> None:
+        self._post_batch()
+        while self._outstanding:
+            self._complete_oldest()
+
+    def _progress(self) -> None:
+        sample = {"t": time.monotonic() - self._start,
+                  "bytes_written": float(self.result.bytes_written),
+                  "dirty_bytes": float(self._dirty_bytes()),
+                  "pinned_bytes": float(self.endpoint.pinned_bytes),
+                  "zero_pages": float(self.result.zero_pages)}
+        self.result.timeline.append(sample)
+        if self.on_progress is not None:
+            self.on_progress(sample)
+
+    # ------------------------------------------------------------ the end
+
+    def _verify(self) -> None:
+        started = time.monotonic()
+        hashes = tuple(wire.BlockHash(block_idx=i, digest=b.digest())
+                       for i, b in enumerate(self.blocks))
+        # The READY that ended the downtime is still ours to use.
+        reply = self.session.send_request(wire.BlockHashes(entries=hashes),
+                                          reply=wire.Command.VERIFY_RESULT)
+        assert isinstance(reply, wire.VerifyResult)
+        self.result.verify_time_s = time.monotonic() - started
+        if reply.mismatched or reply.matched != len(self.blocks):
+            raise VerificationError(f"destination reports {reply.mismatched} of "
+                                    f"{len(self.blocks)} block(s) differ after transfer")
+        self.result.verified = True
+
+    def _release_all(self) -> None:
+        for region in list(self._local.values()) + self._local_blocks:
+            with contextlib.suppress(RdmamigError):
+                self.endpoint.deregister(region=region)
+        self._local.clear()
+        self._local_blocks.clear()
+
+
+def _runs(mask: BoolArray) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of True in ``mask``, found with numpy."""
+    if not mask.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
