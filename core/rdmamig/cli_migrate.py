@@ -1,9 +1,422 @@
-"""The ``migrate``, ``listen`` and ``send`` verbs (filled in with the engine)."""
+"""The ``migrate``, ``listen`` and ``send`` verbs.
+
+``migrate`` runs the whole job on one machine: a destination in a child process and a
+source in this one, on loopback, over a synthetic guest. ``listen`` and ``send`` are
+the two halves for two hosts, with blocks backed by files or shared memory.
+"""
 
 from __future__ import annotations
 
+import argparse
+import multiprocessing
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
+
+import attrs
+
+from .caps import Capability
+from .engine import (ChecksumTracker, Destination, DestinationResult, RamBlock, Source,
+                     SourceConfig, SourceResult)
+from .errors import MigrationError, RdmamigError
+from .plugins import Registry, load_registry
+from .policy import Hint, PolicyOptions, UnpinPolicy
+from .report import build_report, plot_timeline, summary_table, write_report
+from .transport import Backend
+from .workload import PATTERNS, SyntheticWorkload, fill_guest
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 1000, "kib": 2**10, "m": 2**20, "mb": 1000**2,
+          "mib": 2**20, "g": 2**30, "gb": 1000**3, "gib": 2**30, "t": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``512M``, ``4096`` -> bytes (K/M/G alone are binary, as in QEMU)."""
+    from .cli import UsageError
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UsageError(f"cannot parse size {text!r} (examples: 1GiB, 512M, 4096)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``."""
+    from .cli import UsageError
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise UsageError(f"cannot parse address {text!r} (HOST:PORT or [IPV6]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise UsageError(f"port {port} in {text!r} is over 65535")
+    return host, port
+
+
+def parse_hint(text: str) -> Hint:
+    """``hot:BLOCK:OFFSET:LEN`` or ``cold:...`` (sizes as in :func:`parse_size`)."""
+    from .cli import UsageError
+    parts = text.split(":")
+    if len(parts) != 4 or parts[0] not in ("hot", "cold"):
+        raise UsageError(f"cannot parse hint {text!r} (hot|cold:BLOCK:OFFSET:LEN)")
+    return Hint(kind=parts[0], block=parts[1], offset=parse_size(parts[2]),  # type: ignore[arg-type]
+                length=parse_size(parts[3]))
+
+
+# ---------------------------------------------------------------- shared options
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """What the user selected, resolved against the plugin registry."""
+
+    backend: type[Backend]
+    policy: type[UnpinPolicy]
+    options: PolicyOptions
+    requested: Capability
+    config: SourceConfig
+
+
+def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
+    parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
+    parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for the peer (default 60)")
+    if not source:
+        return
+    parser.add_argument("--policy", default="pin-until-done",
+                        help="unpin policy (rdmamig policies)")
+    parser.add_argument("--pin-cap", type=parse_size, metavar="BYTES",
+                        help="most bytes pinned on each side, for capped policies")
+    parser.add_argument("--hint", type=parse_hint, action="append", default=[],
+                        metavar="hot|cold:BLOCK:OFFSET:LEN", help="hints for --policy hints")
+    parser.add_argument("--hints-file", type=Path, help="file of hints, one per line")
+    parser.add_argument("--pin-all", action="store_true",
+                        help="ask for PIN_ALL: register whole blocks up front")
+    parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS",
+                        help="downtime to converge to, in ms (default 300)")
+    parser.add_argument("--max-iterations", type=int, default=30)
+    parser.add_argument("--auto-converge", action="store_true",
+                        help="throttle the workload when dirtying outpaces the link")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw a timeline (needs matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no live progress display")
+
+
+def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
+    backend = registry.backend(args.backend)
+    policy = registry.policy(args.policy)
+    hints = list(args.hint)
+    if args.hints_file is not None:
+        lines = args.hints_file.read_text().split()
+        hints += [parse_hint(line) for line in lines if not line.startswith("#")]
+    requested = Capability.BATCH | Capability.VERIFY | policy.capabilities
+    if args.pin_all:
+        requested |= Capability.PIN_ALL
+    return Plan(backend=backend, policy=policy,
+                options=PolicyOptions(pin_cap=args.pin_cap, hints=tuple(hints)),
+                requested=requested,
+                config=SourceConfig(max_downtime=args.max_downtime / 1000,
+                                    max_iterations=args.max_iterations,
+                                    auto_converge=args.auto_converge, timeout=args.timeout))
+
+
+def _available(backend: type[Backend]) -> Backend:
+    from .cli import UsageError
+    instance = backend()
+    reason = instance.unavailable_reason()
+    if reason is not None:
+        raise UsageError(f"backend {backend.name!r} cannot run here: {reason}")
+    return instance
+
+
+# ---------------------------------------------------------------- the source side
+
+
+def _progress(quiet: bool, total: int) -> tuple[Callable[[dict[str, float]], None], Any]:
+    """A live rich display fed by the source's samples."""
+    if quiet:
+        return (lambda sample: None), None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    progress = Progress(TextColumn("[bold]migrating"), BarColumn(),
+                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=True)
+    task = progress.add_task("migrate", total=total, line="")
+    last = {"t": 0.0, "written": 0.0}
+
+    def update(sample: dict[str, float]) -> None:
+        dt = max(sample["t"] - last["t"], 1e-6)
+        rate = (sample["bytes_written"] - last["written"]) / dt / 1e9
+        last.update(t=sample["t"], written=sample["bytes_written"])
+        progress.update(task, completed=min(sample["bytes_written"], total), line=(
+            f"sent {sample['bytes_written'] / 2**20:,.0f} MiB  {rate:5.2f} GB/s  "
+            f"dirty {sample['dirty_bytes'] / 2**20:,.1f} MiB  "
+            f"pinned {sample['pinned_bytes'] / 2**20:,.0f} MiB"))
+    return update, progress
+
+
+def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
+               workload: Any = None, trackers: Sequence[ChecksumTracker] = (),
+               quiet: bool = True) -> SourceResult:
+    """Connect and migrate ``blocks``.
+
+    Raises:
+        MigrationError: the migration failed (connection errors included).
+    """
+    backend = _available(plan.backend)
+    started = time.monotonic()
+    total = sum(b.length for b in blocks)
+    update, progress = _progress(quiet, total)
+    try:
+        endpoint = backend.connect(host=host, port=port, requested=plan.requested,
+                                   timeout=plan.config.timeout)
+    except RdmamigError as exc:
+        raise MigrationError(f"cannot reach the destination {host}:{port}: {exc}") from exc
+    with endpoint:
+        source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
+                        workload=workload, trackers=trackers, on_progress=update,
+                        started_at=started)
+        if progress is None:
+            return source.run()
+        with progress:
+            return source.run()
+
+
+# ---------------------------------------------------------------- the destination side
+
+
+def _receive(backend: Backend, host: str, port: int, *, timeout: float,
+             blocks: Sequence[RamBlock] | None,
+             make_block: Callable[[str, int], RamBlock] | None,
+             announce: Callable[[int], None]) -> Destination:
+    listener = backend.listen(host=host, port=port, supported=backend.supported)
+    with listener:
+        announce(listener.address[1])
+        endpoint = listener.accept(timeout=timeout)
+    destination = Destination(endpoint, blocks=blocks, make_block=make_block, timeout=timeout)
+    with endpoint:
+        try:
+            destination.run()
+        except MigrationError:
+            pass  # destination.result holds the reason
+    return destination
+
+
+def _destination_child(backend_name: str, host: str, layout: list[tuple[str, int]],
+                       timeout: float, pipe: Connection) -> None:
+    """Body of ``migrate``'s destination process: allocate and pre-fault the RAM
+    (QEMU's ``prealloc=on``), listen, report the port, receive, report the result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    try:
+        backend = load_registry().backend(backend_name)()
+        blocks = [RamBlock.anonymous(name, length) for name, length in layout]
+        destination = _receive(backend, host, 0, timeout=timeout, blocks=blocks,
+                               make_block=None, announce=lambda port: pipe.send(port))
+        pipe.send(attrs.asdict(destination.result))
+    except BaseException as exc:  # the parent must hear about anything
+        pipe.send(f"destination failed: {exc}")
+    finally:
+        pipe.close()
+
+
+# ---------------------------------------------------------------- the verbs
+
+
+def _finish(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    from rich.console import Console
+    if args.report is not None:
+        write_report(args.report, report)
+    if getattr(args, "plot", None) is not None:
+        plot_timeline(report, args.plot)
+    Console(stderr=True).print(summary_table(report))
+    return 0 if report["verified"] else 1
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+    registry = load_registry()
+    plan = _plan(args, registry)
+    _available(plan.backend)
+    if not 0 <= args.zero_fraction <= 1:
+        raise UsageError(f"--zero-fraction {args.zero_fraction} is not between 0 and 1")
+    if args.blocks < 1 or args.ram < args.blocks * 4096:
+        raise UsageError(f"--ram {args.ram} cannot hold {args.blocks} block(s)")
+    per_block = (args.ram // args.blocks) // 4096 * 4096
+    layout = [(f"ram{i}", per_block) for i in range(args.blocks)]
+    ram_bytes = per_block * args.blocks
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_destination_child, name="rdmamig-destination",
+                              args=(args.backend, args.host, layout, args.timeout, child))
+    process.start()
+    child.close()
+    blocks = [RamBlock.anonymous(name, length) for name, length in layout]
+    fill_guest(blocks, zero_fraction=args.zero_fraction)
+    workload = SyntheticWorkload(blocks, rate=args.dirty_rate, pattern=args.pattern)
+    source: SourceResult | None = None
+    error = None
+    try:
+        if not parent.poll(args.timeout):
+            raise MigrationError("the destination process did not start listening")
+        port = parent.recv()
+        if isinstance(port, str):
+            raise MigrationError(port)
+        workload.start()
+        source = run_source(plan, args.host, port, blocks, workload=workload,
+                            quiet=args.quiet)
+    except MigrationError as exc:
+        error = str(exc)
+    finally:
+        workload.close()
+    destination = None
+    if parent.poll(args.timeout):
+        received = parent.recv()
+        if isinstance(received, str):
+            error = error or received
+        else:
+            destination = DestinationResult(**received)
+    process.join(args.timeout)
+    if process.is_alive():
+        process.kill()
+    report = build_report(backend=args.backend, policy=args.policy, ram_bytes=ram_bytes,
+                          source=source, destination=destination, error=error,
+                          pattern=args.pattern, dirty_rate=args.dirty_rate)
+    return _finish(args, report)
+
+
+def _safe_name(name: str) -> str:
+    # Block names may hold slashes (QEMU's "/rom@etc/acpi/tables").
+    return re.sub(r"[^A-Za-z0-9@._-]", "_", name.strip("/")) or "block"
+
+
+def _listen(args: argparse.Namespace) -> int:
+    registry = load_registry()
+    backend = _available(registry.backend(args.backend))
+    host, port = parse_address(args.address)
+    into: Path = args.into
+    into.mkdir(parents=True, exist_ok=True)
+    partial: list[tuple[Path, Path]] = []
+
+    def make_block(name: str, length: int) -> RamBlock:
+        final = into / _safe_name(name)
+        staging = into / f".{final.name}.partial"
+        partial.append((staging, final))
+        return RamBlock.from_file(name, staging, length=length, populate=True)
+
+    def announce(bound: int) -> None:
+        print(f"listening on {host}:{bound}", flush=True)
+
+    destination = _receive(backend, host, port, timeout=args.timeout, blocks=None,
+                           make_block=make_block, announce=announce)
+    result = destination.result
+    ok = result.completed and result.verified
+    for staging, final in partial:
+        # Only a verified migration is exposed under the blocks' own names.
+        if ok:
+            staging.replace(final)
+        else:
+            staging.unlink(missing_ok=True)
+    if result.state and ok:
+        (into / "state.bin").write_bytes(result.state)
+    report = build_report(backend=args.backend, policy="-", ram_bytes=sum(
+        b.length for b in destination.blocks), source=None, destination=result,
+        error=result.error)
+    report["verified"] = ok
+    return _finish(args, report)
+
+
+def _parse_block(text: str) -> tuple[str, Path]:
+    from .cli import UsageError
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"cannot parse block {text!r} (NAME=PATH)")
+    return name, Path(path)
+
+
+class _PausePid:
+    """Stops another process (a VM, a writer) for stop-and-copy with SIGSTOP."""
+
+    def __init__(self, pid: int | None, state: bytes) -> None:
+        self.pid = pid
+        self._state = state
+
+    def _signal(self, sig: int) -> None:
+        if self.pid is not None:
+            os.kill(self.pid, sig)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def throttle(self, fraction: float) -> None:
+        pass
+
+    def state(self) -> bytes:
+        return self._state
+
+
+def _send(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+    registry = load_registry()
+    plan = _plan(args, registry)
+    host, port = parse_address(args.address)
+    if not args.block:
+        raise UsageError("give at least one --block NAME=PATH")
+    blocks = []
+    for name, path in map(_parse_block, args.block):
+        if not path.exists():
+            raise UsageError(f"block {name}: {path} does not exist")
+        blocks.append(RamBlock.from_file(name, path))
+    trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
+    state = args.state.read_bytes() if args.state is not None else b""
+    workload = _PausePid(args.pause_pid, state)
+    source, error = None, None
+    try:
+        source = run_source(plan, host, port, blocks, workload=workload, trackers=trackers,
+                            quiet=args.quiet)
+    except MigrationError as exc:
+        error = str(exc)
+    finally:
+        workload.resume()
+    report = build_report(backend=args.backend, policy=args.policy,
+                          ram_bytes=sum(b.length for b in blocks), source=source,
+                          destination=None, error=error)
+    return _finish(args, report)
 
 
 def add_verbs(verbs: Any) -> None:
     """Add the migration verbs to the ``rdmamig`` parser."""
+    migrate = verbs.add_parser("migrate", help="migrate a synthetic guest over loopback "
+                                               "(a destination process and a source)")
+    migrate.add_argument("--ram", type=parse_size, default=2**30, help="RAM size (1GiB)")
+    migrate.add_argument("--blocks", type=int, default=1, help="number of RAM blocks")
+    migrate.add_argument("--zero-fraction", type=float, default=0.0,
+                         help="fraction of pages that are zero")
+    migrate.add_argument("--dirty-rate", type=parse_size, default=0, metavar="RATE",
+                         help="bytes per second the workload dirties (e.g. 100MiB)")
+    migrate.add_argument("--pattern", choices=PATTERNS, default="uniform")
+    migrate.add_argument("--host", default="127.0.0.1", help="loopback address to use")
+    _add_common(migrate, source=True)
+    migrate.set_defaults(run=_migrate)
+
+    listen = verbs.add_parser("listen", help="receive a migration into files under DIR")
+    listen.add_argument("address", metavar="ADDR:PORT")
+    listen.add_argument("--into", type=Path, required=True, metavar="DIR")
+    _add_common(listen, source=False)
+    listen.set_defaults(run=_listen)
+
+    send = verbs.add_parser("send", help="migrate file-backed blocks to a listener")
+    send.add_argument("address", metavar="ADDR:PORT")
+    send.add_argument("--block", action="append", default=[], metavar="NAME=PATH")
+    send.add_argument("--live", action="store_true",
+                      help="track pages written by other processes (checksums per page)")
+    send.add_argument("--pause-pid", type=int, metavar="PID",
+                      help="SIGSTOP this process for stop-and-copy, SIGCONT after")
+    send.add_argument("--state", type=Path, help="file sent as the non-RAM state")
+    _add_common(send, source=True)
+    send.set_defaults(run=_send)

@@ -1,0 +1,116 @@
+"""Reports of a migration: the JSON of ``--report``, the summary table, the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .engine import DestinationResult, SourceResult
+
+
+def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceResult | None,
+                 destination: DestinationResult | None, error: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The ``--report`` JSON: every field QEMU's ``query-migrate`` users look for."""
+    src = source or SourceResult()
+    dst = destination or DestinationResult()
+    total = src.total_time_s or dst.total_time_s
+    verified = bool(src.verified and (destination is None or dst.verified)) and error is None
+    report: dict[str, Any] = {
+        "verified": verified,
+        "completed": bool(dst.completed) if destination is not None else verified,
+        "error": error or dst.error,
+        "backend": backend,
+        "policy": policy,
+        "ram_bytes": ram_bytes,
+        "total_time_s": total,
+        "downtime_ms": src.downtime_s * 1000,
+        "verify_time_s": max(src.verify_time_s, dst.verify_time_s),
+        "iterations": src.iterations or dst.iterations,
+        "bytes_written": src.bytes_written,
+        "zero_pages": src.zero_pages or dst.zero_pages,
+        "registrations": src.registrations,
+        "unregistrations": src.unregistrations,
+        "reregistrations": src.reregistrations,
+        "pinned_peak_bytes_source": src.pinned_peak_bytes,
+        "pinned_peak_bytes_destination": dst.pinned_peak_bytes,
+        "throughput_gbps": ram_bytes / total / 1e9 if total else 0.0,
+        "capabilities": src.capabilities,
+        "throttle": src.throttle,
+    }
+    report.update(extra)
+    report["timeline"] = {"source": src.timeline, "destination_pinned": dst.pinned_timeline}
+    return report
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` as JSON."""
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def summary_table(report: dict[str, Any]) -> Any:
+    """A rich table of the main figures."""
+    from rich.table import Table
+
+    table = Table(title="migration " + ("[green]verified[/]" if report["verified"]
+                                        else "[red]FAILED[/]"), show_header=False)
+    mib = 2**20
+    rows = [
+        ("backend / policy", f"{report['backend']} / {report['policy']}"),
+        ("RAM", f"{report['ram_bytes'] / mib:.0f} MiB"),
+        ("total time", f"{report['total_time_s']:.3f} s"),
+        ("throughput", f"{report['throughput_gbps']:.2f} GB/s"),
+        ("downtime", f"{report['downtime_ms']:.1f} ms"),
+        ("iterations", str(report["iterations"])),
+        ("written", f"{report['bytes_written'] / mib:.1f} MiB"),
+        ("zero pages", str(report["zero_pages"])),
+        ("registrations / unregistrations",
+         f"{report['registrations']} / {report['unregistrations']}"),
+        ("pinned peak (source / destination)",
+         f"{report['pinned_peak_bytes_source'] / mib:.0f} / "
+         f"{report['pinned_peak_bytes_destination'] / mib:.0f} MiB"),
+        ("verify time", f"{report['verify_time_s']:.3f} s"),
+    ]
+    if report.get("error"):
+        rows.append(("error", str(report["error"])))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def plot_timeline(report: dict[str, Any], path: Path) -> None:
+    """Throughput, dirty bytes remaining and pinned bytes over time, as a PNG.
+
+    Raises:
+        RuntimeError: matplotlib is not installed (``pip install rdmamig[plot]``).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'rdmamig[plot]'") from None
+    samples = report["timeline"]["source"]
+    t = [s["t"] for s in samples]
+    written = [s["bytes_written"] for s in samples]
+    rate = [0.0] + [(written[i] - written[i - 1]) / max(t[i] - t[i - 1], 1e-9) / 1e9
+                    for i in range(1, len(t))]
+    fig, axes = plt.subplots(3, 1, sharex=True, figsize=(8, 7))
+    axes[0].plot(t, rate)
+    axes[0].set_ylabel("throughput GB/s")
+    axes[1].plot(t, [s["dirty_bytes"] / 2**20 for s in samples])
+    axes[1].set_ylabel("dirty MiB left")
+    axes[2].plot(t, [s["pinned_bytes"] / 2**20 for s in samples], label="source")
+    dst = report["timeline"]["destination_pinned"]
+    if dst:
+        axes[2].step([x for x, _ in dst], [y / 2**20 for _, y in dst], where="post",
+                     label="destination")
+    axes[2].set_ylabel("pinned MiB")
+    axes[2].set_xlabel("seconds since connect")
+    axes[2].legend()
+    fig.suptitle(f"rdmamig {report['backend']} / {report['policy']}: "
+                 f"{report['ram_bytes'] / 2**20:.0f} MiB in {report['total_time_s']:.2f} s")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
