@@ -11,12 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import RdmamigError, UnknownNameError
+from .errors import RdmamigError, UnknownNameError, UsageError
 from .plugins import load_registry
-
-
-class UsageError(RdmamigError):
-    """A command-line argument is wrong; exit status 2."""
 
 
 def _backends(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import attrs
 from .caps import Capability
 from .engine import (ChecksumTracker, Destination, DestinationResult, RamBlock, Source,
                      SourceConfig, SourceResult)
-from .errors import MigrationError, RdmamigError
+from .errors import MigrationError, RdmamigError, UsageError
 from .plugins import Registry, load_registry
 from .policy import Hint, PolicyOptions, UnpinPolicy
 from .report import build_report, plot_timeline, summary_table, write_report
@@ -36,7 +36,6 @@ _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 1000, "kib": 2**10, "m": 2**20, "mb":
 
 def parse_size(text: str) -> int:
     """``1GiB``, ``512M``, ``4096`` -> bytes (K/M/G alone are binary, as in QEMU)."""
-    from .cli import UsageError
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise UsageError(f"cannot parse size {text!r} (examples: 1GiB, 512M, 4096)")
@@ -45,7 +44,6 @@ def parse_size(text: str) -> int:
 
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    from .cli import UsageError
     match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
     if not match:
         raise UsageError(f"cannot parse address {text!r} (HOST:PORT or [IPV6]:PORT)")
@@ -58,7 +56,6 @@ def parse_address(text: str) -> tuple[str, int]:
 
 def parse_hint(text: str) -> Hint:
     """``hot:BLOCK:OFFSET:LEN`` or ``cold:...`` (sizes as in :func:`parse_size`)."""
-    from .cli import UsageError
     parts = text.split(":")
     if len(parts) != 4 or parts[0] not in ("hot", "cold"):
         raise UsageError(f"cannot parse hint {text!r} (hot|cold:BLOCK:OFFSET:LEN)")
@@ -125,7 +122,6 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
 
 
 def _available(backend: type[Backend]) -> Backend:
-    from .cli import UsageError
     instance = backend()
     reason = instance.unavailable_reason()
     if reason is not None:
@@ -173,7 +169,7 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
         endpoint = backend.connect(host=host, port=port, requested=plan.requested,
                                    timeout=plan.config.timeout)
     except RdmamigError as exc:
-        raise MigrationError(f"cannot reach the destination {host}:{port}: {exc}") from exc
+        raise UsageError(f"cannot reach the destination {host}:{port}: {exc}") from exc
     with endpoint:
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=update,
@@ -235,7 +231,6 @@ def _finish(args: argparse.Namespace, report: dict[str, Any]) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .cli import UsageError
     registry = load_registry()
     plan = _plan(args, registry)
     _available(plan.backend)
@@ -329,7 +324,6 @@ def _listen(args: argparse.Namespace) -> int:
 
 
 def _parse_block(text: str) -> tuple[str, Path]:
-    from .cli import UsageError
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise UsageError(f"cannot parse block {text!r} (NAME=PATH)")
@@ -361,7 +355,6 @@ class _PausePid:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from .cli import UsageError
     registry = load_registry()
     plan = _plan(args, registry)
     host, port = parse_address(args.address)
@@ -369,9 +362,10 @@ def _send(args: argparse.Namespace) -> int:
         raise UsageError("give at least one --block NAME=PATH")
     blocks = []
     for name, path in map(_parse_block, args.block):
-        if not path.exists():
-            raise UsageError(f"block {name}: {path} does not exist")
-        blocks.append(RamBlock.from_file(name, path))
+        try:
+            blocks.append(RamBlock.from_file(name, path))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"block {name}={path}: {exc}") from None
     trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
     state = args.state.read_bytes() if args.state is not None else b""
     workload = _PausePid(args.pause_pid, state)

@@ -8,6 +8,8 @@ Failures of the transport itself carry the errno, the way pyverbs'
 
 from __future__ import annotations
 
+import argparse
+
 
 class RdmamigError(Exception):
     """Base class of every error rdmamig raises on purpose."""
@@ -75,3 +77,7 @@ class MigrationError(RdmamigError):
 
 class VerificationError(MigrationError):
     """After transfer, a block's hash on the destination differs from the source's."""
+
+
+class UsageError(RdmamigError, argparse.ArgumentTypeError):
+    """A command-line argument is wrong (the CLI exits with status 2)."""

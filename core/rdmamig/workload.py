@@ -111,6 +111,8 @@ class SyntheticWorkload:
             time.sleep(TICK)
             with self._writing:
                 now = time.monotonic()
+                if self._quit.is_set():
+                    return
                 if not self._running.is_set():
                     last = now
                     continue

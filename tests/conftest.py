@@ -1,0 +1,65 @@
+"""Shared fixtures: a migration between two threads of this process, over TCP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from rdmamig.caps import Capability
+from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
+from rdmamig.errors import MigrationError
+from rdmamig.policy import PolicyOptions
+from rdmamig.testing import connected_pair
+from rdmamig_policies.pin_until_done import PinUntilDone
+from rdmamig_tcp import TcpBackend
+
+DEFAULT_CAPS = Capability.BATCH | Capability.VERIFY
+
+
+class Migration:
+    """Runs a destination thread and a source in the calling thread."""
+
+    def __init__(self) -> None:
+        self.source: Source | None = None
+        self.destination: Destination | None = None
+        self.source_error: BaseException | None = None
+        self.destination_error: BaseException | None = None
+
+    def run(self, blocks: Sequence[RamBlock], *, requested: Capability = DEFAULT_CAPS,
+            dest_blocks: Sequence[RamBlock] | None = None, policy: Any = None,
+            config: SourceConfig | None = None, workload: Any = None,
+            wrap_source: Callable[[Any], Any] | None = None, **source_kw: Any) -> Migration:
+        with connected_pair(TcpBackend(), requested=requested) as (src, dst):
+            self.src_endpoint, self.dst_endpoint = src, dst
+            self.destination = Destination(
+                dst, blocks=dest_blocks,
+                make_block=None if dest_blocks is not None else
+                (lambda name, length: RamBlock.anonymous(name, length)), timeout=20)
+            thread = threading.Thread(target=self._receive)
+            thread.start()
+            endpoint = wrap_source(src) if wrap_source else src
+            self.source = Source(endpoint, blocks,
+                                 policy=policy or PinUntilDone(PolicyOptions()),
+                                 config=config or SourceConfig(timeout=20),
+                                 workload=workload, **source_kw)
+            try:
+                self.source.run()
+            except MigrationError as exc:
+                self.source_error = exc
+            thread.join(30)
+            self.pinned_after = (src.pinned_bytes, dst.pinned_bytes)
+        return self
+
+    def _receive(self) -> None:
+        assert self.destination is not None
+        try:
+            self.destination.run()
+        except MigrationError as exc:
+            self.destination_error = exc
+
+
+@pytest.fixture
+def migration() -> Migration:
+    return Migration()

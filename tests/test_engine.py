@@ -1,0 +1,203 @@
+"""End-to-end migrations through the engine, over real TCP sockets, at small sizes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from rdmamig import wire
+from rdmamig.caps import Capability
+from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
+from rdmamig.errors import MigrationError
+from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
+from rdmamig.workload import SyntheticWorkload, fill_guest
+
+from conftest import DEFAULT_CAPS, Migration
+
+MiB = 1 << 20
+
+
+def guest(*sizes: int, zero_fraction: float = 0.0) -> list[RamBlock]:
+    blocks = [RamBlock.anonymous(f"ram{i}", size) for i, size in enumerate(sizes)]
+    fill_guest(blocks, zero_fraction=zero_fraction)
+    return blocks
+
+
+def same_memory(migration: Migration, blocks: list[RamBlock]) -> bool:
+    assert migration.destination is not None
+    return all(a.digest() == b.digest() for a, b in zip(
+        blocks, migration.destination.blocks, strict=True))
+
+
+def assert_succeeded(migration: Migration, blocks: list[RamBlock]) -> None:
+    assert migration.source_error is None and migration.destination_error is None
+    assert migration.source is not None and migration.destination is not None
+    assert migration.source.result.verified and migration.destination.result.verified
+    assert same_memory(migration, blocks)
+    assert migration.pinned_after == (0, 0)
+
+
+def test_idle_migration(migration: Migration) -> None:
+    blocks = guest(8 * MiB)
+    assert_succeeded(migration.run(blocks), blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    assert result.bytes_written == 8 * MiB
+    assert result.registrations == 8
+
+
+def test_several_blocks_of_odd_sizes(migration: Migration) -> None:
+    blocks = guest(3 * MiB + 4096, 4096, 2 * MiB)
+    assert_succeeded(migration.run(blocks), blocks)
+
+
+def test_zero_heavy_ram_goes_as_compress(migration: Migration) -> None:
+    blocks = guest(16 * MiB, zero_fraction=0.9)
+    zero_pages = int(np.count_nonzero(
+        ~blocks[0].nonzero_pages(0, blocks[0].pages)))
+    assert_succeeded(migration.run(blocks), blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    assert result.zero_pages == zero_pages
+    assert result.bytes_written == (blocks[0].pages - zero_pages) * 4096
+
+
+def test_all_zero_chunks_are_never_registered(migration: Migration) -> None:
+    blocks = [RamBlock.anonymous("ram0", 8 * MiB)]
+    blocks[0].array[5 * MiB:5 * MiB + 10] = 7
+    assert_succeeded(migration.run(blocks), blocks)
+    assert migration.source.result.registrations == 1  # type: ignore[union-attr]
+
+
+def test_pin_all_registers_blocks_whole(migration: Migration) -> None:
+    blocks = guest(6 * MiB, 2 * MiB)
+    migration.run(blocks, requested=DEFAULT_CAPS | Capability.PIN_ALL)
+    assert_succeeded(migration, blocks)
+    assert migration.destination.result.registrations == 2  # type: ignore[union-attr]
+    assert migration.destination.result.pinned_peak_bytes == 8 * MiB  # type: ignore[union-attr]
+
+
+def test_without_batching_one_entry_per_message(migration: Migration) -> None:
+    blocks = guest(4 * MiB, zero_fraction=0.5)
+    migration.run(blocks, requested=Capability.VERIFY)
+    assert_succeeded(migration, blocks)
+
+
+def test_live_dirtying_converges_and_carries_state(migration: Migration) -> None:
+    blocks = guest(32 * MiB)
+    workload = SyntheticWorkload(blocks, rate=200 * MiB, pattern="hotspot")
+    workload.start()
+    try:
+        migration.run(blocks, workload=workload,
+                      config=SourceConfig(max_downtime=0.05, timeout=20))
+    finally:
+        workload.close()
+    assert_succeeded(migration, blocks)
+    source = migration.source.result  # type: ignore[union-attr]
+    assert source.iterations >= 2
+    assert source.bytes_written > 32 * MiB
+    state = json.loads(migration.destination.result.state)  # type: ignore[union-attr]
+    assert state["pages_written"] == workload.pages_written > 0
+
+
+def test_checksum_tracker_finds_writes_nobody_marked(migration: Migration) -> None:
+    blocks = guest(4 * MiB)
+    tracker = ChecksumTracker(blocks[0])
+    blocks[0].take_dirty()
+    blocks[0].array[123 * 4096 + 5] ^= 0xFF  # written behind rdmamig's back
+    blocks[0].array[700 * 4096] ^= 0x01
+    assert tracker.scan() == 2
+    assert np.flatnonzero(blocks[0].take_dirty()).tolist() == [123, 700]
+    blocks[0].mark_dirty(0, blocks[0].length)
+    assert_succeeded(migration.run(blocks, trackers=[tracker]), blocks)
+
+
+def test_mismatched_blocks_fail_before_any_page_moves(migration: Migration) -> None:
+    blocks = guest(4 * MiB)
+    theirs = [RamBlock.anonymous("other", 4 * MiB)]
+    migration.run(blocks, dest_blocks=theirs)
+    assert "RAM blocks do not match: source has ram0=4194304; destination has other=4194304" \
+        in str(migration.destination_error)
+    assert isinstance(migration.source_error, MigrationError)
+    assert migration.source.result.bytes_written == 0  # type: ignore[union-attr]
+    assert not theirs[0].array.any()
+    assert migration.pinned_after == (0, 0)
+
+
+class _CorruptNth:
+    """Wraps an endpoint; its ``nth`` control message goes out with type 99."""
+
+    def __init__(self, inner: Any, nth: int) -> None:
+        self._inner, self._left = inner, nth
+
+    def send_message(self, *, data: bytes) -> None:
+        self._left -= 1
+        if self._left == 0:
+            data = data[:4] + (99).to_bytes(4, "big") + data[8:]
+        self._inner.send_message(data=data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_corrupted_message_aborts_both_sides_cleanly(migration: Migration) -> None:
+    blocks = guest(8 * MiB)
+    before = [b.digest() for b in blocks]
+    migration.run(blocks, wrap_source=lambda endpoint: _CorruptNth(endpoint, 6))
+    assert "type=99 at offset 4: unknown command" in str(migration.destination_error)
+    assert "destination sent ERROR" in str(migration.source_error)
+    assert not migration.destination.result.completed  # type: ignore[union-attr]
+    assert [b.digest() for b in blocks] == before
+    assert migration.pinned_after == (0, 0)
+
+
+class _Raises(UnpinPolicy):
+    name = "test-raises"
+
+    def select_unpin(self, *, pinned: Any, needed_bytes: int) -> Any:
+        raise ValueError("boom")
+
+
+class _UnpinsInFlight(UnpinPolicy):
+    name = "test-in-flight"
+
+    def __init__(self, options: PolicyOptions) -> None:
+        super().__init__(options)
+        self.registered: list[ChunkId] = []
+
+    def chunk_registered(self, *, chunk: ChunkId, nbytes: int) -> None:
+        self.registered.append(chunk)
+
+    def select_unpin(self, *, pinned: Any, needed_bytes: int) -> Any:
+        return self.registered[-1:]  # the newest chunk: its batch is still in flight
+
+
+@pytest.mark.parametrize(("policy", "error"), [
+    (_Raises, "unpin policy 'test-raises' failed: ValueError: boom"),
+    (_UnpinsInFlight, "which has a write in flight; refused"),
+])
+def test_a_broken_policy_cannot_corrupt_a_migration(migration: Migration, policy: Any,
+                                                    error: str) -> None:
+    blocks = guest(4 * MiB)
+    before = [b.digest() for b in blocks]
+    migration.run(blocks, policy=policy(PolicyOptions()))
+    assert error in str(migration.source_error)
+    assert not migration.destination.result.completed  # type: ignore[union-attr]
+    assert [b.digest() for b in blocks] == before
+    assert migration.pinned_after == (0, 0)
+
+
+def test_destination_refuses_a_compress_outside_its_block() -> None:
+    from rdmamig.engine import Destination
+    from rdmamig.errors import RemoteProtocolError
+
+    block = RamBlock.anonymous("ram0", 2 * MiB)
+    destination = Destination.__new__(Destination)
+    destination.blocks = [block]
+    destination._offsets = [0]  # type: ignore[attr-defined]
+    with pytest.raises(RemoteProtocolError, match="COMPRESS of 8192 bytes is outside"):
+        destination._compress(wire.CompressRange(  # type: ignore[attr-defined]
+            value=0, block_idx=0, offset=2 * MiB - 4096, length=8192))
+    with pytest.raises(RemoteProtocolError, match="block_idx=1: no such RAM block"):
+        destination._compress(wire.CompressRange(  # type: ignore[attr-defined]
+            value=0, block_idx=1, offset=0, length=4096))
