@@ -1,0 +1,198 @@
+"""The command line, end to end, with real processes: migrate, listen / send, and
+failures injected by killing a side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xxhash
+from rdmamig.caps import Capability
+from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
+from rdmamig.errors import MigrationError
+from rdmamig.pinning import locked_bytes
+from rdmamig.policy import PolicyOptions
+from rdmamig_policies.pin_until_done import PinUntilDone
+from rdmamig_tcp import TcpBackend
+
+MiB = 1 << 20
+RDMAMIG = [sys.executable, "-m", "rdmamig"]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RDMAMIG, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_migrate_small_guest_writes_a_report(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    result = run("migrate", "--ram", "16MiB", "--blocks", "2", "--zero-fraction", "0.3",
+                 "--quiet", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["verified"] is True and data["ram_bytes"] == 16 * MiB
+    for key in ("backend", "policy", "total_time_s", "downtime_ms", "iterations",
+                "bytes_written", "zero_pages", "registrations", "unregistrations",
+                "pinned_peak_bytes_source", "pinned_peak_bytes_destination",
+                "throughput_gbps"):
+        assert key in data
+    assert data["zero_pages"] > 0 and data["pinned_peak_bytes_destination"] > 0
+
+
+def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    result = run("migrate", "--ram", "32MiB", "--dirty-rate", "100MiB", "--pattern",
+                 "sequential", "--pin-all", "--max-downtime", "20", "--quiet",
+                 "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["verified"] and data["iterations"] >= 2
+    assert data["capabilities"] & Capability.PIN_ALL
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["migrate", "--backend", "nope"], "unknown backend 'nope'; known:"),
+    (["migrate", "--policy", "nope"], "unknown policy 'nope'; known:"),
+    (["migrate", "--ram", "12 parsecs"], "cannot parse size '12 parsecs'"),
+    (["send", "127.0.0.1:1", "--block", "a=/etc/hostname"], "not a positive multiple"),
+    (["send", "127.0.0.1:9", "--block", f"a={__file__}x"], "No such file"),
+    (["send", "no-port", "--block", "a=b"], "cannot parse address 'no-port'"),
+])
+def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_address_exits_2(tmp_path: Path) -> None:
+    block = tmp_path / "b"
+    block.write_bytes(bytes(MiB))
+    result = run("send", "127.0.0.1:1", "--block", f"ram={block}", "--quiet")
+    assert result.returncode == 2
+    assert "cannot reach the destination 127.0.0.1:1" in result.stderr
+
+
+def _listen(into: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--into", str(into),
+                                *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("listening on "), line
+    return process, int(line.rsplit(":", 1)[1])
+
+
+def test_listen_and_send_file_backed_blocks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    files = {}
+    for name, size in (("pc.ram", 8 * MiB), ("/rom@etc/acpi/tables", 128 * 1024)):
+        path = tmp_path / f"src-{len(files)}"
+        path.write_bytes(rng.bytes(size))
+        files[name] = path
+    state = tmp_path / "state"
+    state.write_bytes(b"device state")
+    listener, port = _listen(tmp_path / "into", "--report", str(tmp_path / "dst.json"))
+    sent = run("send", f"127.0.0.1:{port}", "--quiet", "--state", str(state),
+               *[arg for name, path in files.items() for arg in ("--block", f"{name}={path}")])
+    assert sent.returncode == 0, sent.stderr
+    assert listener.wait(60) == 0
+    into = tmp_path / "into"
+    assert (into / "pc.ram").read_bytes() == files["pc.ram"].read_bytes()
+    assert (into / "rom@etc_acpi_tables").read_bytes() == files[
+        "/rom@etc/acpi/tables"].read_bytes()
+    assert (into / "state.bin").read_bytes() == b"device state"
+    assert json.loads((tmp_path / "dst.json").read_text())["verified"] is True
+
+
+def test_destination_killed_mid_bulk(tmp_path: Path) -> None:
+    listener, port = _listen(tmp_path / "into")
+    blocks = [RamBlock.anonymous("ram0", 128 * MiB)]
+    blocks[0].array[:] = np.frombuffer(np.random.default_rng(1).bytes(128 * MiB), np.uint8)
+    before = blocks[0].digest()
+    locked_before = locked_bytes()
+
+    def kill_halfway(sample: dict[str, float]) -> None:
+        if sample["bytes_written"] >= 32 * MiB and listener.poll() is None:
+            listener.kill()
+            listener.wait()
+
+    endpoint = TcpBackend().connect(host="127.0.0.1", port=port,
+                                    requested=Capability.BATCH | Capability.VERIFY, timeout=10)
+    with endpoint:
+        source = Source(endpoint, blocks, policy=PinUntilDone(PolicyOptions()),
+                        config=SourceConfig(timeout=10), on_progress=kill_halfway)
+        with pytest.raises(MigrationError, match="source failed: "):
+            source.run()
+        assert endpoint.pinned_bytes == 0
+    assert locked_bytes() == locked_before
+    assert blocks[0].digest() == before
+    assert not (tmp_path / "into" / "ram0").exists()
+
+
+def test_source_killed_mid_iteration(tmp_path: Path) -> None:
+    path = tmp_path / "guest"
+    path.write_bytes(np.random.default_rng(2).bytes(16 * MiB))
+    stop_writer = threading.Event()
+
+    def writer() -> None:  # another "process" dirtying the file-backed RAM
+        block = RamBlock.from_file("w", path)
+        rng = np.random.default_rng(3)
+        while not stop_writer.is_set():
+            block.array[rng.integers(0, 16 * MiB - 8, 64)] += 1
+            time.sleep(0.002)
+
+    listener = TcpBackend().listen(host="127.0.0.1", port=0, supported=TcpBackend.supported)
+    port = listener.address[1]
+    sender = subprocess.Popen([*RDMAMIG, "send", f"127.0.0.1:{port}", "--block",
+                               f"ram0={path}", "--live", "--max-downtime", "0.001",
+                               "--max-iterations", "100000", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        endpoint = listener.accept(timeout=30)
+        listener.close()
+        with endpoint:
+            destination = Destination(endpoint, make_block=RamBlock.anonymous, timeout=10)
+            runner = threading.Thread(target=lambda: _swallow(destination.run))
+            runner.start()
+            deadline = time.monotonic() + 60
+            while destination.result.iterations < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert destination.result.iterations >= 3
+            os.kill(sender.pid, signal.SIGKILL)
+            runner.join(30)
+            assert not destination.result.completed
+            assert "peer closed" in str(destination.result.error) or "connection" in str(
+                destination.result.error)
+            assert endpoint.pinned_bytes == 0
+    finally:
+        stop_writer.set()
+        thread.join()
+        sender.kill()
+        sender.wait()
+
+
+def _swallow(fn: object) -> None:
+    try:
+        fn()  # type: ignore[operator]
+    except MigrationError:
+        pass
+
+
+def test_backends_table_runs() -> None:
+    result = run("backends")
+    assert result.returncode == 0 and "tcp" in result.stdout
+
+
+def test_digest_is_xxh3_128() -> None:
+    block = RamBlock.anonymous("x", 8192)
+    assert block.digest() == xxhash.xxh3_128_digest(bytes(8192))
