@@ -7,14 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import DEFAULT_CAPS, Migration
 from rdmamig import wire
 from rdmamig.caps import Capability
 from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
 from rdmamig.workload import SyntheticWorkload, fill_guest
-
-from conftest import DEFAULT_CAPS, Migration
 
 MiB = 1 << 20
 

@@ -8,6 +8,7 @@ the two halves for two hosts, with blocks backed by files or shared memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import re
@@ -21,8 +22,15 @@ from typing import Any
 import attrs
 
 from .caps import Capability
-from .engine import (ChecksumTracker, Destination, DestinationResult, RamBlock, Source,
-                     SourceConfig, SourceResult)
+from .engine import (
+    ChecksumTracker,
+    Destination,
+    DestinationResult,
+    RamBlock,
+    Source,
+    SourceConfig,
+    SourceResult,
+)
 from .errors import MigrationError, RdmamigError, UsageError
 from .plugins import Registry, load_registry
 from .policy import Hint, PolicyOptions, UnpinPolicy
@@ -192,11 +200,8 @@ def _receive(backend: Backend, host: str, port: int, *, timeout: float,
         announce(listener.address[1])
         endpoint = listener.accept(timeout=timeout)
     destination = Destination(endpoint, blocks=blocks, make_block=make_block, timeout=timeout)
-    with endpoint:
-        try:
-            destination.run()
-        except MigrationError:
-            pass  # destination.result holds the reason
+    with endpoint, contextlib.suppress(MigrationError):  # destination.result holds the reason
+        destination.run()
     return destination
 
 

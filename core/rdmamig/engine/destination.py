@@ -137,12 +137,12 @@ class Destination:
             case wire.RegisterRequest(entries=entries):
                 self.session.send(wire.RegisterResult(
                     entries=tuple(self._register(e) for e in entries)))
-            case wire.Compress(entries=entries):
-                for entry in entries:
-                    self._compress(entry)
-            case wire.UnregisterRequest(entries=entries):
-                for entry in entries:
-                    self._unregister(entry)
+            case wire.Compress(entries=ranges):
+                for compress in ranges:
+                    self._compress(compress)
+            case wire.UnregisterRequest(entries=chunks):
+                for chunk in chunks:
+                    self._unregister(chunk)
                 self.session.send(wire.UnregisterFinished())
             case wire.RegisterFinished():
                 self.result.iterations += 1

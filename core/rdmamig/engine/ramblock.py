@@ -95,7 +95,7 @@ class RamBlock:
         """Record written pages given as indexes or as a boolean mask."""
         with self._lock:
             if pages.dtype == np.bool_:
-                self._dirty |= pages
+                self._dirty |= pages.astype(np.bool_, copy=False)
             else:
                 self._dirty[pages] = True
 
@@ -115,7 +115,7 @@ class RamBlock:
     def nonzero_pages(self, first_page: int, last_page: int) -> BoolArray:
         """Which pages in ``[first_page, last_page)`` hold a non-zero byte."""
         words = self.array[first_page * PAGE_SIZE:last_page * PAGE_SIZE].view(np.uint64)
-        return words.reshape(-1, _WORDS_PER_PAGE).any(axis=1)
+        return np.asarray(words.reshape(-1, _WORDS_PER_PAGE).any(axis=1), dtype=np.bool_)
 
     def digest(self) -> bytes:
         """xxh3-128 of the whole block (one pass in C, no per-page loop)."""
