@@ -1,0 +1,159 @@
+"""``rdmamig migrate`` over TCP against QEMU's own TCP migration, same run, same sizes.
+
+    python benchmarks/migrate_vs_qemu.py [--sizes 1GiB,4GiB] [--repeat 3]
+
+rdmamig: ``rdmamig migrate --ram SIZE --zero-fraction 0|1`` (destination pre-faulted,
+total time from connect to the destination holding everything). QEMU: two
+``qemu-system-x86_64`` (TCG, paused guest, ``memory-backend-file`` in /dev/shm with
+``prealloc=on``), ``max-bandwidth`` lifted, plain and multifd with 4 channels;
+``total-time`` from ``query-migrate``. Random content is written into the source's
+backing file before QEMU starts. Needs the package ``qemu-system-x86``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rdmamig.cli_migrate import parse_size
+
+
+class Qmp:
+    """A minimal QMP client over a unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        for _ in range(200):
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rw")
+        self.file.readline()  # greeting
+        self.call("qmp_capabilities")
+
+    def call(self, command: str, **arguments: Any) -> Any:
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+        self.file.flush()
+        while True:
+            reply = json.loads(self.file.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {command}: {reply['error']}")
+
+
+def _qemu(size: int, mem_path: Path, sock: Path, incoming: bool) -> subprocess.Popen[bytes]:
+    mib = size >> 20
+    args = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-accel", "tcg",
+            "-machine", "pc,memory-backend=mem", "-m", f"{mib}M", "-object",
+            f"memory-backend-file,id=mem,size={mib}M,mem-path={mem_path},share=on,"
+            "prealloc=on", "-qmp", f"unix:{sock},server=on,wait=off"]
+    if incoming:
+        args += ["-incoming", "defer"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def qemu_migration(size: int, *, random: bool, multifd: bool) -> float:
+    """Seconds QEMU reports as ``total-time``."""
+    work = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="rdmamig-bench-"))
+    try:
+        src_mem, dst_mem = work / "src", work / "dst"
+        with open(src_mem, "wb") as f:
+            rng = np.random.default_rng(7)
+            for _ in range(size // (64 << 20)):
+                f.write(rng.bytes(64 << 20) if random else bytes(64 << 20))
+        src = _qemu(size, src_mem, work / "src.qmp", incoming=False)
+        dst = _qemu(size, dst_mem, work / "dst.qmp", incoming=True)
+        try:
+            qs, qd = Qmp(work / "src.qmp"), Qmp(work / "dst.qmp")
+            for q in (qs, qd):
+                q.call("migrate-set-parameters", **{"max-bandwidth": 107374182400})
+                if multifd:
+                    q.call("migrate-set-capabilities",
+                           capabilities=[{"capability": "multifd", "state": True}])
+                    q.call("migrate-set-parameters", **{"multifd-channels": 4})
+            port = _free_port()
+            qd.call("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+            qs.call("migrate", uri=f"tcp:127.0.0.1:{port}")
+            while True:
+                info = qs.call("query-migrate")
+                if info.get("status") == "completed":
+                    return float(info["total-time"]) / 1000
+                if info.get("status") in ("failed", "cancelled"):
+                    raise RuntimeError(f"QEMU migration {info.get('status')}")
+                time.sleep(0.05)
+        finally:
+            for process in (src, dst):
+                process.kill()
+                process.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def rdmamig_migration(size: int, *, random: bool, extra: list[str] | None = None
+                      ) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        subprocess.run([sys.executable, "-m", "rdmamig", "migrate", "--ram", str(size),
+                        "--zero-fraction", "0" if random else "1", "--quiet", "--report",
+                        report.name, *(extra or [])], check=True, capture_output=True)
+        return dict(json.loads(Path(report.name).read_text()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="1GiB,4GiB")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    print(f"# {time.strftime('%Y-%m-%d')} on {os.uname().nodename}, {os.cpu_count()} cores, "
+          f"loopback; medians of {args.repeat}; GB/s = bytes / total time / 1e9")
+    print("| RAM | content | rdmamig GB/s | QEMU plain GB/s | QEMU multifd-4 GB/s |"
+          " rdmamig / multifd-4 |")
+    print("|---|---|---|---|---|---|")
+    for text in args.sizes.split(","):
+        size = parse_size(text)
+        for random in (True, False):
+            ours = statistics.median(
+                size / rdmamig_migration(size, random=random)["total_time_s"] / 1e9
+                for _ in range(args.repeat))
+            if have_qemu:
+                plain = statistics.median(size / qemu_migration(size, random=random,
+                                                                multifd=False) / 1e9
+                                          for _ in range(args.repeat))
+                multi = statistics.median(size / qemu_migration(size, random=random,
+                                                                multifd=True) / 1e9
+                                          for _ in range(args.repeat))
+                row = f"{plain:.2f} | {multi:.2f} | {ours / multi:.2f}"
+            else:
+                row = "n/a | n/a | n/a"
+            print(f"| {text} | {'random' if random else 'zero'} | {ours:.2f} | {row} |",
+                  flush=True)
+    live = rdmamig_migration(1 << 30, random=True,
+                             extra=["--dirty-rate", "100MiB", "--pattern", "hotspot"])
+    print(f"\nlive 1 GiB, 100 MiB/s hotspot dirtying: {live['iterations']} iterations, "
+          f"downtime {live['downtime_ms']:.1f} ms, total {live['total_time_s']:.2f} s, "
+          f"verified {live['verified']}")
+
+
+if __name__ == "__main__":
+    main()
