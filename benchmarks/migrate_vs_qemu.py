@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from rdmamig.cli_migrate import parse_size
 
 
