@@ -60,7 +60,7 @@ def memlock_error(requested: int, what: str = "pin") -> MemlockLimitError:
         f"(`ulimit -l unlimited`, `LimitMEMLOCK=infinity` for a systemd service, a "
         f"`memlock` line in /etc/security/limits.conf), run with CAP_IPC_LOCK, or "
         f"choose an unpin policy that keeps pinned memory under the limit "
-        f"(--policy memlock)",
+        f"(see `rdmamig policies`)",
         requested=requested,
         limit=limit,
         locked=locked,
