@@ -54,7 +54,7 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
                  "--report", str(report))
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())
-    assert data["verified"] and data["iterations"] >= 2
+    assert data["verified"] and data["bytes_written"] > data["ram_bytes"]
     assert data["capabilities"] & Capability.PIN_ALL
 
 
