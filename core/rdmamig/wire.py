@@ -267,9 +267,8 @@ def _data_of(message: Message) -> tuple[bytes, int]:
     """The data portion of ``message`` and the header's ``repeat``."""
     rows: list[tuple[Any, ...]]
     match message:
-        case ErrorMessage() | Ready() | RamBlocksRequest() | RegisterFinished():
-            return b"", 1
-        case UnregisterFinished():
+        case (ErrorMessage() | Ready() | RamBlocksRequest() | RegisterFinished()
+              | UnregisterFinished()):
             return b"", 1
         case QemuFile(data=data):
             return bytes(data), 1

@@ -75,7 +75,8 @@ class Destination:
         self.blocks: list[RamBlock] = []
         self._offsets: list[int] = []
         self._addrs: list[int] = []
-        self._regions: dict[tuple[int, int], tuple[MemoryRegion, int]] = {}
+        # (block index, first chunk) -> the region registered for that request
+        self._regions: dict[tuple[int, int], MemoryRegion] = {}
         self._block_regions: list[MemoryRegion] = []
         self.result = DestinationResult()
         self._start = started_at if started_at is not None else time.monotonic()
@@ -207,25 +208,24 @@ class Destination:
         if self._block_regions:
             rkey = self._block_regions[entry.current_index].rkey
         else:
-            known = self._regions.get((entry.current_index, first))
-            if known is None:
+            region = self._regions.get((entry.current_index, first))
+            if region is None:
                 end = min((first + count) * CHUNK_SIZE, block.length)
                 region = self.endpoint.register(
                     buffer=block.view[first * CHUNK_SIZE:end], remote_write=True)
-                known = (region, count)
-                self._regions[(entry.current_index, first)] = known
+                self._regions[(entry.current_index, first)] = region
                 self.result.registrations += 1
                 self._sample()
-            rkey = known[0].rkey
+            rkey = region.rkey
         return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
 
     def _unregister(self, entry: wire.Register) -> None:
         self._block_at(entry.current_index, "current_index")
-        known = self._regions.pop((entry.current_index, entry.key), None)
-        if known is None:
+        region = self._regions.pop((entry.current_index, entry.key), None)
+        if region is None:
             raise RemoteProtocolError(f"key={entry.key}: chunk {entry.key} of block "
                                       f"{entry.current_index} is not registered")
-        self.endpoint.deregister(region=known[0])
+        self.endpoint.deregister(region=region)
         self.result.unregistrations += 1
         self._sample()
 
@@ -262,8 +262,7 @@ class Destination:
             (time.monotonic() - self._start, self.endpoint.pinned_bytes))
 
     def _release_all(self) -> None:
-        regions = [region for region, _count in self._regions.values()]
-        for region in regions + self._block_regions:
+        for region in [*self._regions.values(), *self._block_regions]:
             # Already gone if the endpoint was closed under us: that released it too.
             with contextlib.suppress(RdmamigError):
                 self.endpoint.deregister(region=region)
