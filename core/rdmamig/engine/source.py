@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -32,6 +32,8 @@ from ..session import ControlSession, QemuFileWriter
 from ..transport import Endpoint, MemoryRegion, RemoteWrite
 from . import stream
 from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
+
+_T = TypeVar("_T")
 
 #: Longest merged write (PROTOCOL.md, "RAM transfer").
 MAX_WRITE = 2 * CHUNK_SIZE
@@ -308,16 +310,18 @@ class Source:
         if to_register:
             self._register(to_register)
         if compress:
-            self._send_array(wire.Compress, compress)
+            for part in self._batches(compress):
+                self.session.exchange_send(wire.Compress(entries=tuple(part)))
         for cid, first_page, end_page in writes:
             self._queue_write(cid, block, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
         self._post_batch()
 
-    def _send_array(self, kind: Any, entries: Sequence[Any]) -> None:
-        """Send COMPRESS entries, batched up to 4096 per message when negotiated."""
+    def _batches(self, entries: Sequence[_T]) -> Iterator[Sequence[_T]]:
+        """``entries`` split into array messages: up to 4096 each when BATCH was
+        negotiated, else one each (as QEMU sends them)."""
         step = wire.MAX_REPEAT if self.batch else 1
         for at in range(0, len(entries), step):
-            self.session.exchange_send(kind(entries=tuple(entries[at:at + step])))
+            yield entries[at:at + step]
 
     # ------------------------------------------------------------ registration
 
@@ -327,9 +331,7 @@ class Source:
             start = cid.index * CHUNK_SIZE
             end = min(start + CHUNK_SIZE, block.length)
             self._local[cid] = self._pin_local(block.view[start:end], end - start)
-        step = wire.MAX_REPEAT if self.batch else 1
-        for at in range(0, len(chunks), step):
-            part = chunks[at:at + step]
+        for part in self._batches(chunks):
             reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
                 wire.Register(key=self._remote[c.block].offset + c.index * CHUNK_SIZE,
                               current_index=c.block, chunks=1) for c in part)),
@@ -372,9 +374,7 @@ class Source:
         chunks = list(dict.fromkeys(chunks))
         if not chunks:
             return
-        step = wire.MAX_REPEAT if self.batch else 1
-        for at in range(0, len(chunks), step):
-            part = chunks[at:at + step]
+        for part in self._batches(chunks):
             self.session.exchange_send(wire.UnregisterRequest(entries=tuple(
                 wire.Register(key=c.index, current_index=c.block, chunks=1) for c in part)),
                 reply=wire.Command.UNREGISTER_FINISHED)
