@@ -115,7 +115,17 @@ class RamBlock:
     def nonzero_pages(self, first_page: int, last_page: int) -> BoolArray:
         """Which pages in ``[first_page, last_page)`` hold a non-zero byte."""
         words = self.array[first_page * PAGE_SIZE:last_page * PAGE_SIZE].view(np.uint64)
-        return np.asarray(words.reshape(-1, _WORDS_PER_PAGE).any(axis=1), dtype=np.bool_)
+        pages = words.reshape(-1, _WORDS_PER_PAGE)
+        # A page whose first word is non-zero needs no further look: for ordinary
+        # content that settles almost every page reading 8 bytes of it. Only the
+        # others are scanned whole.
+        nonzero = pages[:, 0] != 0
+        undecided = np.flatnonzero(~nonzero)
+        if 2 * len(undecided) > len(pages):  # mostly zero: one pass beats gathering
+            return np.asarray(pages.any(axis=1), dtype=np.bool_)
+        if len(undecided):
+            nonzero[undecided] = pages[undecided].any(axis=1)
+        return nonzero
 
     def digest(self) -> bytes:
         """xxh3-128 of the whole block (one pass in C, no per-page loop)."""
