@@ -200,3 +200,53 @@ def test_destination_refuses_a_compress_outside_its_block() -> None:
     with pytest.raises(RemoteProtocolError, match="block_idx=1: no such RAM block"):
         destination._compress(wire.CompressRange(  # type: ignore[attr-defined]
             value=0, block_idx=1, offset=0, length=4096))
+
+
+@pytest.mark.parametrize("name", ["pin-until-done", "pin-all", "eager", "lru", "memlock",
+                                  "hints", "example-oldest-half"])
+def test_every_policy_migrates_a_live_guest(migration: Migration, name: str) -> None:
+    from rdmamig.plugins import load_registry
+    from rdmamig.policy import Hint
+
+    cls = load_registry().policy(name)
+    cap = 6 * MiB
+    options = PolicyOptions(pin_cap=cap, hints=(
+        Hint(kind="hot", block="ram0", offset=0, length=2 * MiB),
+        Hint(kind="cold", block="ram0", offset=8 * MiB, length=8 * MiB)))
+    policy = cls(options)
+    blocks = guest(24 * MiB)
+    workload = SyntheticWorkload(blocks, rate=100 * MiB, pattern="hotspot")
+    workload.start()
+    try:
+        migration.run(blocks, policy=policy, workload=workload,
+                      requested=DEFAULT_CAPS | cls.capabilities,
+                      config=SourceConfig(max_downtime=0.02, timeout=20))
+    finally:
+        workload.close()
+    assert_succeeded(migration, blocks)
+    source = migration.source.result  # type: ignore[union-attr]
+    destination = migration.destination.result  # type: ignore[union-attr]
+    if policy.pin_cap is not None and policy.pin_cap < 24 * MiB:
+        assert source.pinned_peak_bytes <= policy.pin_cap
+        assert destination.pinned_peak_bytes <= policy.pin_cap
+    if name in ("eager", "lru", "hints"):
+        assert source.unregistrations > 0
+        assert destination.unregistrations == source.unregistrations
+    if name in ("pin-until-done", "pin-all"):
+        assert source.unregistrations == 0
+
+
+@pytest.mark.parametrize("async_unregister", [True, False])
+def test_lru_keeps_its_cap_with_and_without_the_unpin_worker(
+        migration: Migration, async_unregister: bool) -> None:
+    from rdmamig_policies.lru import Lru
+
+    blocks = guest(32 * MiB)
+    policy = Lru(PolicyOptions(pin_cap=4 * MiB))
+    migration.run(blocks, policy=policy,
+                  config=SourceConfig(timeout=20, async_unregister=async_unregister))
+    assert_succeeded(migration, blocks)
+    source = migration.source.result  # type: ignore[union-attr]
+    assert source.pinned_peak_bytes <= 4 * MiB
+    assert migration.destination.result.pinned_peak_bytes <= 4 * MiB  # type: ignore[union-attr]
+    assert source.unregistrations >= 28

@@ -116,14 +116,19 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
     policy = registry.policy(args.policy)
     hints = list(args.hint)
     if args.hints_file is not None:
-        lines = args.hints_file.read_text().split()
-        hints += [parse_hint(line) for line in lines if not line.startswith("#")]
+        try:
+            lines = [line.strip() for line in args.hints_file.read_text().splitlines()]
+        except OSError as exc:
+            raise UsageError(f"cannot read hints file: {exc}") from None
+        hints += [parse_hint(line) for line in lines if line and not line.startswith("#")]
+    options = PolicyOptions(pin_cap=args.pin_cap, hints=tuple(hints))
+    if args.pin_cap is not None and policy(options).pin_cap is None:
+        raise UsageError(f"policy {policy.name!r} keeps no cap; --pin-cap is for lru, "
+                         f"memlock and hints")
     requested = Capability.BATCH | Capability.VERIFY | policy.capabilities
     if args.pin_all:
         requested |= Capability.PIN_ALL
-    return Plan(backend=backend, policy=policy,
-                options=PolicyOptions(pin_cap=args.pin_cap, hints=tuple(hints)),
-                requested=requested,
+    return Plan(backend=backend, policy=policy, options=options, requested=requested,
                 config=SourceConfig(max_downtime=args.max_downtime / 1000,
                                     max_iterations=args.max_iterations,
                                     auto_converge=args.auto_converge, timeout=args.timeout))

@@ -70,6 +70,17 @@ class UnpinPolicy(abc.ABC):
     def __init__(self, options: PolicyOptions) -> None:
         self.options = options
 
+    @property
+    def pin_cap(self) -> int | None:
+        """The most bytes this policy keeps pinned on each side, or None when it
+        enforces no cap (the default; capped policies override it).
+
+        With a cap, the engine sizes its write batches to a quarter of it and lets
+        in-flight writes complete before asking the policy to make room, so that a
+        policy can keep its cap with chunks it has seen written.
+        """
+        return None
+
     def set_block_names(self, names: tuple[str, ...]) -> None:
         """Called once the RAM blocks are known (for hints by block name)."""
         self.options = attrs.evolve(self.options, block_names=names)
@@ -81,7 +92,9 @@ class UnpinPolicy(abc.ABC):
         """A write into ``chunk`` completed."""
 
     def chunk_dirtied(self, *, chunk: ChunkId) -> None:
-        """``chunk`` has dirty pages again in a later iteration."""
+        """``chunk``, still pinned, has dirty pages again and is about to be written:
+        like a newly registered chunk, it has a write in flight until
+        :meth:`chunk_written`, and must not be chosen before that."""
 
     def chunk_unpinned(self, *, chunk: ChunkId) -> None:
         """``chunk`` was unpinned on both sides (at this policy's request or at the

@@ -35,6 +35,8 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
         "reregistrations": src.reregistrations,
         "pinned_peak_bytes_source": src.pinned_peak_bytes,
         "pinned_peak_bytes_destination": dst.pinned_peak_bytes,
+        "vmlck_peak_bytes_source": src.locked_peak_bytes,
+        "vmlck_peak_bytes_destination": dst.locked_peak_bytes,
         "throughput_gbps": ram_bytes / total / 1e9 if total else 0.0,
         "capabilities": src.capabilities,
         "throttle": src.throttle,

@@ -20,7 +20,7 @@ from .. import wire
 from ..caps import Capability
 from ..control import Role
 from ..errors import MigrationError, RdmamigError, RemoteProtocolError, VerificationError
-from ..pinning import buffer_address
+from ..pinning import buffer_address, locked_bytes
 from ..policy import CHUNK_SHIFT, CHUNK_SIZE
 from ..session import ControlSession, QemuFileReader
 from ..transport import Endpoint, MemoryRegion
@@ -44,6 +44,8 @@ class DestinationResult:
     unregistrations: int = 0
     zero_pages: int = 0
     pinned_peak_bytes: int = 0
+    #: Highest ``VmLck`` seen (the kernel's count of locked memory of this process).
+    locked_peak_bytes: int = 0
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
     mismatched_blocks: list[str] = attrs.Factory(list)
@@ -135,9 +137,11 @@ class Destination:
         match message:
             case wire.RamBlocksRequest():
                 self._ram_blocks()
+                self._sample()
             case wire.RegisterRequest(entries=entries):
                 self.session.send(wire.RegisterResult(
                     entries=tuple(self._register(e) for e in entries)))
+                self._sample()
             case wire.Compress(entries=ranges):
                 for compress in ranges:
                     self._compress(compress)
@@ -145,6 +149,7 @@ class Destination:
                 for chunk in chunks:
                     self._unregister(chunk)
                 self.session.send(wire.UnregisterFinished())
+                self._sample()
             case wire.RegisterFinished():
                 self.result.iterations += 1
             case _:
@@ -179,7 +184,6 @@ class Destination:
                 self._block_regions.append(
                     self.endpoint.register(buffer=block.view, remote_write=True))
                 self.result.registrations += 1
-                self._sample()
         self.session.send(wire.RamBlocksResult(blocks=tuple(
             wire.DestBlock(remote_host_addr=addr, offset=offset, length=block.length,
                            remote_rkey=self._block_regions[i].rkey if pin_all else 0)
@@ -215,7 +219,6 @@ class Destination:
                     buffer=block.view[first * CHUNK_SIZE:end], remote_write=True)
                 self._regions[(entry.current_index, first)] = region
                 self.result.registrations += 1
-                self._sample()
             rkey = region.rkey
         return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
 
@@ -227,7 +230,6 @@ class Destination:
                                       f"{entry.current_index} is not registered")
         self.endpoint.deregister(region=region)
         self.result.unregistrations += 1
-        self._sample()
 
     def _compress(self, entry: wire.CompressRange) -> None:
         block = self._block_at(entry.block_idx, "block_idx")
@@ -258,6 +260,8 @@ class Destination:
         self.result.verified = True
 
     def _sample(self) -> None:
+        """Record pinned bytes (ours and the kernel's VmLck) after a (un)registration."""
+        self.result.locked_peak_bytes = max(self.result.locked_peak_bytes, locked_bytes())
         self.result.pinned_timeline.append(
             (time.monotonic() - self._start, self.endpoint.pinned_bytes))
 

@@ -128,7 +128,7 @@ class RamBlock:
         # A page whose first word is non-zero needs no further look: for ordinary
         # content that settles almost every page reading 8 bytes of it. Only the
         # others are scanned whole.
-        nonzero = pages[:, 0] != 0
+        nonzero: BoolArray = np.not_equal(pages[:, 0], 0)
         undecided = np.flatnonzero(~nonzero)
         if 2 * len(undecided) > len(pages):  # mostly zero: one pass beats gathering
             return np.asarray(pages.any(axis=1), dtype=np.bool_)

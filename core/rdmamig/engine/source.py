@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 import attrs
@@ -27,6 +28,7 @@ from .. import wire
 from ..caps import Capability
 from ..control import Role
 from ..errors import MemlockLimitError, MigrationError, RdmamigError, VerificationError
+from ..pinning import locked_bytes
 from ..policy import CHUNK_SIZE, ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
 from ..transport import Endpoint, MemoryRegion, RemoteWrite
@@ -64,6 +66,10 @@ class SourceConfig:
     auto_converge: bool = False
     batch_chunks: int = 64
     timeout: float | None = 60.0
+    #: Unpin off the data path: one batched UNREGISTER REQUEST per decision and the
+    #: local deregistrations on a worker thread. False: one request per chunk and
+    #: deregistration inline, as the seed patch does it (the benchmark's baseline).
+    async_unregister: bool = True
 
 
 @attrs.define(kw_only=True)
@@ -78,6 +84,8 @@ class SourceResult:
     unregistrations: int = 0
     reregistrations: int = 0
     pinned_peak_bytes: int = 0
+    #: Highest ``VmLck`` seen (the kernel's count of locked memory of this process).
+    locked_peak_bytes: int = 0
     downtime_s: float = 0.0
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
@@ -143,6 +151,13 @@ class Source:
         self._pending: list[_Pending] = []
         self._pending_chunks: list[ChunkId] = []
         self._stopped = False
+        self._batch_chunks = self.config.batch_chunks
+        cap = policy.pin_cap
+        if cap is not None:
+            # Room for the batch in flight, the one being registered, and eviction.
+            self._batch_chunks = max(1, min(self._batch_chunks, cap // CHUNK_SIZE // 4))
+        self._deregistering: list[Future[None]] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdmamig-unpin")
 
     # ------------------------------------------------------------ the run
 
@@ -183,7 +198,7 @@ class Source:
                 tracker.scan()
             started = time.monotonic()
             written_before = self.result.bytes_written
-            self._send_dirty(iteration)
+            self._send_dirty()
             self.session.exchange_send(wire.RegisterFinished())
             elapsed = max(time.monotonic() - started, 1e-6)
             self.policy.iteration_ended(iteration=iteration)
@@ -205,7 +220,7 @@ class Source:
             self._stopped = True
         for tracker in self.trackers:
             tracker.scan()
-        self._send_dirty(iteration)
+        self._send_dirty()
         self.session.exchange_send(wire.RegisterFinished())
         state = self.workload.state() if self.workload is not None else b""
         stream.write_record(writer, stream.Tag.STATE, state)
@@ -255,27 +270,36 @@ class Source:
             return self.endpoint.register(buffer=view, remote_write=False)
         except MemlockLimitError:
             # Pressure: give the policy one chance to make room, then give up.
+            self.policy.pressure(needed_bytes=needed, pinned_bytes=self.endpoint.pinned_bytes)
+            self._make_room(needed, settle=True)
+            return self.endpoint.register(buffer=view, remote_write=False)
+
+    def _make_room(self, needed: int, *, settle: bool) -> None:
+        """Ask the policy what to unpin before pinning ``needed`` more bytes. With
+        ``settle``, in-flight writes and deregistrations complete first, so every
+        pinned chunk is a candidate."""
+        if settle:
             while self._outstanding:
                 self._complete_oldest()
-            self.policy.pressure(needed_bytes=needed, pinned_bytes=self.endpoint.pinned_bytes)
-            self._unpin(self._ask_policy(needed))
-            return self.endpoint.register(buffer=view, remote_write=False)
+            self._settle_deregistrations()
+        self._unpin(self._ask_policy(needed))
+        self._settle_deregistrations()
 
     # ------------------------------------------------------------ one round
 
-    def _send_dirty(self, iteration: int) -> None:
+    def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
             padded = np.zeros(block.chunks * PAGES_PER_CHUNK, dtype=np.bool_)
             padded[:block.pages] = dirty
             chunks = np.flatnonzero(padded.reshape(block.chunks, PAGES_PER_CHUNK).any(axis=1))
-            for start in range(0, len(chunks), self.config.batch_chunks):
-                window = chunks[start:start + self.config.batch_chunks]
-                self._send_window(index, block, dirty, window.tolist(), iteration)
+            for start in range(0, len(chunks), self._batch_chunks):
+                window = chunks[start:start + self._batch_chunks]
+                self._send_window(index, block, dirty, window.tolist())
         self._drain()
 
     def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
-                     window: list[int], iteration: int) -> None:
+                     window: list[int]) -> None:
         compress: list[wire.CompressRange] = []
         writes: list[tuple[ChunkId, int, int]] = []
         to_register: list[ChunkId] = []
@@ -286,8 +310,6 @@ class Source:
             pages = dirty[first:last]
             nonzero = block.nonzero_pages(first, last)
             cid = ChunkId(index, chunk)
-            if iteration:
-                self.policy.chunk_dirtied(chunk=cid)
             registered = self.pin_all or cid in self._rkeys
             if registered and not nonzero.any():
                 compress.append(wire.CompressRange(
@@ -296,6 +318,9 @@ class Source:
                 self.result.zero_pages += last - first
                 continue
             to_write = pages if registered else pages & nonzero
+            if registered and not self.pin_all:
+                # A pinned chunk written again: in flight until chunk_written.
+                self.policy.chunk_dirtied(chunk=cid)
             if not registered:
                 zero = pages & ~nonzero
                 for run_start, run_end in _runs(zero):
@@ -326,6 +351,11 @@ class Source:
     # ------------------------------------------------------------ registration
 
     def _register(self, chunks: list[ChunkId]) -> None:
+        needed = sum(min(CHUNK_SIZE, self.blocks[c.block].length - c.index * CHUNK_SIZE)
+                     for c in chunks)
+        cap = self.policy.pin_cap
+        self._make_room(needed, settle=cap is not None and (
+            self.endpoint.pinned_bytes + needed > cap))
         for cid in chunks:
             block = self.blocks[cid.block]
             start = cid.index * CHUNK_SIZE
@@ -374,16 +404,30 @@ class Source:
         chunks = list(dict.fromkeys(chunks))
         if not chunks:
             return
-        for part in self._batches(chunks):
+        if self.config.async_unregister:
+            requests = list(self._batches(chunks))
+        else:
+            requests = [[chunk] for chunk in chunks]
+        for part in requests:
             self.session.exchange_send(wire.UnregisterRequest(entries=tuple(
                 wire.Register(key=c.index, current_index=c.block, chunks=1) for c in part)),
                 reply=wire.Command.UNREGISTER_FINISHED)
-        for cid in chunks:
-            self.endpoint.deregister(region=self._local.pop(cid))
-            del self._rkeys[cid]
-            self._ever_unpinned.add(cid)
-            self.result.unregistrations += 1
-            self.policy.chunk_unpinned(chunk=cid)
+            for cid in part:
+                region = self._local.pop(cid)
+                if self.config.async_unregister:
+                    self._deregistering.append(self._worker.submit(
+                        self.endpoint.deregister, region=region))
+                else:
+                    self.endpoint.deregister(region=region)
+                del self._rkeys[cid]
+                self._ever_unpinned.add(cid)
+                self.result.unregistrations += 1
+                self.policy.chunk_unpinned(chunk=cid)
+
+    def _settle_deregistrations(self) -> None:
+        """Wait for the worker's local deregistrations (raising what they raised)."""
+        while self._deregistering:
+            self._deregistering.pop(0).result()
 
     # ------------------------------------------------------------ writes
 
@@ -437,7 +481,10 @@ class Source:
             self._complete_oldest()
 
     def _progress(self) -> None:
+        locked = locked_bytes()
+        self.result.locked_peak_bytes = max(self.result.locked_peak_bytes, locked)
         sample = {"t": time.monotonic() - self._start,
+                  "locked_bytes": float(locked),
                   "bytes_written": float(self.result.bytes_written),
                   "dirty_bytes": float(self._dirty_bytes()),
                   "pinned_bytes": float(self.endpoint.pinned_bytes),
@@ -463,6 +510,11 @@ class Source:
         self.result.verified = True
 
     def _release_all(self) -> None:
+        self._worker.shutdown(wait=True)
+        for future in self._deregistering:
+            with contextlib.suppress(RdmamigError):
+                future.result()
+        self._deregistering.clear()
         for region in list(self._local.values()) + self._local_blocks:
             with contextlib.suppress(RdmamigError):
                 self.endpoint.deregister(region=region)
