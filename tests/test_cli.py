@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,3 +196,43 @@ def test_backends_table_runs() -> None:
 def test_digest_is_xxh3_128() -> None:
     block = RamBlock.anonymous("x", 8192)
     assert block.digest() == xxhash.xxh3_128_digest(bytes(8192))
+
+
+def test_lru_cap_holds_in_the_kernels_count_on_both_sides(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    result = run("migrate", "--ram", "64MiB", "--policy", "lru", "--pin-cap", "8MiB",
+                 "--dirty-rate", "50MiB", "--pattern", "hotspot", "--quiet",
+                 "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    for side in ("source", "destination"):
+        assert 0 < data[f"pinned_peak_bytes_{side}"] <= 8 * MiB
+        assert 0 < data[f"vmlck_peak_bytes_{side}"] <= 8 * MiB
+    assert data["unregistrations"] >= 56
+
+
+def test_pin_cap_is_refused_for_a_policy_without_one() -> None:
+    result = run("migrate", "--policy", "eager", "--pin-cap", "8MiB")
+    assert result.returncode == 2
+    assert "policy 'eager' keeps no cap" in result.stderr
+
+
+UNDER_ULIMIT = ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
+                "prlimit", "--memlock=8388608:8388608"]
+
+
+def test_under_ulimit_l_pin_until_done_fails_clearly_and_memlock_completes(
+        tmp_path: Path) -> None:
+    if shutil.which("setpriv") is None or shutil.which("prlimit") is None:
+        pytest.skip("setpriv / prlimit (util-linux) are not installed")
+    failed = subprocess.run([*UNDER_ULIMIT, *RDMAMIG, "migrate", "--ram", "64MiB", "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert "RLIMIT_MEMLOCK is 8388608 bytes (8.0 MiB)" in failed.stderr
+    report = tmp_path / "r.json"
+    done = subprocess.run([*UNDER_ULIMIT, *RDMAMIG, "migrate", "--ram", "64MiB", "--quiet",
+                           "--policy", "memlock", "--report", str(report)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    assert data["verified"] and data["vmlck_peak_bytes_source"] <= 8 * MiB

@@ -168,11 +168,12 @@ def _progress(quiet: bool, total: int) -> tuple[Callable[[dict[str, float]], Non
 
 def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                workload: Any = None, trackers: Sequence[ChecksumTracker] = (),
-               quiet: bool = True) -> SourceResult:
-    """Connect and migrate ``blocks``.
+               quiet: bool = True) -> tuple[SourceResult, str | None]:
+    """Connect and migrate ``blocks``: the source's result (what it did, also when it
+    failed) and the reason it failed, or None.
 
     Raises:
-        MigrationError: the migration failed (connection errors included).
+        UsageError: the destination cannot be reached.
     """
     backend = _available(plan.backend)
     started = time.monotonic()
@@ -187,10 +188,12 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=update,
                         started_at=started)
-        if progress is None:
-            return source.run()
-        with progress:
-            return source.run()
+        try:
+            with progress if progress is not None else contextlib.nullcontext():
+                source.run()
+        except MigrationError as exc:
+            return source.result, str(exc)
+    return source.result, None
 
 
 # ---------------------------------------------------------------- the destination side
@@ -236,60 +239,92 @@ def _finish(args: argparse.Namespace, report: dict[str, Any]) -> int:
         write_report(args.report, report)
     if getattr(args, "plot", None) is not None:
         plot_timeline(report, args.plot)
-    Console(stderr=True).print(summary_table(report))
-    return 0 if report["verified"] else 1
+    console = Console(stderr=True)
+    console.print(summary_table(report))
+    if not report["verified"]:
+        reason = report["error"] or "the migration was not verified"
+        console.print(f"rdmamig {args.verb}: failed: {reason}", markup=False, highlight=False,
+                      soft_wrap=True)
+        return 1
+    return 0
 
 
-def _migrate(args: argparse.Namespace) -> int:
-    registry = load_registry()
-    plan = _plan(args, registry)
-    _available(plan.backend)
-    if not 0 <= args.zero_fraction <= 1:
-        raise UsageError(f"--zero-fraction {args.zero_fraction} is not between 0 and 1")
-    if args.blocks < 1 or args.ram < args.blocks * 4096:
-        raise UsageError(f"--ram {args.ram} cannot hold {args.blocks} block(s)")
-    per_block = (args.ram // args.blocks) // 4096 * 4096
-    layout = [(f"ram{i}", per_block) for i in range(args.blocks)]
-    ram_bytes = per_block * args.blocks
+@attrs.frozen(kw_only=True)
+class Guest:
+    """The synthetic guest of ``rdmamig migrate``."""
 
+    ram: int
+    blocks: int = 1
+    zero_fraction: float = 0.0
+    dirty_rate: float = 0.0
+    pattern: str = "uniform"
+
+    def layout(self) -> list[tuple[str, int]]:
+        """(name, length) of each block; lengths are whole pages.
+
+        Raises:
+            UsageError: the sizes do not make blocks.
+        """
+        if not 0 <= self.zero_fraction <= 1:
+            raise UsageError(f"--zero-fraction {self.zero_fraction} is not between 0 and 1")
+        if self.blocks < 1 or self.ram < self.blocks * 4096:
+            raise UsageError(f"--ram {self.ram} cannot hold {self.blocks} block(s)")
+        per_block = (self.ram // self.blocks) // 4096 * 4096
+        return [(f"ram{i}", per_block) for i in range(self.blocks)]
+
+
+def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
+                    quiet: bool = True) -> dict[str, Any]:
+    """Migrate a synthetic guest from this process to a destination child process on
+    ``host``; returns the report (``verified`` says whether it worked)."""
+    layout = guest.layout()
+    ram_bytes = sum(length for _name, length in layout)
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
+    timeout = plan.config.timeout
     process = context.Process(target=_destination_child, name="rdmamig-destination",
-                              args=(args.backend, args.host, layout, args.timeout, child))
+                              args=(plan.backend.name, host, layout, timeout, child))
     process.start()
     child.close()
     blocks = [RamBlock.anonymous(name, length) for name, length in layout]
-    fill_guest(blocks, zero_fraction=args.zero_fraction)
-    workload = SyntheticWorkload(blocks, rate=args.dirty_rate, pattern=args.pattern)
+    fill_guest(blocks, zero_fraction=guest.zero_fraction)
+    workload = SyntheticWorkload(blocks, rate=guest.dirty_rate, pattern=guest.pattern)
     source: SourceResult | None = None
     error = None
     try:
-        if not parent.poll(args.timeout):
+        if not parent.poll(timeout):
             raise MigrationError("the destination process did not start listening")
         port = parent.recv()
         if isinstance(port, str):
             raise MigrationError(port)
         workload.start()
-        source = run_source(plan, args.host, port, blocks, workload=workload,
-                            quiet=args.quiet)
+        source, error = run_source(plan, host, port, blocks, workload=workload, quiet=quiet)
     except MigrationError as exc:
         error = str(exc)
     finally:
         workload.close()
     destination = None
-    if parent.poll(args.timeout):
+    if parent.poll(timeout):
         received = parent.recv()
         if isinstance(received, str):
             error = error or received
         else:
             destination = DestinationResult(**received)
-    process.join(args.timeout)
+    process.join(timeout)
     if process.is_alive():
         process.kill()
-    report = build_report(backend=args.backend, policy=args.policy, ram_bytes=ram_bytes,
-                          source=source, destination=destination, error=error,
-                          pattern=args.pattern, dirty_rate=args.dirty_rate)
-    return _finish(args, report)
+    return build_report(backend=plan.backend.name, policy=plan.policy.name,
+                        ram_bytes=ram_bytes, source=source, destination=destination,
+                        error=error, pattern=guest.pattern, dirty_rate=guest.dirty_rate,
+                        pin_cap=plan.options.pin_cap)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    plan = _plan(args, load_registry())
+    _available(plan.backend)
+    guest = Guest(ram=args.ram, blocks=args.blocks, zero_fraction=args.zero_fraction,
+                  dirty_rate=args.dirty_rate, pattern=args.pattern)
+    return _finish(args, migrate_locally(plan, guest, host=args.host, quiet=args.quiet))
 
 
 def _safe_name(name: str) -> str:
@@ -379,12 +414,9 @@ def _send(args: argparse.Namespace) -> int:
     trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
     state = args.state.read_bytes() if args.state is not None else b""
     workload = _PausePid(args.pause_pid, state)
-    source, error = None, None
     try:
-        source = run_source(plan, host, port, blocks, workload=workload, trackers=trackers,
-                            quiet=args.quiet)
-    except MigrationError as exc:
-        error = str(exc)
+        source, error = run_source(plan, host, port, blocks, workload=workload,
+                                   trackers=trackers, quiet=args.quiet)
     finally:
         workload.resume()
     report = build_report(backend=args.backend, policy=args.policy,
