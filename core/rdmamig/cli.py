@@ -58,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--json", action="store_true", help="print a JSON list")
     backends.set_defaults(run=_backends)
 
-    policies = verbs.add_parser("policies", help="list unpin policies")
+    policies = verbs.add_parser("policies", help="list unpin policies, or compare them")
     policies.add_argument("--json", action="store_true", help="print a JSON list")
     policies.set_defaults(run=_policies)
+    from . import lab
+    compare = policies.add_subparsers(dest="action", metavar="ACTION").add_parser(
+        "compare", help="run one live migration per policy, cap and workload; compare")
+    lab.add_arguments(compare)
+    compare.set_defaults(run=lab.compare)
 
     from . import cli_migrate
     cli_migrate.add_verbs(verbs)

@@ -6,11 +6,10 @@ first."""
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 from rdmamig.errors import UsageError
-from rdmamig.policy import CHUNK_SHIFT, ChunkId, Hint, PolicyOptions, UnpinPolicy
+from rdmamig.policy import CHUNK_SHIFT, ChunkId, Hint, PolicyOptions
 
 from .lru import Lru
 
@@ -24,9 +23,8 @@ class Hints(Lru):
     description = "user hints: cold ranges unpinned first, hot ranges kept"
 
     def __init__(self, options: PolicyOptions) -> None:
-        UnpinPolicy.__init__(self, options)
-        self.cap = self._checked_cap(options.pin_cap) if options.pin_cap else 2**62
-        self._recency = OrderedDict()
+        # Without a cap only cold chunks are unpinned: a cap no RAM reaches.
+        super().__init__(options, cap=options.pin_cap or 2**62)
         self._lock = threading.Lock()
         self._hot: set[ChunkId] = set()
         self._cold: set[ChunkId] = set()
@@ -62,8 +60,8 @@ class Hints(Lru):
     def _candidates(self, pinned: Mapping[ChunkId, int]) -> Iterable[ChunkId]:
         with self._lock:
             hot = set(self._hot)
-        written = [chunk for chunk in self._recency if chunk in pinned]
-        return [c for c in written if c not in hot] + [c for c in written if c in hot]
+        order = list(super()._candidates(pinned))
+        return [c for c in order if c not in hot] + [c for c in order if c in hot]
 
     def select_unpin(self, *, pinned: Mapping[ChunkId, int], needed_bytes: int) -> Iterable[
             ChunkId]:

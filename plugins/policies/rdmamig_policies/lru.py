@@ -15,19 +15,29 @@ from rdmamig.policy import CHUNK_SIZE, ChunkId, PolicyOptions, UnpinPolicy
 
 class Lru(UnpinPolicy):
     """Keep at most ``pin_cap`` bytes pinned; when a registration would pass it,
-    unpin the chunks written longest ago. A chunk dirtied again and rewritten moves
-    to the recent end, so a hot set that fits under the cap stays pinned."""
+    unpin the chunks written longest ago.
+
+    Segmented, as SLRU caches are: chunks written once (probation) go before chunks
+    that were dirtied and rewritten (protected), each in least-recently-written
+    order. A migration scans RAM in address order every iteration, the access
+    pattern plain LRU handles worst; the protected segment keeps rewritten – hot –
+    chunks pinned while the once-written ones make the room."""
 
     name = "lru"
     description = "at most --pin-cap bytes pinned; least-recently-written chunks go first"
 
-    def __init__(self, options: PolicyOptions) -> None:
+    def __init__(self, options: PolicyOptions, *, cap: int | None = None) -> None:
+        """``cap`` (bytes) overrides ``options.pin_cap``, for subclasses that derive
+        their own."""
         super().__init__(options)
-        if options.pin_cap is None:
+        cap = options.pin_cap if cap is None else cap
+        if cap is None:
             raise UsageError(f"policy {self.name!r} needs --pin-cap BYTES")
-        self.cap = self._checked_cap(options.pin_cap)
+        self.cap = self._checked_cap(cap)
         # Chunks whose writes completed, least recently written first.
         self._recency: OrderedDict[ChunkId, None] = OrderedDict()
+        # Chunks written more than once while pinned (the protected segment).
+        self._rewritten: set[ChunkId] = set()
 
     @property
     def pin_cap(self) -> int | None:
@@ -45,15 +55,18 @@ class Lru(UnpinPolicy):
 
     def chunk_dirtied(self, *, chunk: ChunkId) -> None:
         # Being rewritten: not a candidate until the write completes, and then the
-        # most recent of all.
+        # most recent of all, and protected.
         self._recency.pop(chunk, None)
+        self._rewritten.add(chunk)
 
     def chunk_unpinned(self, *, chunk: ChunkId) -> None:
         self._recency.pop(chunk, None)
 
     def _candidates(self, pinned: Mapping[ChunkId, int]) -> Iterable[ChunkId]:
-        """Eviction order; subclasses reorder it."""
-        return (chunk for chunk in self._recency if chunk in pinned)
+        """Eviction order: probation, then protected, least recent first."""
+        written = [chunk for chunk in self._recency if chunk in pinned]
+        return ([c for c in written if c not in self._rewritten]
+                + [c for c in written if c in self._rewritten])
 
     def select_unpin(self, *, pinned: Mapping[ChunkId, int], needed_bytes: int) -> Iterable[
             ChunkId]:
@@ -86,6 +99,4 @@ class Memlock(Lru):
             cap = limit - locked_bytes() - self.MARGIN
             if options.pin_cap is not None:
                 cap = min(cap, options.pin_cap)
-        UnpinPolicy.__init__(self, options)
-        self.cap = self._checked_cap(cap)
-        self._recency = OrderedDict()
+        super().__init__(options, cap=cap)
