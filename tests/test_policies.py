@@ -102,3 +102,28 @@ def test_a_hint_on_an_unknown_block_is_a_clear_error() -> None:
     hints = Hints(PolicyOptions(hints=(Hint(kind="hot", block="nope", offset=0, length=1),)))
     with pytest.raises(UsageError, match="hint names block 'nope'; blocks are ram0"):
         hints.set_block_names(("ram0",))
+
+
+def test_lru_keeps_a_rewritten_hot_set_through_address_order_scans() -> None:
+    """Rounds scan chunks in address order: hot chunks 0-3 are written every round,
+    then eight cold chunks never written again – more than the cap holds, so plain
+    LRU would end every round with only cold chunks pinned. Ranked by their previous
+    write, the hot chunks stay pinned from their first rewrite on."""
+    lru = Lru(PolicyOptions(pin_cap=8 * MiB))
+    pinned: dict[ChunkId, int] = {}
+    registered_hot = 0
+    cold = iter(range(4, 1000))
+    for _round in range(6):
+        for chunk in [*C[:4], *(ChunkId(0, next(cold)) for _ in range(8))]:
+            if chunk in pinned:
+                lru.chunk_dirtied(chunk=chunk)
+            else:
+                for victim in lru.select_unpin(pinned=pinned, needed_bytes=MiB):
+                    del pinned[victim]
+                    lru.chunk_unpinned(chunk=victim)
+                pinned[chunk] = MiB
+                lru.chunk_registered(chunk=chunk, nbytes=MiB)
+                registered_hot += chunk.index < 4
+            lru.chunk_written(chunk=chunk)
+            assert sum(pinned.values()) <= 8 * MiB
+    assert registered_hot == 8  # rounds 1 and 2 (nothing known yet), never again

@@ -66,6 +66,6 @@ class Hints(Lru):
     def select_unpin(self, *, pinned: Mapping[ChunkId, int], needed_bytes: int) -> Iterable[
             ChunkId]:
         with self._lock:
-            cold = [chunk for chunk in self._recency if chunk in pinned and chunk in self._cold]
+            cold = [chunk for chunk in Lru._candidates(self, pinned) if chunk in self._cold]
         rest = {chunk: size for chunk, size in pinned.items() if chunk not in cold}
         return cold + list(super().select_unpin(pinned=rest, needed_bytes=needed_bytes))

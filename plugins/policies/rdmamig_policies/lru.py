@@ -1,11 +1,11 @@
-"""``lru`` and ``memlock``: at most a cap of bytes pinned, least-recently-written
+"""``lru`` and ``memlock``: at most a cap of bytes pinned, least-recently-rewritten
 chunks unpinned first (the seed's TODO 6); ``memlock`` takes its cap from
 ``RLIMIT_MEMLOCK`` (the seed's TODO 1)."""
 
 from __future__ import annotations
 
+import itertools
 import resource
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 from rdmamig.errors import UsageError
@@ -15,16 +15,20 @@ from rdmamig.policy import CHUNK_SIZE, ChunkId, PolicyOptions, UnpinPolicy
 
 class Lru(UnpinPolicy):
     """Keep at most ``pin_cap`` bytes pinned; when a registration would pass it,
-    unpin the chunks written longest ago.
+    unpin the chunks written least recently.
 
-    Segmented, as SLRU caches are: chunks written once (probation) go before chunks
-    that were dirtied and rewritten (protected), each in least-recently-written
-    order. A migration scans RAM in address order every iteration, the access
-    pattern plain LRU handles worst; the protected segment keeps rewritten – hot –
-    chunks pinned while the once-written ones make the room."""
+    "Recently" is LRU-2's (O'Neil et al., 1993): chunks are ranked by their
+    second-to-last write, so a chunk written once goes before any chunk that was
+    dirtied and rewritten, and among rewritten chunks the one whose rewrites are
+    oldest goes first. A migration scans RAM in address order every round, which
+    plain LRU handles worst (the hot set is evicted by the cold tail of each scan);
+    ranking by the previous write keeps the chunks rewritten round after round –
+    the hot set – pinned. The write history outlives unpinning, so a chunk that
+    comes back is known to be hot.
+    """
 
     name = "lru"
-    description = "at most --pin-cap bytes pinned; least-recently-written chunks go first"
+    description = "at most --pin-cap bytes pinned; least-recently-rewritten chunks go first"
 
     def __init__(self, options: PolicyOptions, *, cap: int | None = None) -> None:
         """``cap`` (bytes) overrides ``options.pin_cap``, for subclasses that derive
@@ -34,10 +38,11 @@ class Lru(UnpinPolicy):
         if cap is None:
             raise UsageError(f"policy {self.name!r} needs --pin-cap BYTES")
         self.cap = self._checked_cap(cap)
-        # Chunks whose writes completed, least recently written first.
-        self._recency: OrderedDict[ChunkId, None] = OrderedDict()
-        # Chunks written more than once while pinned (the protected segment).
-        self._rewritten: set[ChunkId] = set()
+        self._clock = itertools.count(1)
+        # chunk -> (second-to-last write, last write), in ticks of _clock; 0 = never.
+        self._history: dict[ChunkId, tuple[int, int]] = {}
+        # Pinned chunks whose last write completed: the only ones that may go.
+        self._settled: set[ChunkId] = set()
 
     @property
     def pin_cap(self) -> int | None:
@@ -50,33 +55,32 @@ class Lru(UnpinPolicy):
         return cap
 
     def chunk_written(self, *, chunk: ChunkId) -> None:
-        self._recency[chunk] = None
-        self._recency.move_to_end(chunk)
+        _before, last = self._history.get(chunk, (0, 0))
+        self._history[chunk] = (last, next(self._clock))
+        self._settled.add(chunk)
 
     def chunk_dirtied(self, *, chunk: ChunkId) -> None:
-        # Being rewritten: not a candidate until the write completes, and then the
-        # most recent of all, and protected.
-        self._recency.pop(chunk, None)
-        self._rewritten.add(chunk)
+        self._settled.discard(chunk)  # being rewritten: in flight
 
     def chunk_unpinned(self, *, chunk: ChunkId) -> None:
-        self._recency.pop(chunk, None)
+        self._settled.discard(chunk)
 
     def _candidates(self, pinned: Mapping[ChunkId, int]) -> Iterable[ChunkId]:
-        """Eviction order: probation, then protected, least recent first."""
-        written = [chunk for chunk in self._recency if chunk in pinned]
-        return ([c for c in written if c not in self._rewritten]
-                + [c for c in written if c in self._rewritten])
+        """Eviction order, first to go first."""
+        return sorted((chunk for chunk in self._settled if chunk in pinned),
+                      key=self._history.__getitem__)
 
     def select_unpin(self, *, pinned: Mapping[ChunkId, int], needed_bytes: int) -> Iterable[
             ChunkId]:
         excess = sum(pinned.values()) + needed_bytes - self.cap
-        chosen = []
+        chosen: list[ChunkId] = []
+        if excess <= 0:
+            return chosen
         for chunk in self._candidates(pinned):
-            if excess <= 0:
-                break
             chosen.append(chunk)
             excess -= pinned[chunk]
+            if excess <= 0:
+                break
         return chosen
 
 
