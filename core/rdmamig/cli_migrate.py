@@ -106,6 +106,9 @@ def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
     parser.add_argument("--max-iterations", type=int, default=30)
     parser.add_argument("--auto-converge", action="store_true",
                         help="throttle the workload when dirtying outpaces the link")
+    parser.add_argument("--unregister", choices=("async", "inline"), default="async",
+                        help="unpin beside the writes (batched, worker thread) or inline, "
+                             "one chunk per request (default async)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="draw a timeline (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no live progress display")
@@ -131,7 +134,8 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
     return Plan(backend=backend, policy=policy, options=options, requested=requested,
                 config=SourceConfig(max_downtime=args.max_downtime / 1000,
                                     max_iterations=args.max_iterations,
-                                    auto_converge=args.auto_converge, timeout=args.timeout))
+                                    auto_converge=args.auto_converge, timeout=args.timeout,
+                                    async_unregister=args.unregister == "async"))
 
 
 def _available(backend: type[Backend]) -> Backend:
@@ -316,7 +320,8 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     return build_report(backend=plan.backend.name, policy=plan.policy.name,
                         ram_bytes=ram_bytes, source=source, destination=destination,
                         error=error, pattern=guest.pattern, dirty_rate=guest.dirty_rate,
-                        pin_cap=plan.options.pin_cap)
+                        pin_cap=plan.options.pin_cap,
+                        unregister="async" if plan.config.async_unregister else "inline")
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -274,15 +274,22 @@ class Source:
             self._make_room(needed, settle=True)
             return self.endpoint.register(buffer=view, remote_write=False)
 
-    def _make_room(self, needed: int, *, settle: bool) -> None:
-        """Ask the policy what to unpin before pinning ``needed`` more bytes. With
-        ``settle``, in-flight writes and deregistrations complete first, so every
-        pinned chunk is a candidate."""
-        if settle:
+    def _make_room(self, needed: int, *, settle: bool = False) -> None:
+        """Ask the policy what to unpin before pinning ``needed`` more bytes.
+
+        A policy may only choose chunks whose writes completed. If that is not enough
+        to stay under its cap (or with ``settle``), the writes in flight complete and
+        the policy is asked again. Local deregistrations finish before returning, so
+        the kernel's count of locked memory stays under the cap too.
+        """
+        if not settle:
+            self._unpin(self._ask_policy(needed))
+        cap = self.policy.pin_cap
+        pinned = sum(region.length for region in self._local.values())
+        if settle or (cap is not None and pinned + needed > cap):
             while self._outstanding:
                 self._complete_oldest()
-            self._settle_deregistrations()
-        self._unpin(self._ask_policy(needed))
+            self._unpin(self._ask_policy(needed))
         self._settle_deregistrations()
 
     # ------------------------------------------------------------ one round
@@ -351,11 +358,8 @@ class Source:
     # ------------------------------------------------------------ registration
 
     def _register(self, chunks: list[ChunkId]) -> None:
-        needed = sum(min(CHUNK_SIZE, self.blocks[c.block].length - c.index * CHUNK_SIZE)
-                     for c in chunks)
-        cap = self.policy.pin_cap
-        self._make_room(needed, settle=cap is not None and (
-            self.endpoint.pinned_bytes + needed > cap))
+        self._make_room(sum(min(CHUNK_SIZE, self.blocks[c.block].length - c.index * CHUNK_SIZE)
+                            for c in chunks))
         for cid in chunks:
             block = self.blocks[cid.block]
             start = cid.index * CHUNK_SIZE
