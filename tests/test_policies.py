@@ -63,13 +63,21 @@ def test_lru_evicts_least_recently_written_and_keeps_rewritten_chunks_hot() -> N
 
 
 def test_memlock_takes_its_cap_from_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lru_module, "memlock_applies", lambda: True)
     monkeypatch.setattr(lru_module, "memlock_limit", lambda: 8 * MiB)
     monkeypatch.setattr(lru_module, "locked_bytes", lambda: 1 * MiB)
     assert Memlock(PolicyOptions()).pin_cap == 8 * MiB - MiB - Memlock.MARGIN
     assert Memlock(PolicyOptions(pin_cap=3 * MiB)).pin_cap == 3 * MiB
 
 
+def test_memlock_without_a_binding_limit_has_no_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lru_module, "memlock_applies", lambda: False)
+    monkeypatch.setattr(lru_module, "memlock_limit", lambda: 8 * MiB)
+    assert Memlock(PolicyOptions()).pin_cap == 2**62
+
+
 def test_memlock_under_a_tiny_limit_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lru_module, "memlock_applies", lambda: True)
     monkeypatch.setattr(lru_module, "memlock_limit", lambda: 2 * MiB)
     monkeypatch.setattr(lru_module, "locked_bytes", lambda: 0)
     with pytest.raises(UsageError, match="'memlock': a pin cap of 1048576 bytes"):

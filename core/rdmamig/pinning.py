@@ -45,6 +45,18 @@ def memlock_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
 
 
+#: Bit of CAP_IPC_LOCK in the capability sets of /proc/self/status.
+_CAP_IPC_LOCK = 14
+
+
+def memlock_applies() -> bool:
+    """Whether ``RLIMIT_MEMLOCK`` binds this process: it does not with CAP_IPC_LOCK
+    in the effective set (root usually has it)."""
+    with open("/proc/self/status") as status:
+        match = re.search(r"^CapEff:\s+([0-9a-f]+)", status.read(), re.MULTILINE)
+    return not (match and int(match.group(1), 16) >> _CAP_IPC_LOCK & 1)
+
+
 def _format_bytes(count: int) -> str:
     return f"{count} bytes ({count / 2**20:.1f} MiB)"
 

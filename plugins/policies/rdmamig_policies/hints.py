@@ -1,7 +1,6 @@
 """``hints``: the user says which ranges are hot and which are cold (the seed's
 TODO 7). Cold chunks are unpinned as soon as they are written; hot chunks are kept
-unless nothing else can make room under the cap; the rest go least-recently-written
-first."""
+unless nothing else can make room under the cap; the rest go in ``lru``'s order."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import resource
 from collections.abc import Iterable, Mapping
 
 from rdmamig.errors import UsageError
-from rdmamig.pinning import locked_bytes, memlock_limit
+from rdmamig.pinning import locked_bytes, memlock_applies, memlock_limit
 from rdmamig.policy import CHUNK_SIZE, ChunkId, PolicyOptions, UnpinPolicy
 
 
@@ -86,8 +86,8 @@ class Lru(UnpinPolicy):
 
 class Memlock(Lru):
     """``lru`` with the cap taken from ``RLIMIT_MEMLOCK`` (what is left of it), so a
-    migration under ``ulimit -l`` completes instead of failing. ``--pin-cap`` lowers
-    it further."""
+    migration under ``ulimit -l`` completes instead of failing. Without a binding
+    limit (unlimited, or CAP_IPC_LOCK) there is no cap; ``--pin-cap`` lowers it."""
 
     name = "memlock"
     description = "lru capped by RLIMIT_MEMLOCK, so migrations fit under ulimit -l"
@@ -97,7 +97,7 @@ class Memlock(Lru):
 
     def __init__(self, options: PolicyOptions) -> None:
         limit = memlock_limit()
-        if limit == resource.RLIM_INFINITY:
+        if limit == resource.RLIM_INFINITY or not memlock_applies():
             cap = options.pin_cap if options.pin_cap is not None else 2**62
         else:
             cap = limit - locked_bytes() - self.MARGIN
