@@ -33,7 +33,7 @@ from ..errors import PeerAbortedError, TransportError
 from ..plugins import load_registry
 from ..session import ControlSession, QemuFileReader, QemuFileWriter
 from ..transport import Backend, Endpoint, MemoryRegion, RemoteWrite
-from .pairs import connected_pair
+from .pairs import connected_pair, test_host
 
 MiB = 1 << 20
 
@@ -86,11 +86,12 @@ class BackendConformance:
             assert src.capabilities == Capability(0) == dst.capabilities
 
     def test_connect_to_a_closed_port_fails_clearly(self, backend: Backend) -> None:
-        listener = backend.listen(host="127.0.0.1", port=0, supported=Capability(0))
+        host = test_host()
+        listener = backend.listen(host=host, port=0, supported=Capability(0))
         port = listener.address[1]
         listener.close()
-        with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
-            backend.connect(host="127.0.0.1", port=port, requested=Capability(0), timeout=5)
+        with pytest.raises(TransportError, match=f"{host}:{port}"):
+            backend.connect(host=host, port=port, requested=Capability(0), timeout=5)
 
     # ------------------------------------------------------------ control channel
 

@@ -1,0 +1,5 @@
+"""rdmamig's ibverbs backend (RoCE / InfiniBand) on pyverbs and rdma_cm."""
+
+from .backend import VerbsBackend
+
+__all__ = ["VerbsBackend"]

@@ -1,0 +1,217 @@
+"""The verbs backend: rdma_cm connection setup with the protocol's private data.
+
+The source resolves the address and route, creates its queue pair and connects with
+the 8-byte capability block as the connect request's private data; the destination
+answers with the granted flags in the accept's private data, or rejects with the
+reason. The queue pair is created by us (not by rdma_cm) so that RDMA WRITEs can be
+posted from any registered address, and moved through INIT / RTR / RTS with the
+attributes rdma_cm computes (``rdma_init_qp_attr``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import random
+from typing import Any, ClassVar
+
+from rdmamig import caps
+from rdmamig.caps import Capability, PrivateData
+from rdmamig.errors import BackendUnavailableError, RemoteProtocolError, TransportError
+from rdmamig.transport import Backend, Listener
+from rdmamig.wire import MAX_MESSAGE
+
+from . import compat
+from .endpoint import RECV_DEPTH, SEND_DEPTH, VerbsEndpoint
+from .events import EventChannel
+
+#: Milliseconds rdma_cm may take to resolve an address or a route.
+RESOLVE_MS = 5000
+#: Ports tried when the caller asks for any free one (rdma_cm has no "port 0").
+_PORTS = range(20000, 60000)
+
+
+def _pyverbs() -> Any:
+    reason = compat.unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailableError(f"backend 'verbs' cannot run here: {reason}")
+    return compat.load()
+
+
+def _rdma_error(pv: Any, what: str, exc: Exception) -> TransportError:
+    code = getattr(exc, "error_code", None)
+    return TransportError(f"{what}: {exc}", errno=code if isinstance(code, int) and code > 0
+                          else errno.EIO)
+
+
+def _queue_pair(pv: Any, cmid: Any) -> tuple[Any, Any, list[Any]]:
+    """CQ, RC QP in INIT state and the receive buffers, posted."""
+    e = pv.enums
+    cq = pv.cq.CQ(cmid.context, SEND_DEPTH + RECV_DEPTH)
+    cap = pv.qp.QPCap(max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH, max_send_sge=1,
+                      max_recv_sge=1)
+    qp = pv.qp.QP(cmid.pd, pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap))
+    _move(cmid, qp, e.IBV_QPS_INIT)
+    recv_mrs = [pv.mr.MR(cmid.pd, MAX_MESSAGE, e.IBV_ACCESS_LOCAL_WRITE)
+                for _ in range(RECV_DEPTH)]
+    for index, mr in enumerate(recv_mrs):
+        VerbsEndpoint.post_recv(pv, qp, mr, index)
+    return cq, qp, recv_mrs
+
+
+def _move(cmid: Any, qp: Any, state: int) -> None:
+    attr, mask = cmid.init_qp_attr(state)
+    qp.modify(attr, mask)
+
+
+def _param(pv: Any, qp: Any, data: bytes) -> Any:
+    param = pv.cmid.ConnParam(qp_num=qp.qp_num, data_len=len(data))
+    param.set_private_data(data)
+    return param
+
+
+class VerbsListener(Listener):
+    """An rdma_cm id listening on an address bound to an RDMA device."""
+
+    def __init__(self, pv: Any, events: EventChannel, cmid: Any, host: str, port: int,
+                 supported: Capability) -> None:
+        self._pv, self._events, self._cmid = pv, events, cmid
+        self._host, self._port, self._supported = host, port, supported
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._host, self._port
+
+    def accept(self, *, timeout: float | None) -> VerbsEndpoint:
+        pv = self._pv
+        ce = pv.cm_enums
+        event = self._events.wait({ce.RDMA_CM_EVENT_CONNECT_REQUEST}, timeout=timeout,
+                                  what="accept")
+        data = bytes(event.private_data or b"")
+        cmid = pv.cmid.CMID(creator=event, listen_id=self._cmid)
+        event.ack_cm_event()
+        try:
+            request = PrivateData.decode_untrusted(data)
+            reply = caps.accept(request, supported=self._supported)
+        except RemoteProtocolError as exc:
+            reason = f"connection refused: {exc}".encode()[:140]
+            with contextlib.suppress(Exception):
+                cmid.reject(reason)
+            cmid.close()
+            raise
+        try:
+            cq, qp, recv_mrs = _queue_pair(pv, cmid)
+            _move(cmid, qp, pv.enums.IBV_QPS_RTR)
+            cmid.accept(_param(pv, qp, reply.encode()))
+            _move(cmid, qp, pv.enums.IBV_QPS_RTS)
+            self._events.wait({ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=timeout,
+                              what="accept").ack_cm_event()
+        except pv.pyverbs_error.PyverbsError as exc:
+            cmid.close()
+            raise _rdma_error(pv, "accept", exc) from None
+        # The connection's events (DISCONNECTED) arrive on the listener's channel.
+        return VerbsEndpoint(pv, cmid=cmid, events=_Borrowed(self._events), pd=self._cmid.pd,
+                             cq=cq, qp=qp, recv_mrs=recv_mrs,
+                             capabilities=Capability(reply.flags))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cmid.close()
+        self._events.close()
+
+
+class _Borrowed:
+    """An event channel used by an endpoint but owned by its listener."""
+
+    def __init__(self, events: EventChannel) -> None:
+        self._events = events
+
+    def poll(self) -> str | None:
+        with contextlib.suppress(Exception):
+            return self._events.poll()
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class VerbsBackend(Backend):
+    """RoCE / InfiniBand through pyverbs and rdma_cm: RC queue pair, SEND / RECV for
+    control, RDMA WRITE for pages, ibv_reg_mr for pinning."""
+
+    name: ClassVar[str] = "verbs"
+    description: ClassVar[str] = "ibverbs (RoCE / InfiniBand) through pyverbs and rdma_cm"
+    supported: ClassVar[Capability] = caps.KNOWN_CAPABILITIES
+
+    def unavailable_reason(self) -> str | None:
+        return compat.unavailable_reason()
+
+    def listen(self, *, host: str, port: int, supported: Capability) -> VerbsListener:
+        pv = _pyverbs()
+        ce = pv.cm_enums
+        devices = compat.rdma_ipv4_addresses()
+        if ":" not in host and host not in devices:
+            # pyverbs' bind_addr crashes the process on an address without a device.
+            raise TransportError(
+                f"cannot listen on {host}:{port}: no RDMA device has that address (RDMA "
+                f"devices' IPv4 addresses here: {', '.join(sorted(devices)) or 'none'})",
+                errno=errno.EADDRNOTAVAIL)
+        ports = [port] if port else random.sample(_PORTS, 20)
+        for candidate in ports:
+            events = EventChannel(pv)
+            cmid = pv.cmid.CMID(creator=events.channel)
+            try:
+                info = pv.cmid.AddrInfo(src=host, src_service=str(candidate),
+                                        port_space=ce.RDMA_PS_TCP, flags=ce.RAI_PASSIVE)
+                cmid.bind_addr(info)
+                cmid.listen()
+            except pv.pyverbs_error.PyverbsError as exc:
+                cmid.close()
+                events.close()
+                if port == 0 and getattr(exc, "error_code", None) == errno.EADDRINUSE:
+                    continue
+                raise _rdma_error(pv, f"cannot listen on {host}:{candidate} (the address "
+                                      f"must belong to an RDMA device's netdev)", exc) from None
+            if cmid.context is None:
+                cmid.close()
+                events.close()
+                raise TransportError(f"cannot listen on {host}:{candidate}: no RDMA device "
+                                     f"has that address", errno=errno.EADDRNOTAVAIL)
+            return VerbsListener(pv, events, cmid, host, candidate, supported & self.supported)
+        raise TransportError(f"no free rdma_cm port on {host}", errno=errno.EADDRINUSE)
+
+    def connect(self, *, host: str, port: int, requested: Capability,
+                timeout: float | None) -> VerbsEndpoint:
+        pv = _pyverbs()
+        ce = pv.cm_enums
+        what = f"cannot connect to {host}:{port}"
+        events = EventChannel(pv)
+        cmid = pv.cmid.CMID(creator=events.channel)
+        try:
+            cmid.resolve_addr(pv.cmid.AddrInfo(dst=host, dst_service=str(port),
+                                               port_space=ce.RDMA_PS_TCP), RESOLVE_MS)
+            events.wait({ce.RDMA_CM_EVENT_ADDR_RESOLVED}, timeout=timeout,
+                        what=what).ack_cm_event()
+            cmid.resolve_route(RESOLVE_MS)
+            events.wait({ce.RDMA_CM_EVENT_ROUTE_RESOLVED}, timeout=timeout,
+                        what=what).ack_cm_event()
+            cq, qp, recv_mrs = _queue_pair(pv, cmid)
+            cmid.connect(_param(pv, qp, PrivateData(flags=int(requested)).encode()))
+            event = events.wait({ce.RDMA_CM_EVENT_CONNECT_RESPONSE,
+                                 ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=timeout, what=what)
+            data = bytes(event.private_data or b"")
+            event.ack_cm_event()
+            granted = caps.confirm(requested, PrivateData.decode_untrusted(data))
+            _move(cmid, qp, pv.enums.IBV_QPS_RTR)
+            _move(cmid, qp, pv.enums.IBV_QPS_RTS)
+            cmid.establish()
+        except pv.pyverbs_error.PyverbsError as exc:
+            cmid.close()
+            events.close()
+            raise _rdma_error(pv, what, exc) from None
+        except BaseException:
+            cmid.close()
+            events.close()
+            raise
+        return VerbsEndpoint(pv, cmid=cmid, events=events, pd=cmid.pd, cq=cq, qp=qp,
+                             recv_mrs=recv_mrs, capabilities=granted)

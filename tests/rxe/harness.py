@@ -1,0 +1,240 @@
+"""Run rdmamig's verbs tests on real verbs, on a machine whose kernel has none.
+
+Boots Debian's stock kernel (fetched with ``apt-get download``, never installed on
+the host) in ``qemu-system-x86_64 -accel tcg``, with the host's own root file system
+shared read-only over virtio-9p and this checkout shared writable at the same path.
+The guest loads soft-RoCE (``rdma_rxe``), creates ``rxe0`` over its NIC and runs the
+steps below with the interpreter this harness runs under (a virtual environment of
+Debian's python3 with python3-pyverbs). It prints a pass/fail summary and exits
+non-zero on any failure. See ../../../shared/SOFT-ROCE.md for the facts behind it.
+
+    python tests/rxe/harness.py [--cache DIR] [--keep-going] [STEP ...]
+
+Where the machine has an RDMA device already, ``--direct`` runs the same steps on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST_IP = "10.0.2.15"
+#: Modules the guest loads (dependencies are resolved with modprobe).
+MODULES = ["crc32_generic", "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "rdma_rxe",
+           "rdma_ucm", "ib_uverbs"]
+
+
+def steps(python: str) -> dict[str, list[str]]:
+    """Name -> command of every check run on the device."""
+    report = "/tmp/rdmamig-{}.json"
+    migrate = [python, "-m", "rdmamig", "migrate", "--backend", "verbs", "--host", GUEST_IP,
+               "--quiet", "--timeout", "120"]
+    return {
+        "devices": ["ibv_devices"],
+        "backends": [python, "-m", "rdmamig", "backends", "--json"],
+        "conformance": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_conformance.py", "-k", "verbs"],
+        "migrate-idle": [*migrate, "--ram", "32MiB", "--report", report.format("idle")],
+        "migrate-live": [*migrate, "--ram", "32MiB", "--dirty-rate", "8MiB", "--pattern",
+                         "hotspot", "--report", report.format("live")],
+        "migrate-pin-all": [*migrate, "--ram", "32MiB", "--pin-all",
+                            "--report", report.format("pin-all")],
+        "migrate-blocks": [*migrate, "--ram", "32MiB", "--blocks", "3", "--zero-fraction",
+                           "0.5", "--report", report.format("blocks")],
+        "migrate-lru": [*migrate, "--ram", "32MiB", "--policy", "lru", "--pin-cap", "8MiB",
+                        "--dirty-rate", "8MiB", "--report", report.format("lru")],
+        "speed": [python, "tests/rxe/speed.py", "--host", GUEST_IP],
+    }
+
+
+# ------------------------------------------------------------------ the guest image
+
+
+def _run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=True, text=True, capture_output=True, **kwargs)
+
+
+def fetch_kernel(cache: Path) -> tuple[Path, Path, str]:
+    """Debian's newest ``linux-image-*-amd64-unsigned``, unpacked under ``cache``:
+    (vmlinuz, modules root, kernel version)."""
+    found = _run("apt-cache", "search", "--names-only",
+                 r"^linux-image-[0-9.]+-[0-9]+-amd64-unsigned$").stdout.split()
+    names = sorted({n for n in found if n.startswith("linux-image-")},
+                   key=lambda n: [int(x) for x in re.findall(r"\d+", n)])
+    if not names:
+        raise SystemExit("no linux-image-*-amd64-unsigned package in the apt sources")
+    package = names[-1]
+    unpacked = cache / package
+    if not unpacked.exists():
+        download = cache / "download"
+        download.mkdir(parents=True, exist_ok=True)
+        _run("apt-get", "download", package, cwd=download)
+        deb = next(download.glob(f"{package}_*.deb"))
+        _run("dpkg", "-x", str(deb), str(unpacked))
+        deb.unlink()
+    version = next((unpacked / "lib" / "modules").iterdir()).name
+    return next((unpacked / "boot").glob("vmlinuz-*")), unpacked, version
+
+
+def module_order(root: Path, version: str) -> list[Path]:
+    """Every .ko the guest needs, dependencies first."""
+    _run("depmod", "-b", str(root), version)
+    order: list[Path] = []
+    for module in MODULES:
+        out = _run("modprobe", "-d", str(root), "-S", version, "--show-depends",
+                   module).stdout
+        for line in out.splitlines():
+            if line.startswith("insmod "):
+                path = Path(line.split()[1])
+                if path not in order:
+                    order.append(path)
+    return order
+
+
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "insmod $m failed"; done
+repo=$(sed -n 's/.*rdmamig.repo=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+mkdir -p /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /newroot$repo
+mount -t proc proc /newroot/proc
+mount -t sysfs sys /newroot/sys
+mount -t devtmpfs dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts devpts /newroot/dev/pts
+for d in /dev/shm /tmp /run; do mount -t tmpfs tmpfs /newroot$d; done
+ip link set lo up
+ip link set eth0 up
+ip addr add {ip}/24 dev eth0
+chroot /newroot /bin/sh -c "ulimit -l unlimited; cd $repo && sh {script}"
+echo "rdmamig-guest-done"
+poweroff -f
+"""
+
+
+def build_initramfs(cache: Path, modules: list[Path], script: str) -> Path:
+    image = cache / "initrd.gz"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for sub in ("bin", "proc", "sys", "dev", "lib/modules", "newroot"):
+            (root / sub).mkdir(parents=True)
+        shutil.copy(shutil.which("busybox") or "/bin/busybox", root / "bin" / "busybox")
+        for module in modules:
+            shutil.copy(module, root / "lib" / "modules" / module.name)
+        (root / "modules.order").write_text("\n".join(m.name for m in modules) + "\n")
+        init = root / "init"
+        init.write_text(INIT.format(ip=GUEST_IP, script=script))
+        init.chmod(0o755)
+        files = _run("find", ".", cwd=root).stdout
+        archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=files.encode(),
+                                 cwd=root, check=True, capture_output=True).stdout
+        subprocess.run(["gzip", "-1"], input=archive, stdout=image.open("wb"), check=True)
+    return image
+
+
+# ------------------------------------------------------------------ running
+
+
+def guest_script(selected: dict[str, list[str]], results: Path, keep_going: bool) -> str:
+    """The shell script the guest runs in the checkout: set up rxe0, run the steps,
+    record each one's exit status and output."""
+    lines = ["set -u", "export PYTHONDONTWRITEBYTECODE=1 RDMAMIG_TEST_HOST=" + GUEST_IP,
+             f"out={results}", "mkdir -p $out",
+             "rdma link add rxe0 type rxe netdev eth0 > $out/setup.log 2>&1",
+             "echo $? > $out/setup.rc"]
+    for name, command in selected.items():
+        quoted = " ".join(_quote(part) for part in command)
+        lines.append(f"timeout 900 {quoted} > $out/{name}.log 2>&1; echo $? > $out/{name}.rc")
+        if not keep_going:
+            lines.append(f"[ $(cat $out/{name}.rc) = 0 ] || exit 1")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(part: str) -> str:
+    return part if re.fullmatch(r"[\w./:=,+-]+", part) else "'" + part.replace("'", "'\\''") + "'"
+
+
+def boot(cache: Path, kernel: Path, initrd: Path, timeout: float) -> str:
+    # -cpu max: numpy's wheels use instructions (AVX2...) that the default model lacks.
+    args = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2",
+            "-nographic",
+            "-no-reboot", "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", f"console=ttyS0 quiet panic=-1 rdmamig.repo={REPO}",
+            "-nic", "user,model=virtio-net-pci",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                       "multidevs=remap",
+            "-virtfs", f"local,path={REPO},mount_tag=work,security_model=none,multidevs=remap"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    (cache / "console.log").write_text(result.stdout + result.stderr)
+    return result.stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("steps", nargs="*", help="steps to run (default: all)")
+    parser.add_argument("--cache", type=Path, default=Path("/var/tmp/rdmamig-rxe"))
+    parser.add_argument("--keep-going", action="store_true", help="run every step")
+    parser.add_argument("--timeout", type=float, default=3000, help="seconds for the guest")
+    parser.add_argument("--command", help="run this shell command as the only step (debugging)")
+    parser.add_argument("--direct", action="store_true",
+                        help="run the steps here, on an RDMA device this machine has")
+    args = parser.parse_args()
+    every = steps(sys.executable)
+    unknown = set(args.steps) - set(every)
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(every)}")
+    selected = {name: every[name] for name in args.steps or every}
+    if args.command:
+        selected = {"command": ["sh", "-c", args.command]}
+    results = REPO / ".rxe-results"
+    shutil.rmtree(results, ignore_errors=True)
+    script = REPO / ".rxe-guest.sh"
+    script.write_text(guest_script(selected, results, args.keep_going))
+    started = time.monotonic()
+    if args.direct:
+        subprocess.run(["sh", str(script)], cwd=REPO, check=False)
+    else:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        kernel, root, version = fetch_kernel(args.cache)
+        initrd = build_initramfs(args.cache, module_order(root, version), script.name)
+        console = boot(args.cache, kernel, initrd, args.timeout)
+        if "rdmamig-guest-done" not in console:
+            print(console[-3000:])
+            print(f"the guest did not finish; console in {args.cache / 'console.log'}")
+            return 1
+    return summarize(selected, results, time.monotonic() - started)
+
+
+def summarize(selected: dict[str, list[str]], results: Path, elapsed: float) -> int:
+    failed = 0
+    setup = (results / "setup.rc").read_text().strip() if (results / "setup.rc").exists() else "?"
+    print(f"rxe0 setup: {'ok' if setup == '0' else 'FAILED'}")
+    for name in selected:
+        rc_file = results / f"{name}.rc"
+        rc = rc_file.read_text().strip() if rc_file.exists() else "not run"
+        ok = rc == "0"
+        failed += not ok
+        log = results / f"{name}.log"
+        tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<16} {tail[0][:100] if tail else ''}")
+        if not ok and log.exists():
+            print("      " + "\n      ".join(log.read_text().splitlines()[-25:]))
+    print(f"{len(selected) - failed} passed, {failed} failed, {elapsed:.0f} s")
+    return 1 if failed or setup != "0" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
