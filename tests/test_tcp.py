@@ -130,3 +130,14 @@ def test_memlock_limit_gives_a_clear_error() -> None:
     assert "cannot pin 16777216 bytes (16.0 MiB): RLIMIT_MEMLOCK is 8388608 bytes" in (
         result.stdout)
     assert "ulimit -l" in result.stdout
+
+
+def test_rkeys_are_random_not_a_counter() -> None:
+    with connected_pair(TcpBackend()) as (_src, dst):
+        buffer = mmap.mmap(-1, 64 * 4096)
+        view = memoryview(buffer)
+        keys = [dst.register(buffer=view[i * 4096:(i + 1) * 4096], remote_write=True).rkey
+                for i in range(64)]
+        assert keys != sorted(keys) and len(set(keys)) == 64
+        # 32 random bits each: consecutive keys share no structure a peer could use.
+        assert len({key >> 24 for key in keys}) > 16

@@ -70,13 +70,49 @@ def _param(pv: Any, qp: Any, data: bytes) -> Any:
     return param
 
 
+class _ListenerResources:
+    """The listening id and its event channel, shared with the accepted connection.
+
+    An accepted id lives on the listener's event channel and uses the listener's
+    device context and PD (pyverbs gives it no others), so both stay open until the
+    listener and every accepted endpoint are closed.
+    """
+
+    def __init__(self, events: EventChannel, cmid: Any) -> None:
+        self.events, self.cmid = events, cmid
+        self._users = 1
+
+    def acquire(self) -> _ListenerResources:
+        self._users += 1
+        return self
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            with contextlib.suppress(Exception):
+                self.cmid.close()
+            self.events.close()
+
+    # As the endpoint's event source: the connection's DISCONNECTED arrives here.
+    def poll(self) -> str | None:
+        return self.events.poll()
+
+    def close(self) -> None:
+        self.release()
+
+
 class VerbsListener(Listener):
-    """An rdma_cm id listening on an address bound to an RDMA device."""
+    """An rdma_cm id listening on an address bound to an RDMA device. It serves one
+    connection at a time: events of the accepted id arrive on the listener's channel
+    and pyverbs does not say which id an event belongs to."""
 
     def __init__(self, pv: Any, events: EventChannel, cmid: Any, host: str, port: int,
                  supported: Capability) -> None:
-        self._pv, self._events, self._cmid = pv, events, cmid
+        self._pv = pv
+        self._shared = _ListenerResources(events, cmid)
         self._host, self._port, self._supported = host, port, supported
+        self._closed = False
+        self._accepted = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -85,10 +121,14 @@ class VerbsListener(Listener):
     def accept(self, *, timeout: float | None) -> VerbsEndpoint:
         pv = self._pv
         ce = pv.cm_enums
-        event = self._events.wait({ce.RDMA_CM_EVENT_CONNECT_REQUEST}, timeout=timeout,
-                                  what="accept")
+        if self._accepted:
+            raise TransportError("this verbs listener already accepted its connection",
+                                 errno=errno.EISCONN)
+        events, listen_id = self._shared.events, self._shared.cmid
+        event = events.wait({ce.RDMA_CM_EVENT_CONNECT_REQUEST}, timeout=timeout,
+                            what="accept")
         data = bytes(event.private_data or b"")
-        cmid = pv.cmid.CMID(creator=event, listen_id=self._cmid)
+        cmid = pv.cmid.CMID(creator=event, listen_id=listen_id)
         event.ack_cm_event()
         try:
             request = PrivateData.decode_untrusted(data)
@@ -97,42 +137,25 @@ class VerbsListener(Listener):
             reason = f"connection refused: {exc}".encode()[:140]
             with contextlib.suppress(Exception):
                 cmid.reject(reason)
-            cmid.close()
             raise
         try:
             cq, qp, recv_mrs = _queue_pair(pv, cmid)
             _move(cmid, qp, pv.enums.IBV_QPS_RTR)
             cmid.accept(_param(pv, qp, reply.encode()))
             _move(cmid, qp, pv.enums.IBV_QPS_RTS)
-            self._events.wait({ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=timeout,
-                              what="accept").ack_cm_event()
+            events.wait({ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=timeout,
+                        what="accept").ack_cm_event()
         except pv.pyverbs_error.PyverbsError as exc:
-            cmid.close()
             raise _rdma_error(pv, "accept", exc) from None
-        # The connection's events (DISCONNECTED) arrive on the listener's channel.
-        return VerbsEndpoint(pv, cmid=cmid, events=_Borrowed(self._events), pd=self._cmid.pd,
+        self._accepted += 1
+        return VerbsEndpoint(pv, cmid=cmid, events=self._shared.acquire(), pd=listen_id.pd,
                              cq=cq, qp=qp, recv_mrs=recv_mrs,
                              capabilities=Capability(reply.flags))
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._cmid.close()
-        self._events.close()
-
-
-class _Borrowed:
-    """An event channel used by an endpoint but owned by its listener."""
-
-    def __init__(self, events: EventChannel) -> None:
-        self._events = events
-
-    def poll(self) -> str | None:
-        with contextlib.suppress(Exception):
-            return self._events.poll()
-        return None
-
-    def close(self) -> None:
-        pass
+        if not self._closed:
+            self._closed = True
+            self._shared.release()
 
 
 class VerbsBackend(Backend):
