@@ -23,25 +23,25 @@ from multiprocessing.connection import Connection
 
 from rdmamig import wire
 from rdmamig.caps import Capability
+from rdmamig.plugins import load_registry
 from rdmamig.transport import RemoteWrite
-from rdmamig_tcp import TcpBackend
 
 GiB = 1 << 30
 SIZES = [4096, 64 << 10, 1 << 20, 2 << 20]
 BATCH = 64
 
 
-def _region() -> mmap.mmap:
-    return mmap.mmap(-1, GiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+def _region(size: int = GiB) -> mmap.mmap:
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 
 
-def _rdmamig_receiver(pipe: Connection) -> None:
-    backend = TcpBackend()
-    with backend.listen(host="127.0.0.1", port=0, supported=Capability(0)) as listener:
-        pipe.send(listener.address[1])
-        endpoint = listener.accept(timeout=30)
-    memory = _region()
-    with endpoint:
+def _rdmamig_receiver(pipe: Connection, backend_name: str, host: str, size: int) -> None:
+    backend = load_registry().backend(backend_name)()
+    listener = backend.listen(host=host, port=0, supported=Capability(0))
+    pipe.send(listener.address[1])
+    endpoint = listener.accept(timeout=30)
+    memory = _region(size)
+    with endpoint, listener:
         region = endpoint.register(buffer=memoryview(memory), remote_write=True)
         pipe.send((region.addr, region.rkey))
         endpoint.recv_message(timeout=None)  # the sender's "done"
@@ -62,15 +62,18 @@ def _plain_receiver(pipe: Connection, size: int, total: int) -> None:
         conn.sendall(b"k")
 
 
-def bench_rdmamig(size: int, total: int) -> float:
+def bench_rdmamig(size: int, total: int, *, backend: str = "tcp", host: str = "127.0.0.1",
+                  region: int = GiB) -> float:
+    """Bytes/s of one-sided writes of ``size`` bytes into a ``region``-byte registered
+    region of another process, over ``backend``."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_rdmamig_receiver, args=(child,))
+    process = ctx.Process(target=_rdmamig_receiver, args=(child, backend, host, region))
     process.start()
     port = parent.recv()
-    endpoint = TcpBackend().connect(host="127.0.0.1", port=port, requested=Capability(0),
-                                    timeout=30)
-    source = _region()
+    endpoint = load_registry().backend(backend)().connect(
+        host=host, port=port, requested=Capability(0), timeout=30)
+    source = _region(region)
     with endpoint:
         local = endpoint.register(buffer=memoryview(source), remote_write=False)
         addr, rkey = parent.recv()
@@ -84,7 +87,7 @@ def bench_rdmamig(size: int, total: int) -> float:
             for _ in range(BATCH):
                 writes.append(RemoteWrite(region=local, offset=at, length=size,
                                           remote_addr=addr + at, rkey=rkey))
-                at = (at + size) % GiB
+                at = (at + size) % region
             ticket = endpoint.post_writes(writes=writes)
             if previous is not None:
                 endpoint.wait_writes(ticket=previous, timeout=60)

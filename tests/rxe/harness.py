@@ -32,10 +32,10 @@ MODULES = ["crc32_generic", "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "r
            "rdma_ucm", "ib_uverbs"]
 
 
-def steps(python: str) -> dict[str, list[str]]:
-    """Name -> command of every check run on the device."""
+def steps(python: str, host: str) -> dict[str, list[str]]:
+    """Name -> command of every check run on the device whose address is ``host``."""
     report = "/tmp/rdmamig-{}.json"
-    migrate = [python, "-m", "rdmamig", "migrate", "--backend", "verbs", "--host", GUEST_IP,
+    migrate = [python, "-m", "rdmamig", "migrate", "--backend", "verbs", "--host", host,
                "--quiet", "--timeout", "120"]
     return {
         "devices": ["ibv_devices"],
@@ -51,8 +51,37 @@ def steps(python: str) -> dict[str, list[str]]:
                            "0.5", "--report", report.format("blocks")],
         "migrate-lru": [*migrate, "--ram", "32MiB", "--policy", "lru", "--pin-cap", "8MiB",
                         "--dirty-rate", "8MiB", "--report", report.format("lru")],
-        "speed": [python, "tests/rxe/speed.py", "--host", GUEST_IP],
+        "speed": [python, "tests/rxe/speed.py", "--host", host],
     }
+
+
+# ------------------------------------------------------------------ prerequisites
+
+#: What the harness and the guest need, and the Debian package that has it.
+NEEDS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
+         "cpio": "cpio", "depmod": "kmod", "modprobe": "kmod", "rdma": "iproute2",
+         "ibv_devices": "ibverbs-utils", "ib_write_bw": "perftest",
+         "/usr/lib/python3/dist-packages/pyverbs": "python3-pyverbs",
+         "/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so": "ibverbs-providers"}
+
+
+def _present(need: str) -> bool:
+    return Path(need).exists() if need.startswith("/") else shutil.which(need) is not None
+
+
+def ensure_prerequisites() -> None:
+    """Install the distribution's packages the run needs (as root), or say which."""
+    missing = sorted({package for need, package in NEEDS.items() if not _present(need)})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"missing packages: {' '.join(missing)} (apt-get install them)")
+    print(f"installing {' '.join(missing)}", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, "rdma-core"]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        _run("apt-get", "update", "-q")
+        subprocess.run(install, env=env, check=True, capture_output=True)
 
 
 # ------------------------------------------------------------------ the guest image
@@ -147,13 +176,15 @@ def build_initramfs(cache: Path, modules: list[Path], script: str) -> Path:
 # ------------------------------------------------------------------ running
 
 
-def guest_script(selected: dict[str, list[str]], results: Path, keep_going: bool) -> str:
-    """The shell script the guest runs in the checkout: set up rxe0, run the steps,
-    record each one's exit status and output."""
-    lines = ["set -u", "export PYTHONDONTWRITEBYTECODE=1 RDMAMIG_TEST_HOST=" + GUEST_IP,
-             f"out={results}", "mkdir -p $out",
-             "rdma link add rxe0 type rxe netdev eth0 > $out/setup.log 2>&1",
-             "echo $? > $out/setup.rc"]
+def guest_script(selected: dict[str, list[str]], results: Path, keep_going: bool, *,
+                 host: str, soft_roce: bool) -> str:
+    """The shell script run in the checkout: set up rxe0 (in the guest), run the
+    steps, record each one's exit status and output."""
+    lines = ["set -u", "export PYTHONDONTWRITEBYTECODE=1 RDMAMIG_TEST_HOST=" + host,
+             f"out={results}", "mkdir -p $out"]
+    if soft_roce:
+        lines.append("rdma link add rxe0 type rxe netdev eth0 > $out/setup.log 2>&1")
+    lines.append(f"echo {'$?' if soft_roce else 0} > $out/setup.rc")
     for name, command in selected.items():
         quoted = " ".join(_quote(part) for part in command)
         lines.append(f"timeout 900 {quoted} > $out/{name}.log 2>&1; echo $? > $out/{name}.rc")
@@ -191,8 +222,10 @@ def main() -> int:
     parser.add_argument("--command", help="run this shell command as the only step (debugging)")
     parser.add_argument("--direct", action="store_true",
                         help="run the steps here, on an RDMA device this machine has")
+    parser.add_argument("--host", default=GUEST_IP,
+                        help=f"the device's address (default: the guest's, {GUEST_IP})")
     args = parser.parse_args()
-    every = steps(sys.executable)
+    every = steps(sys.executable, args.host)
     unknown = set(args.steps) - set(every)
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(every)}")
@@ -202,11 +235,13 @@ def main() -> int:
     results = REPO / ".rxe-results"
     shutil.rmtree(results, ignore_errors=True)
     script = REPO / ".rxe-guest.sh"
-    script.write_text(guest_script(selected, results, args.keep_going))
+    script.write_text(guest_script(selected, results, args.keep_going, host=args.host,
+                                   soft_roce=not args.direct))
     started = time.monotonic()
     if args.direct:
         subprocess.run(["sh", str(script)], cwd=REPO, check=False)
     else:
+        ensure_prerequisites()
         args.cache.mkdir(parents=True, exist_ok=True)
         kernel, root, version = fetch_kernel(args.cache)
         initrd = build_initramfs(args.cache, module_order(root, version), script.name)
@@ -221,7 +256,7 @@ def main() -> int:
 def summarize(selected: dict[str, list[str]], results: Path, elapsed: float) -> int:
     failed = 0
     setup = (results / "setup.rc").read_text().strip() if (results / "setup.rc").exists() else "?"
-    print(f"rxe0 setup: {'ok' if setup == '0' else 'FAILED'}")
+    print(f"device setup: {'ok' if setup == '0' else 'FAILED'}")
     for name in selected:
         rc_file = results / f"{name}.rc"
         rc = rc_file.read_text().strip() if rc_file.exists() else "not run"
