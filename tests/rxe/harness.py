@@ -137,13 +137,15 @@ for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "insmod $m fai
 repo=$(sed -n 's/.*rdmamig.repo=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
 mkdir -p /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /newroot$repo
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 for d in /dev/shm /tmp /run; do mount -t tmpfs tmpfs /newroot$d; done
+# The checkout last: it may live under /tmp, which the tmpfs above covers.
+mkdir -p /newroot$repo 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work /newroot$repo
 ip link set lo up
 ip link set eth0 up
 ip addr add {ip}/24 dev eth0
