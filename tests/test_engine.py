@@ -250,3 +250,20 @@ def test_lru_keeps_its_cap_with_and_without_the_unpin_worker(
     assert source.pinned_peak_bytes <= 4 * MiB
     assert migration.destination.result.pinned_peak_bytes <= 4 * MiB  # type: ignore[union-attr]
     assert source.unregistrations >= 28
+
+
+def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
+        migration: Migration) -> None:
+    blocks = guest(16 * MiB)
+    # Far more dirtying than the link carries: every page dirty again each round.
+    workload = SyntheticWorkload(blocks, rate=8 << 30, pattern="uniform")
+    workload.start()
+    try:
+        migration.run(blocks, workload=workload, config=SourceConfig(
+            max_downtime=0.0001, max_iterations=6, auto_converge=True, timeout=20))
+    finally:
+        workload.close()
+    assert_succeeded(migration, blocks)
+    source = migration.source.result  # type: ignore[union-attr]
+    assert source.throttle >= 0.2
+    assert workload._throttle == source.throttle

@@ -16,6 +16,7 @@ Where the machine has an RDMA device already, ``--direct`` runs the same steps o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -32,9 +33,12 @@ MODULES = ["crc32_generic", "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "r
            "rdma_ucm", "ib_uverbs"]
 
 
+RESULTS = REPO / ".rxe-results"
+
+
 def steps(python: str, host: str) -> dict[str, list[str]]:
     """Name -> command of every check run on the device whose address is ``host``."""
-    report = "/tmp/rdmamig-{}.json"
+    report = str(RESULTS / "migrate-{}.json")
     migrate = [python, "-m", "rdmamig", "migrate", "--backend", "verbs", "--host", host,
                "--quiet", "--timeout", "120"]
     return {
@@ -234,7 +238,7 @@ def main() -> int:
     selected = {name: every[name] for name in args.steps or every}
     if args.command:
         selected = {"command": ["sh", "-c", args.command]}
-    results = REPO / ".rxe-results"
+    results = RESULTS
     shutil.rmtree(results, ignore_errors=True)
     script = REPO / ".rxe-guest.sh"
     script.write_text(guest_script(selected, results, args.keep_going, host=args.host,
@@ -255,6 +259,18 @@ def main() -> int:
     return summarize(selected, results, time.monotonic() - started)
 
 
+def _gist(results: Path, name: str, log: Path) -> str:
+    """One line about a step: a migration's figures, else the log's last line."""
+    report = results / f"{name}.json"
+    if report.exists():
+        r = json.loads(report.read_text())
+        return (f"verified={r['verified']} {r['ram_bytes'] >> 20} MiB in "
+                f"{r['total_time_s']:.2f} s, downtime {r['downtime_ms']:.0f} ms, "
+                f"{r['registrations']} reg / {r['unregistrations']} unreg")
+    lines = log.read_text().strip().splitlines() if log.exists() else []
+    return lines[-1][:100] if lines else ""
+
+
 def summarize(selected: dict[str, list[str]], results: Path, elapsed: float) -> int:
     failed = 0
     setup = (results / "setup.rc").read_text().strip() if (results / "setup.rc").exists() else "?"
@@ -265,8 +281,7 @@ def summarize(selected: dict[str, list[str]], results: Path, elapsed: float) -> 
         ok = rc == "0"
         failed += not ok
         log = results / f"{name}.log"
-        tail = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-        print(f"{'PASS' if ok else 'FAIL'}  {name:<16} {tail[0][:100] if tail else ''}")
+        print(f"{'PASS' if ok else 'FAIL'}  {name:<16} {_gist(results, name, log)}")
         if not ok and log.exists():
             print("      " + "\n      ".join(log.read_text().splitlines()[-25:]))
     print(f"{len(selected) - failed} passed, {failed} failed, {elapsed:.0f} s")
