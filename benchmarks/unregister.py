@@ -66,8 +66,8 @@ def main() -> None:
                   f"{gbps / base:.0%} | {unregistrations:.0f}"
                   f" | {peak['pinned_peak_bytes_source'] // mib} / "
                   f"{peak['pinned_peak_bytes_destination'] // mib} | "
-                  f"{max(r['vmlck_peak_bytes_source'] for r in reports) // mib} / "
-                  f"{max(r['vmlck_peak_bytes_destination'] for r in reports) // mib} |",
+                  f"{max(r['locked_peak_bytes_source'] for r in reports) // mib} / "
+                  f"{max(r['locked_peak_bytes_destination'] for r in reports) // mib} |",
                   flush=True)
 
 

@@ -207,7 +207,7 @@ def test_lru_cap_holds_in_the_kernels_count_on_both_sides(tmp_path: Path) -> Non
     data = json.loads(report.read_text())
     for side in ("source", "destination"):
         assert 0 < data[f"pinned_peak_bytes_{side}"] <= 8 * MiB
-        assert 0 < data[f"vmlck_peak_bytes_{side}"] <= 8 * MiB
+        assert 0 < data[f"locked_peak_bytes_{side}"] <= 8 * MiB
     assert data["unregistrations"] >= 56
 
 
@@ -235,4 +235,4 @@ def test_under_ulimit_l_pin_until_done_fails_clearly_and_memlock_completes(
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     data = json.loads(report.read_text())
-    assert data["verified"] and data["vmlck_peak_bytes_source"] <= 8 * MiB
+    assert data["verified"] and data["locked_peak_bytes_source"] <= 8 * MiB

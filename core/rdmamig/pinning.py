@@ -34,10 +34,13 @@ def buffer_address(buffer: memoryview) -> int:
 
 
 def locked_bytes() -> int:
-    """Bytes this process has locked, per the kernel (``VmLck`` in /proc/self/status)."""
+    """Bytes of this process that count against ``RLIMIT_MEMLOCK``, per the kernel:
+    ``VmLck`` (mlock, what the TCP backend pins) plus ``VmPin`` (pinned by a driver,
+    what ``ibv_reg_mr`` pins) in /proc/self/status."""
     with open("/proc/self/status") as status:
-        match = re.search(r"^VmLck:\s+(\d+) kB", status.read(), re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else 0
+        text = status.read()
+    return sum(int(kb) * 1024 for kb in re.findall(r"^Vm(?:Lck|Pin):\s+(\d+) kB", text,
+                                                    re.MULTILINE))
 
 
 def memlock_limit() -> int:

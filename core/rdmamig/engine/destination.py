@@ -44,7 +44,7 @@ class DestinationResult:
     unregistrations: int = 0
     zero_pages: int = 0
     pinned_peak_bytes: int = 0
-    #: Highest ``VmLck`` seen (the kernel's count of locked memory of this process).
+    #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
     locked_peak_bytes: int = 0
     total_time_s: float = 0.0
     verify_time_s: float = 0.0

@@ -84,7 +84,7 @@ class SourceResult:
     unregistrations: int = 0
     reregistrations: int = 0
     pinned_peak_bytes: int = 0
-    #: Highest ``VmLck`` seen (the kernel's count of locked memory of this process).
+    #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
     locked_peak_bytes: int = 0
     downtime_s: float = 0.0
     total_time_s: float = 0.0

@@ -19,10 +19,9 @@ from rdmamig import caps
 from rdmamig.caps import Capability, PrivateData
 from rdmamig.errors import BackendUnavailableError, RemoteProtocolError, TransportError
 from rdmamig.transport import Backend, Listener
-from rdmamig.wire import MAX_MESSAGE
 
 from . import compat
-from .endpoint import RECV_DEPTH, SEND_DEPTH, VerbsEndpoint
+from .endpoint import RECV_DEPTH, SEND_DEPTH, VerbsEndpoint, control_buffer
 from .events import EventChannel
 
 #: Milliseconds rdma_cm may take to resolve an address or a route.
@@ -52,8 +51,7 @@ def _queue_pair(pv: Any, cmid: Any) -> tuple[Any, Any, list[Any]]:
                       max_recv_sge=1)
     qp = pv.qp.QP(cmid.pd, pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap))
     _move(cmid, qp, e.IBV_QPS_INIT)
-    recv_mrs = [pv.mr.MR(cmid.pd, MAX_MESSAGE, e.IBV_ACCESS_LOCAL_WRITE)
-                for _ in range(RECV_DEPTH)]
+    recv_mrs = [control_buffer(pv, cmid.pd) for _ in range(RECV_DEPTH)]
     for index, mr in enumerate(recv_mrs):
         VerbsEndpoint.post_recv(pv, qp, mr, index)
     return cq, qp, recv_mrs

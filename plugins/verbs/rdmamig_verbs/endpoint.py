@@ -26,13 +26,28 @@ from rdmamig.caps import Capability
 from rdmamig.errors import LocalProtocolError, RegistrationError, TransportError
 from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
 
-RECV_DEPTH = 8
+RECV_DEPTH = 4
 #: Send-queue slots: two batches of writes in flight plus the control SENDs.
 SEND_DEPTH = 512
 _RECV_BASE = 1 << 48
 _SEND_ID = 1 << 49
 #: Idle wait between two empty polls of the CQ.
 _POLL_SLEEP = 20e-6
+
+
+def control_buffer(pv: Any, pd: Any) -> Any:
+    """A registered 512 KiB buffer for one control message.
+
+    Raises:
+        MemlockLimitError: RLIMIT_MEMLOCK leaves no room for it.
+    """
+    try:
+        return pv.mr.MR(pd, wire.MAX_MESSAGE, pv.enums.IBV_ACCESS_LOCAL_WRITE)
+    except pv.pyverbs_error.PyverbsRDMAError as exc:
+        if exc.error_code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+            raise pinning.memlock_error(wire.MAX_MESSAGE, "register a control buffer of") \
+                from None
+        raise
 
 
 @attrs.define
@@ -51,7 +66,7 @@ class VerbsEndpoint(Endpoint):
         self.capabilities = capabilities
         self._cmid, self._events, self._pd, self._cq, self._qp = cmid, events, pd, cq, qp
         self._recv_mrs = recv_mrs
-        self._send_mr = pv.mr.MR(pd, wire.MAX_MESSAGE, pv.enums.IBV_ACCESS_LOCAL_WRITE)
+        self._send_mr = control_buffer(pv, pd)
         self._poll_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._keys = threading.Lock()
