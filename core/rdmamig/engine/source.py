@@ -409,6 +409,11 @@ class Source:
         if not chunks:
             return
         if self.config.async_unregister:
+            # Our side goes to the worker first, so that it unpins while the peer
+            # handles the (batched) request.
+            for cid in chunks:
+                self._deregistering.append(self._worker.submit(
+                    self.endpoint.deregister, region=self._local.pop(cid)))
             requests = list(self._batches(chunks))
         else:
             requests = [[chunk] for chunk in chunks]
@@ -417,12 +422,8 @@ class Source:
                 wire.Register(key=c.index, current_index=c.block, chunks=1) for c in part)),
                 reply=wire.Command.UNREGISTER_FINISHED)
             for cid in part:
-                region = self._local.pop(cid)
-                if self.config.async_unregister:
-                    self._deregistering.append(self._worker.submit(
-                        self.endpoint.deregister, region=region))
-                else:
-                    self.endpoint.deregister(region=region)
+                if not self.config.async_unregister:
+                    self.endpoint.deregister(region=self._local.pop(cid))
                 del self._rkeys[cid]
                 self._ever_unpinned.add(cid)
                 self.result.unregistrations += 1
