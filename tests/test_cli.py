@@ -50,7 +50,7 @@ def test_migrate_small_guest_writes_a_report(tmp_path: Path) -> None:
 
 def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
-    result = run("migrate", "--ram", "32MiB", "--dirty-rate", "100MiB", "--pattern",
+    result = run("migrate", "--ram", "64MiB", "--dirty-rate", "200MiB", "--pattern",
                  "sequential", "--pin-all", "--max-downtime", "20", "--quiet",
                  "--report", str(report))
     assert result.returncode == 0, result.stderr

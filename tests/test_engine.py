@@ -83,7 +83,7 @@ def test_without_batching_one_entry_per_message(migration: Migration) -> None:
 
 
 def test_live_dirtying_converges_and_carries_state(migration: Migration) -> None:
-    blocks = guest(32 * MiB)
+    blocks = guest(64 * MiB)
     workload = SyntheticWorkload(blocks, rate=200 * MiB, pattern="hotspot")
     workload.start()
     try:
@@ -94,7 +94,7 @@ def test_live_dirtying_converges_and_carries_state(migration: Migration) -> None
     assert_succeeded(migration, blocks)
     source = migration.source.result  # type: ignore[union-attr]
     # Pages dirtied during the bulk round went again (iterations or stop-and-copy).
-    assert source.bytes_written > 32 * MiB
+    assert source.bytes_written > 64 * MiB
     state = json.loads(migration.destination.result.state)  # type: ignore[union-attr]
     assert state["pages_written"] == workload.pages_written > 0
 
@@ -254,16 +254,48 @@ def test_lru_keeps_its_cap_with_and_without_the_unpin_worker(
 
 def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
         migration: Migration) -> None:
+    import threading
+    import time
+
+    class DirtiesEverything:
+        """Marks every page dirty every millisecond: always faster than the link."""
+
+        def __init__(self, block: RamBlock) -> None:
+            self.block, self.throttled = block, 0.0
+            self.running, self.quit = threading.Event(), threading.Event()
+            self.running.set()
+            self.thread = threading.Thread(target=self._loop)
+            self.thread.start()
+
+        def _loop(self) -> None:
+            while not self.quit.is_set():
+                if self.running.is_set():
+                    self.block.mark_dirty(0, self.block.length)
+                time.sleep(0.001)
+
+        def stop(self) -> None:
+            self.running.clear()
+            time.sleep(0.005)
+
+        def resume(self) -> None:
+            self.running.set()
+
+        def throttle(self, fraction: float) -> None:
+            self.throttled = fraction
+
+        def state(self) -> bytes:
+            return b""
+
     blocks = guest(16 * MiB)
-    # Far more dirtying than the link carries: every page dirty again each round.
-    workload = SyntheticWorkload(blocks, rate=8 << 30, pattern="uniform")
-    workload.start()
+    workload = DirtiesEverything(blocks[0])
     try:
         migration.run(blocks, workload=workload, config=SourceConfig(
             max_downtime=0.0001, max_iterations=6, auto_converge=True, timeout=20))
     finally:
-        workload.close()
+        workload.quit.set()
+        workload.thread.join()
     assert_succeeded(migration, blocks)
     source = migration.source.result  # type: ignore[union-attr]
-    assert source.throttle >= 0.2
-    assert workload._throttle == source.throttle
+    assert source.iterations == 7  # the limit, then stop-and-copy
+    assert source.throttle >= 0.6  # 20 % after the first round, +10 % after each other
+    assert workload.throttled == source.throttle

@@ -14,7 +14,7 @@ from .engine.ramblock import PAGE_SIZE, RamBlock
 
 PATTERNS = ("uniform", "hotspot", "sequential")
 #: How often the workload wakes up to write its share of pages.
-TICK = 0.01
+TICK = 0.002
 
 
 def fill_guest(blocks: Sequence[RamBlock], *, zero_fraction: float, seed: int = 1) -> None:
