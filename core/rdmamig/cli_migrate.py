@@ -79,6 +79,8 @@ class Plan:
     """What the user selected, resolved against the plugin registry."""
 
     backend: type[Backend]
+    #: Keyword options for the backend's constructor (``--device``).
+    backend_options: dict[str, str] = attrs.field(factory=dict)
     policy: type[UnpinPolicy]
     options: PolicyOptions
     requested: Capability
@@ -87,6 +89,8 @@ class Plan:
 
 def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
     parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
+    parser.add_argument("--device", metavar="NAME",
+                        help="RDMA device the address must be on (verbs; e.g. rxe0, mlx5_0)")
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the peer (default 60)")
@@ -131,15 +135,24 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
     requested = Capability.BATCH | Capability.VERIFY | policy.capabilities
     if args.pin_all:
         requested |= Capability.PIN_ALL
-    return Plan(backend=backend, policy=policy, options=options, requested=requested,
+    return Plan(backend=backend, backend_options=_backend_options(args), policy=policy,
+                options=options, requested=requested,
                 config=SourceConfig(max_downtime=args.max_downtime / 1000,
                                     max_iterations=args.max_iterations,
                                     auto_converge=args.auto_converge, timeout=args.timeout,
                                     async_unregister=args.unregister == "async"))
 
 
-def _available(backend: type[Backend]) -> Backend:
-    instance = backend()
+def _backend_options(args: argparse.Namespace) -> dict[str, str]:
+    return {"device": args.device} if args.device else {}
+
+
+def _available(backend: type[Backend], options: dict[str, str] | None = None) -> Backend:
+    try:
+        instance = backend(**(options or {}))
+    except TypeError:
+        raise UsageError(f"backend {backend.name!r} takes no option "
+                         f"{', '.join('--' + key for key in options or {})}") from None
     reason = instance.unavailable_reason()
     if reason is not None:
         raise UsageError(f"backend {backend.name!r} cannot run here: {reason}")
@@ -179,7 +192,7 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
     Raises:
         UsageError: the destination cannot be reached.
     """
-    backend = _available(plan.backend)
+    backend = _available(plan.backend, plan.backend_options)
     started = time.monotonic()
     total = sum(b.length for b in blocks)
     update, progress = _progress(quiet, total)
@@ -217,13 +230,14 @@ def _receive(backend: Backend, host: str, port: int, *, timeout: float,
     return destination
 
 
-def _destination_child(backend_name: str, host: str, layout: list[tuple[str, int]],
-                       timeout: float, pipe: Connection) -> None:
+def _destination_child(backend_name: str, options: dict[str, str], host: str,
+                       layout: list[tuple[str, int]], timeout: float,
+                       pipe: Connection) -> None:
     """Body of ``migrate``'s destination process: allocate and pre-fault the RAM
     (QEMU's ``prealloc=on``), listen, report the port, receive, report the result."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     try:
-        backend = load_registry().backend(backend_name)()
+        backend = load_registry().backend(backend_name)(**options)
         blocks = [RamBlock.anonymous(name, length) for name, length in layout]
         destination = _receive(backend, host, 0, timeout=timeout, blocks=blocks,
                                make_block=None, announce=lambda port: pipe.send(port))
@@ -287,7 +301,8 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     parent, child = context.Pipe()
     timeout = plan.config.timeout
     process = context.Process(target=_destination_child, name="rdmamig-destination",
-                              args=(plan.backend.name, host, layout, timeout, child))
+                              args=(plan.backend.name, plan.backend_options, host, layout,
+                                    timeout, child))
     process.start()
     child.close()
     blocks = [RamBlock.anonymous(name, length) for name, length in layout]
@@ -326,7 +341,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
 
 def _migrate(args: argparse.Namespace) -> int:
     plan = _plan(args, load_registry())
-    _available(plan.backend)
+    _available(plan.backend, plan.backend_options)
     guest = Guest(ram=args.ram, blocks=args.blocks, zero_fraction=args.zero_fraction,
                   dirty_rate=args.dirty_rate, pattern=args.pattern)
     return _finish(args, migrate_locally(plan, guest, host=args.host, quiet=args.quiet))
@@ -339,7 +354,7 @@ def _safe_name(name: str) -> str:
 
 def _listen(args: argparse.Namespace) -> int:
     registry = load_registry()
-    backend = _available(registry.backend(args.backend))
+    backend = _available(registry.backend(args.backend), _backend_options(args))
     host, port = parse_address(args.address)
     into: Path = args.into
     into.mkdir(parents=True, exist_ok=True)

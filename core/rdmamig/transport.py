@@ -178,7 +178,12 @@ class Listener(_Closing):
 
 
 class Backend(abc.ABC):
-    """A transport, registered by a plugin under :attr:`name`."""
+    """A transport, registered by a plugin under :attr:`name`.
+
+    ``cls()`` must work with no arguments (``rdmamig backends`` does that); a backend
+    may take keyword options (the verbs backend's ``device``), which the CLI passes
+    from its own options.
+    """
 
     #: The name users select it by (``--backend NAME``).
     name: ClassVar[str]

@@ -55,6 +55,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
                            "0.5", "--report", report.format("blocks")],
         "migrate-lru": [*migrate, "--ram", "32MiB", "--policy", "lru", "--pin-cap", "8MiB",
                         "--dirty-rate", "8MiB", "--report", report.format("lru")],
+        "device": [python, "tests/rxe/device_check.py", host, "rxe0"],
         "memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
                     "prlimit", "--memlock=8388608:8388608", python, "tests/rxe/memlock_check.py"],
         "migrate-memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",

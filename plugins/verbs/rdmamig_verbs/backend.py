@@ -164,6 +164,16 @@ class VerbsBackend(Backend):
     description: ClassVar[str] = "ibverbs (RoCE / InfiniBand) through pyverbs and rdma_cm"
     supported: ClassVar[Capability] = caps.KNOWN_CAPABILITIES
 
+    def __init__(self, *, device: str | None = None) -> None:
+        """``device``: the RDMA device the address must resolve to (rdma_cm picks
+        the device, port and GID from the address; this only checks its choice)."""
+        self.device = device
+
+    def _check_device(self, cmid: Any, host: str) -> None:
+        if self.device is not None and cmid.dev_name != self.device:
+            raise TransportError(f"{host} is reached through RDMA device {cmid.dev_name}, "
+                                 f"not the requested {self.device}", errno=errno.ENODEV)
+
     def unavailable_reason(self) -> str | None:
         return compat.unavailable_reason()
 
@@ -198,6 +208,12 @@ class VerbsBackend(Backend):
                 events.close()
                 raise TransportError(f"cannot listen on {host}:{candidate}: no RDMA device "
                                      f"has that address", errno=errno.EADDRNOTAVAIL)
+            try:
+                self._check_device(cmid, host)
+            except TransportError:
+                cmid.close()
+                events.close()
+                raise
             return VerbsListener(pv, events, cmid, host, candidate, supported & self.supported)
         raise TransportError(f"no free rdma_cm port on {host}", errno=errno.EADDRINUSE)
 
@@ -216,6 +232,7 @@ class VerbsBackend(Backend):
             cmid.resolve_route(RESOLVE_MS)
             events.wait({ce.RDMA_CM_EVENT_ROUTE_RESOLVED}, timeout=timeout,
                         what=what).ack_cm_event()
+            self._check_device(cmid, host)
             cq, qp, recv_mrs = _queue_pair(pv, cmid)
             cmid.connect(_param(pv, qp, PrivateData(flags=int(requested)).encode()))
             event = events.wait({ce.RDMA_CM_EVENT_CONNECT_RESPONSE,

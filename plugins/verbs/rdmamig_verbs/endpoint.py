@@ -3,10 +3,10 @@ WRITE, with completions polled from one CQ.
 
 Receives are posted ahead – ``RECV_DEPTH`` buffers of 512 KiB, the protocol's largest
 message – so a READY promise always has a buffer behind it. Completions are polled
-(no event channel): measured under soft-RoCE the poll loop with short sleeps costs
-less than arming and waiting on a completion channel per batch, and it never blocks
-while holding the GIL. Any failed work completion puts the endpoint in the error
-state; every later call raises it.
+with short sleeps between empty polls: pyverbs' blocking calls hold the GIL, and a
+completion-channel wait would block the other end of a test in the same process.
+(Polling was not measured against a completion channel.) Any failed work completion
+puts the endpoint in the error state; every later call raises it.
 """
 
 from __future__ import annotations
