@@ -20,21 +20,15 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
-import attrs
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
 from rdmamig.errors import LocalProtocolError, RemoteProtocolError, TransportError
+from rdmamig.regions import RegionTable
 from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
 
 from .frames import FRAME, MAX_REASON, SIGNALED, Kind, header, recv_exact, send_all
-
-
-@attrs.define
-class _Registered:
-    region: MemoryRegion
-    view: memoryview
 
 
 class _RemoteAccessError(Exception):
@@ -55,10 +49,9 @@ class TcpEndpoint(Endpoint):
         self._keys = threading.Lock()
         # Guards the inbox, the completions and the error state.
         self._cond = threading.Condition()
-        self._by_lkey: dict[int, _Registered] = {}
-        self._by_rkey: dict[int, _Registered] = {}
-        self._pinned = 0
-        self._pinned_peak = 0
+        self._regions: RegionTable[memoryview] = RegionTable()
+        # Remotely writable regions by rkey: what the peer's writes are checked against.
+        self._by_rkey: dict[int, tuple[MemoryRegion, memoryview]] = {}
         self._inbox: deque[bytes] = deque()
         self._tickets = itertools.count(1)
         self._completed = 0
@@ -95,19 +88,16 @@ class TcpEndpoint(Endpoint):
         address = pinning.buffer_address(view)
         pinning.mlock(address, view.nbytes)
         with self._keys:
-            lkey = self._new_key(self._by_lkey)
+            lkey = self._new_key(self._regions)
             rkey = self._new_key(self._by_rkey) if remote_write else 0
             region = MemoryRegion(addr=address, length=view.nbytes, lkey=lkey, rkey=rkey)
-            record = _Registered(region=region, view=view)
-            self._by_lkey[lkey] = record
+            self._regions.add(region, view)
             if rkey:
-                self._by_rkey[rkey] = record
-            self._pinned += view.nbytes
-            self._pinned_peak = max(self._pinned_peak, self._pinned)
+                self._by_rkey[rkey] = (region, view)
         return region
 
     @staticmethod
-    def _new_key(table: dict[int, _Registered]) -> int:
+    def _new_key(table: Container[int]) -> int:
         # Random and unguessable, like an rkey should be; never 0 ("no key").
         while True:
             key = secrets.randbits(32)
@@ -116,24 +106,20 @@ class TcpEndpoint(Endpoint):
 
     def deregister(self, *, region: MemoryRegion) -> None:
         with self._keys:
-            record = self._by_lkey.get(region.lkey)
-            if record is None or record.region != region:
-                raise LocalProtocolError(f"region at {region.addr:#x} is not registered here")
-            self._release(record)
+            self._regions.remove(region)
+            self._unpin(region)
 
-    def _release(self, record: _Registered) -> None:
-        del self._by_lkey[record.region.lkey]
-        self._by_rkey.pop(record.region.rkey, None)
-        self._pinned -= record.region.length
-        pinning.munlock(record.region.addr, record.region.length)
+    def _unpin(self, region: MemoryRegion) -> None:
+        self._by_rkey.pop(region.rkey, None)
+        pinning.munlock(region.addr, region.length)
 
     @property
     def pinned_bytes(self) -> int:
-        return self._pinned
+        return self._regions.pinned
 
     @property
     def pinned_peak_bytes(self) -> int:
-        return self._pinned_peak
+        return self._regions.pinned_peak
 
     # ------------------------------------------------------------ one-sided writes
 
@@ -144,21 +130,13 @@ class TcpEndpoint(Endpoint):
         buffers: list[bytes | memoryview] = []
         with self._keys:
             for position, write in enumerate(writes):
-                record = self._by_lkey.get(write.region.lkey)
-                if record is None:
-                    raise LocalProtocolError(
-                        f"local region lkey={write.region.lkey:#x} is not registered")
-                if write.offset < 0 or write.length <= 0 or (
-                        write.offset + write.length > record.region.length):
-                    raise LocalProtocolError(
-                        f"local range offset={write.offset} length={write.length} is outside "
-                        f"its {record.region.length}-byte region")
+                _region, view = self._regions.source_of(write)
                 last = position == len(writes) - 1
                 buffers.append(header(
                     Kind.WRITE, length=write.length, rkey=write.rkey,
                     remote_addr=write.remote_addr, wr_id=ticket if last else 0,
                     flags=SIGNALED if last else 0))
-                buffers.append(record.view[write.offset:write.offset + write.length])
+                buffers.append(view[write.offset:write.offset + write.length])
         self._send(buffers)
         return ticket
 
@@ -247,17 +225,17 @@ class TcpEndpoint(Endpoint):
 
     def _place_write(self, rkey: int, addr: int, length: int) -> None:
         with self._keys:
-            record = self._by_rkey.get(rkey)
-            if record is None:
+            known = self._by_rkey.get(rkey)
+            if known is None:
                 raise _RemoteAccessError(
                     f"rkey={rkey:#x} was never granted or was already deregistered")
-            start = addr - record.region.addr
-            if length == 0 or start < 0 or start + length > record.region.length:
+            region, view = known
+            start = addr - region.addr
+            if length == 0 or start < 0 or start + length > region.length:
                 raise _RemoteAccessError(
                     f"write of {length} bytes at {addr:#x} is outside the region "
-                    f"{record.region.addr:#x}-{record.region.addr + record.region.length:#x} "
-                    f"of rkey={rkey:#x}")
-            if not recv_exact(self._sock, record.view[start:start + length]):
+                    f"{region.addr:#x}-{region.addr + region.length:#x} of rkey={rkey:#x}")
+            if not recv_exact(self._sock, view[start:start + length]):
                 raise ConnectionError("peer closed the connection in a write")
 
     def _take_message(self, length: int) -> None:
@@ -290,5 +268,5 @@ class TcpEndpoint(Endpoint):
         self._sock.close()
         self._fail(TransportError("connection closed", errno=errno.ESHUTDOWN))
         with self._keys:
-            for record in list(self._by_lkey.values()):
-                self._release(record)
+            for region, _view in self._regions.drain():
+                self._unpin(region)

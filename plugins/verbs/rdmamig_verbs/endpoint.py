@@ -24,6 +24,7 @@ import attrs
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
 from rdmamig.errors import LocalProtocolError, RegistrationError, TransportError
+from rdmamig.regions import RegionTable
 from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
 
 RECV_DEPTH = 4
@@ -50,9 +51,10 @@ def control_buffer(pv: Any, pd: Any) -> Any:
         raise
 
 
-@attrs.define
-class _Registered:
-    region: MemoryRegion
+@attrs.frozen
+class _Pinned:
+    """An MR and the memory it covers (kept alive while registered)."""
+
     mr: Any
     view: memoryview
 
@@ -70,9 +72,7 @@ class VerbsEndpoint(Endpoint):
         self._poll_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._keys = threading.Lock()
-        self._by_lkey: dict[int, _Registered] = {}
-        self._pinned = 0
-        self._pinned_peak = 0
+        self._regions: RegionTable[_Pinned] = RegionTable()
         self._inbox: deque[bytes] = deque()
         self._send_done = True
         self._tickets = itertools.count(1)
@@ -182,30 +182,20 @@ class VerbsEndpoint(Endpoint):
         region = MemoryRegion(addr=address, length=view.nbytes, lkey=mr.lkey,
                               rkey=mr.rkey if remote_write else 0)
         with self._keys:
-            self._by_lkey[mr.lkey] = _Registered(region=region, mr=mr, view=view)
-            self._pinned += view.nbytes
-            self._pinned_peak = max(self._pinned_peak, self._pinned)
+            self._regions.add(region, _Pinned(mr=mr, view=view))
         return region
 
     def deregister(self, *, region: MemoryRegion) -> None:
         with self._keys:
-            record = self._by_lkey.get(region.lkey)
-            if record is None or record.region != region:
-                raise LocalProtocolError(f"region at {region.addr:#x} is not registered here")
-            self._release(record)
-
-    def _release(self, record: _Registered) -> None:
-        del self._by_lkey[record.region.lkey]
-        self._pinned -= record.region.length
-        record.mr.close()
+            self._regions.remove(region).mr.close()
 
     @property
     def pinned_bytes(self) -> int:
-        return self._pinned
+        return self._regions.pinned
 
     @property
     def pinned_peak_bytes(self) -> int:
-        return self._pinned_peak
+        return self._regions.pinned_peak
 
     # ------------------------------------------------------------ one-sided writes
 
@@ -219,18 +209,9 @@ class VerbsEndpoint(Endpoint):
         requests = []
         with self._keys:
             for position, write in enumerate(writes):
-                record = self._by_lkey.get(write.region.lkey)
-                if record is None:
-                    raise LocalProtocolError(
-                        f"local region lkey={write.region.lkey:#x} is not registered")
-                if write.offset < 0 or write.length <= 0 or (
-                        write.offset + write.length > record.region.length):
-                    raise LocalProtocolError(
-                        f"local range offset={write.offset} length={write.length} is outside "
-                        f"its {record.region.length}-byte region")
+                region, _pinned = self._regions.source_of(write)
                 last = position == len(writes) - 1
-                sge = pv.wr.SGE(record.region.addr + write.offset, write.length,
-                                record.region.lkey)
+                sge = pv.wr.SGE(region.addr + write.offset, write.length, region.lkey)
                 wr = pv.wr.SendWR(wr_id=ticket, opcode=pv.enums.IBV_WR_RDMA_WRITE, num_sge=1,
                                   sg=[sge],
                                   send_flags=pv.enums.IBV_SEND_SIGNALED if last else 0)
@@ -263,8 +244,8 @@ class VerbsEndpoint(Endpoint):
         with contextlib.suppress(Exception):  # the peer may be gone already
             self._cmid.disconnect()
         with self._keys:
-            for record in list(self._by_lkey.values()):
-                self._release(record)
+            for _region, pinned in self._regions.drain():
+                pinned.mr.close()
         # Children before parents: QP, CQ, buffers, PD's other users, then the id.
         for resource in (self._qp, self._cq, self._send_mr, *self._recv_mrs, self._cmid,
                          self._events):
