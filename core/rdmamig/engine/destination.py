@@ -30,6 +30,11 @@ from .ramblock import RamBlock
 BlockFactory = Callable[[str, int], RamBlock]
 
 
+def _chunks_in(region: MemoryRegion) -> int:
+    """How many chunks a registration covers (counts are kept per chunk)."""
+    return -(-region.length // CHUNK_SIZE)
+
+
 @attrs.define(kw_only=True)
 class DestinationResult:
     """What the destination saw. ``completed`` is True only once every page and the
@@ -218,7 +223,7 @@ class Destination:
                 region = self.endpoint.register(
                     buffer=block.view[first * CHUNK_SIZE:end], remote_write=True)
                 self._regions[(entry.current_index, first)] = region
-                self.result.registrations += 1
+                self.result.registrations += _chunks_in(region)
             rkey = region.rkey
         return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
 
@@ -229,7 +234,7 @@ class Destination:
             raise RemoteProtocolError(f"key={entry.key}: chunk {entry.key} of block "
                                       f"{entry.current_index} is not registered")
         self.endpoint.deregister(region=region)
-        self.result.unregistrations += 1
+        self.result.unregistrations += _chunks_in(region)
 
     def _compress(self, entry: wire.CompressRange) -> None:
         block = self._block_at(entry.block_idx, "block_idx")

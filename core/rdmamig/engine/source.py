@@ -95,6 +95,21 @@ class SourceResult:
     timeline: list[dict[str, float]] = attrs.Factory(list)
 
 
+@attrs.frozen
+class _Pin:
+    """One registration: ``count`` chunks of block ``block`` from chunk ``first``,
+    pinned on both sides under one local region and one rkey."""
+
+    block: int
+    first: int
+    count: int
+    region: MemoryRegion
+    rkey: int
+
+    def chunks(self) -> list[ChunkId]:
+        return [ChunkId(self.block, self.first + i) for i in range(self.count)]
+
+
 @attrs.define
 class _Pending:
     region: MemoryRegion
@@ -141,8 +156,8 @@ class Source:
         self._start = started_at if started_at is not None else time.monotonic()
         self._remote: list[wire.DestBlock] = []
         self._host_addr: list[int] = []
-        self._rkeys: dict[ChunkId, int] = {}
-        self._local: dict[ChunkId, MemoryRegion] = {}
+        # Every registered chunk -> its registration (two chunks may share one).
+        self._pins: dict[ChunkId, _Pin] = {}
         self._local_blocks: list[MemoryRegion] = []
         self._ever_unpinned: set[ChunkId] = set()
         self._last_ticket: dict[ChunkId, int] = {}
@@ -285,7 +300,7 @@ class Source:
         if not settle:
             self._unpin(self._ask_policy(needed))
         cap = self.policy.pin_cap
-        pinned = sum(region.length for region in self._local.values())
+        pinned = sum(pin.region.length for pin in set(self._pins.values()))
         if settle or (cap is not None and pinned + needed > cap):
             while self._outstanding:
                 self._complete_oldest()
@@ -317,7 +332,7 @@ class Source:
             pages = dirty[first:last]
             nonzero = block.nonzero_pages(first, last)
             cid = ChunkId(index, chunk)
-            registered = self.pin_all or cid in self._rkeys
+            registered = self.pin_all or cid in self._pins
             if registered and not nonzero.any():
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + first * PAGE_SIZE,
@@ -357,33 +372,74 @@ class Source:
 
     # ------------------------------------------------------------ registration
 
+    def _chunk_bytes(self, cid: ChunkId) -> int:
+        return min(CHUNK_SIZE, self.blocks[cid.block].length - cid.index * CHUNK_SIZE)
+
+    def _units(self, chunks: list[ChunkId]) -> list[tuple[int, int, int]]:
+        """(block, first chunk, count) to register. With an rdmamig peer (BATCH), an
+        even chunk and the next one are registered together: 2 MiB, aligned, so
+        pinning keeps the memory's transparent huge pages whole (a 1 MiB mlock
+        splits them, and costs 25x more) and writes merge over both."""
+        wanted = set(chunks)
+        units = []
+        for cid in sorted(wanted):
+            partner = ChunkId(cid.block, cid.index + 1)
+            if self.batch and cid.index % 2 == 0 and partner in wanted:
+                units.append((cid.block, cid.index, 2))
+                wanted.discard(partner)
+            elif cid in wanted:
+                units.append((cid.block, cid.index, 1))
+        return units
+
     def _register(self, chunks: list[ChunkId]) -> None:
-        self._make_room(sum(min(CHUNK_SIZE, self.blocks[c.block].length - c.index * CHUNK_SIZE)
-                            for c in chunks))
-        for cid in chunks:
-            block = self.blocks[cid.block]
-            start = cid.index * CHUNK_SIZE
-            end = min(start + CHUNK_SIZE, block.length)
-            self._local[cid] = self._pin_local(block.view[start:end], end - start)
-        for part in self._batches(chunks):
+        units = self._units(chunks)
+        self._make_room(sum(self._chunk_bytes(c) for c in chunks))
+        regions: list[MemoryRegion] = []
+        try:
+            for block_index, first, count in units:
+                block = self.blocks[block_index]
+                start = first * CHUNK_SIZE
+                end = min(start + count * CHUNK_SIZE, block.length)
+                regions.append(self._pin_local(block.view[start:end], end - start))
+            self._bind(list(zip(units, regions, strict=True)))
+        except BaseException:
+            # Whatever the peer has not keyed yet is ours alone to release.
+            bound = {pin.region for pin in self._pins.values()}
+            for region in regions:
+                if region not in bound:
+                    with contextlib.suppress(RdmamigError):
+                        self.endpoint.deregister(region=region)
+            raise
+
+    def _bind(self, units: list[tuple[tuple[int, int, int], MemoryRegion]]) -> None:
+        """Ask the peer to register ``units`` (already pinned here) and record them."""
+        for part in self._batches(units):
             reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
-                wire.Register(key=self._remote[c.block].offset + c.index * CHUNK_SIZE,
-                              current_index=c.block, chunks=1) for c in part)),
-                reply=wire.Command.REGISTER_RESULT)
+                wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
+                              current_index=b, chunks=count)
+                for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT)
             assert isinstance(reply, wire.RegisterResult)
             if len(reply.entries) != len(part):
                 raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
-                                     f"{len(part)} requested chunks")
-            for cid, key in zip(part, reply.entries, strict=True):
-                self._rkeys[cid] = key.rkey
-                self._host_addr[cid.block] = key.host_addr
-                self.result.registrations += 1
-                if cid in self._ever_unpinned:
-                    self.result.reregistrations += 1
-                self.policy.chunk_registered(chunk=cid, nbytes=self._local[cid].length)
+                                     f"{len(part)} requested registrations")
+            for ((block_index, first, count), region), key in zip(part, reply.entries,
+                                                                   strict=True):
+                pin = _Pin(block=block_index, first=first, count=count, region=region,
+                           rkey=key.rkey)
+                self._host_addr[block_index] = key.host_addr
+                for cid in pin.chunks():
+                    self._pins[cid] = pin
+                    self.result.registrations += 1
+                    if cid in self._ever_unpinned:
+                        self.result.reregistrations += 1
+                    self.policy.chunk_registered(chunk=cid, nbytes=self._chunk_bytes(cid))
 
     def _pinned_chunks(self) -> dict[ChunkId, int]:
-        return {cid: region.length for cid, region in self._local.items()}
+        return {cid: self._chunk_bytes(cid) for cid in self._pins}
+
+    def _in_flight(self, cid: ChunkId) -> bool:
+        return (self._last_ticket.get(cid, 0) > self._completed_ticket
+                or cid in self._pending_chunks)
 
     def _ask_policy(self, needed: int) -> list[ChunkId]:
         try:
@@ -393,41 +449,44 @@ class Source:
             raise MigrationError(f"unpin policy {self.policy.name!r} failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
         for cid in chosen:
-            if cid not in self._local:
+            if cid not in self._pins:
                 raise MigrationError(f"unpin policy {self.policy.name!r} asked to unpin "
                                      f"chunk {cid.index} of block {cid.block}, which is not "
                                      f"pinned")
-            if self._last_ticket.get(cid, 0) > self._completed_ticket or (
-                    cid in self._pending_chunks):
+            if self._in_flight(cid):
                 raise MigrationError(f"unpin policy {self.policy.name!r} asked to unpin "
                                      f"chunk {cid.index} of block {cid.block}, which has a "
                                      f"write in flight; refused")
         return chosen
 
     def _unpin(self, chunks: Iterable[ChunkId]) -> None:
-        chunks = list(dict.fromkeys(chunks))
-        if not chunks:
+        # A chunk goes with its whole registration; one whose partner still has a
+        # write in flight stays until a later decision.
+        pins = [pin for pin in dict.fromkeys(self._pins[cid] for cid in chunks)
+                if not any(self._in_flight(cid) for cid in pin.chunks())]
+        if not pins:
             return
         if self.config.async_unregister:
             # Our side goes to the worker first, so that it unpins while the peer
             # handles the (batched) request.
-            for cid in chunks:
+            for pin in pins:
                 self._deregistering.append(self._worker.submit(
-                    self.endpoint.deregister, region=self._local.pop(cid)))
-            requests = list(self._batches(chunks))
+                    self.endpoint.deregister, region=pin.region))
+            requests = list(self._batches(pins))
         else:
-            requests = [[chunk] for chunk in chunks]
+            requests = [[pin] for pin in pins]
         for part in requests:
             self.session.exchange_send(wire.UnregisterRequest(entries=tuple(
-                wire.Register(key=c.index, current_index=c.block, chunks=1) for c in part)),
-                reply=wire.Command.UNREGISTER_FINISHED)
-            for cid in part:
+                wire.Register(key=pin.first, current_index=pin.block, chunks=pin.count)
+                for pin in part)), reply=wire.Command.UNREGISTER_FINISHED)
+            for pin in part:
                 if not self.config.async_unregister:
-                    self.endpoint.deregister(region=self._local.pop(cid))
-                del self._rkeys[cid]
-                self._ever_unpinned.add(cid)
-                self.result.unregistrations += 1
-                self.policy.chunk_unpinned(chunk=cid)
+                    self.endpoint.deregister(region=pin.region)
+                for cid in pin.chunks():
+                    del self._pins[cid]
+                    self._ever_unpinned.add(cid)
+                    self.result.unregistrations += 1
+                    self.policy.chunk_unpinned(chunk=cid)
 
     def _settle_deregistrations(self) -> None:
         """Wait for the worker's local deregistrations (raising what they raised)."""
@@ -441,8 +500,9 @@ class Source:
             region, local_offset = self._local_blocks[cid.block], start
             rkey = self._remote[cid.block].remote_rkey
         else:
-            region, local_offset = self._local[cid], start - cid.index * CHUNK_SIZE
-            rkey = self._rkeys[cid]
+            pin = self._pins[cid]
+            region, local_offset = pin.region, start - pin.first * CHUNK_SIZE
+            rkey = pin.rkey
         remote_addr = self._host_addr[cid.block] + start
         self.result.bytes_written += end - start
         if not self._pending_chunks or self._pending_chunks[-1] != cid:
@@ -481,9 +541,13 @@ class Source:
             self.policy.chunk_written(chunk=cid)
 
     def _drain(self) -> None:
+        """End of a round: every write completes, then the policy has its say on the
+        chunks those completions freed."""
         self._post_batch()
         while self._outstanding:
             self._complete_oldest()
+        if not self.pin_all:
+            self._unpin(self._ask_policy(0))
 
     def _progress(self) -> None:
         locked = locked_bytes()
@@ -520,10 +584,11 @@ class Source:
             with contextlib.suppress(RdmamigError):
                 future.result()
         self._deregistering.clear()
-        for region in list(self._local.values()) + self._local_blocks:
+        regions = [pin.region for pin in set(self._pins.values())] + self._local_blocks
+        for region in regions:
             with contextlib.suppress(RdmamigError):
                 self.endpoint.deregister(region=region)
-        self._local.clear()
+        self._pins.clear()
         self._local_blocks.clear()
 
 
