@@ -4,9 +4,10 @@ A bulk round sends every page; dirty-page iterations follow while the workload
 runs; when the remaining dirty bytes fit in ``max_downtime`` at the measured
 bandwidth (or after ``max_iterations``), the workload stops and the last pages, the
 state stream and END go out. Zero pages travel as COMPRESS; the others as one-sided
-writes merged over contiguous pages (up to 2 MiB; within a chunk when registration is
-per chunk, since one write uses one key), completion signalled once per batch of
-``batch_chunks`` chunks. Which chunks to unpin is the unpin policy's call.
+writes merged over contiguous pages (up to 2 MiB, within one registration, since one
+write uses one key), completion signalled once per batch of ``batch_chunks`` chunks.
+With an rdmamig peer, two neighbouring chunks are registered as one 2 MiB region.
+Which chunks to unpin is the unpin policy's call.
 
 The source only reads its memory: a failed migration leaves it as it was, and the
 workload keeps running.
