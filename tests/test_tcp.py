@@ -11,12 +11,14 @@ import textwrap
 import threading
 
 import pytest
-from rdmamig.caps import Capability
+from rdmamig.caps import Capability, PrivateData
 from rdmamig.errors import RemoteProtocolError, TransportError
 from rdmamig.pinning import locked_bytes
 from rdmamig.testing import connected_pair
-from rdmamig_tcp import TcpBackend
-from rdmamig_tcp.frames import MAGIC, Kind, header
+from rdmamig.testing.conformance import BackendConformance
+from rdmamig.transport import Backend, Endpoint, RemoteWrite
+from rdmamig_tcp import TcpBackend, TcpEndpoint
+from rdmamig_tcp.frames import LANE_UNIT, MAGIC, Kind, header
 
 
 def _raw_connect(port: int, payload: bytes) -> bytes:
@@ -56,25 +58,31 @@ def test_a_peer_that_is_not_rdmamig_is_refused() -> None:
     assert "not an rdmamig TCP peer" in str(errors[0])
 
 
+def _lane_socket(endpoint: Endpoint, lane: int = 0) -> socket.socket:
+    assert isinstance(endpoint, TcpEndpoint)
+    return endpoint._lanes[lane].sock
+
+
 def test_peer_closing_mid_frame_breaks_the_connection_cleanly() -> None:
     with connected_pair(TcpBackend()) as (src, dst):
         # Half a SEND frame, then the source vanishes.
-        src._sock.sendall(header(Kind.SEND, length=100) + b"x" * 10)  # type: ignore[attr-defined]
-        src._sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        sock = _lane_socket(src)
+        sock.sendall(header(Kind.SEND, length=100) + b"x" * 10)
+        sock.shutdown(socket.SHUT_RDWR)
         with pytest.raises(TransportError, match="after 10 of 100 bytes"):
             dst.recv_message(timeout=5)
 
 
 def test_an_unknown_frame_kind_breaks_the_connection() -> None:
     with connected_pair(TcpBackend()) as (src, dst):
-        src._sock.sendall(bytes([99]) + bytes(27))  # type: ignore[attr-defined]
-        with pytest.raises(TransportError, match="kind=99 at offset 0: unknown TCP frame"):
+        _lane_socket(src).sendall(bytes([99]) + bytes(27))
+        with pytest.raises(TransportError, match="kind=99 at offset 0: no such frame on lane 0"):
             dst.recv_message(timeout=5)
 
 
 def test_an_oversized_send_is_refused_before_allocation() -> None:
     with connected_pair(TcpBackend()) as (src, dst):
-        src._sock.sendall(header(Kind.SEND, length=2**31))  # type: ignore[attr-defined]
+        _lane_socket(src).sendall(header(Kind.SEND, length=2**31))
         with pytest.raises(TransportError, match="length=2147483648 at offset 24"):
             dst.recv_message(timeout=5)
 
@@ -141,3 +149,85 @@ def test_rkeys_are_random_not_a_counter() -> None:
         assert keys != sorted(keys) and len(set(keys)) == 64
         # 32 random bits each: consecutive keys share no structure a peer could use.
         assert len({key >> 24 for key in keys}) > 16
+
+
+# ---------------------------------------------------------------- several lanes
+
+
+class TestFourLanes(BackendConformance):
+    """The whole conformance suite with writes striped over four connections."""
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return TcpBackend(channels=4)
+
+
+def _registered_pair(src: Endpoint, dst: Endpoint,
+                     size: int) -> tuple[mmap.mmap, mmap.mmap, list[RemoteWrite]]:
+    """A local and a remote buffer of ``size`` and one write per lane unit of it."""
+    local, remote = mmap.mmap(-1, size), mmap.mmap(-1, size)
+    lregion = src.register(buffer=memoryview(local), remote_write=False)
+    rregion = dst.register(buffer=memoryview(remote), remote_write=True)
+    writes = [RemoteWrite(region=lregion, offset=at, length=LANE_UNIT,
+                          remote_addr=rregion.addr + at, rkey=rregion.rkey)
+              for at in range(0, size, LANE_UNIT)]
+    return local, remote, writes
+
+
+def test_a_send_waits_for_the_writes_posted_before_it_on_other_lanes() -> None:
+    with connected_pair(TcpBackend(channels=4)) as (src, dst):
+        local, remote, writes = _registered_pair(src, dst, 4 * LANE_UNIT)
+        local[:] = b"\x5A" * len(local)
+        assert isinstance(dst, TcpEndpoint)
+        # Hold every data lane's receiver before it places anything.
+        held = [dst._lanes[lane].placing for lane in (1, 2, 3)]
+        for lock in held:
+            lock.acquire()
+        try:
+            src.post_writes(writes=writes)
+            src.send_message(data=b"after the writes")
+            with pytest.raises(TransportError, match="no control message within"):
+                dst.recv_message(timeout=0.5)
+        finally:
+            for lock in held:
+                lock.release()
+        assert dst.recv_message(timeout=5) == b"after the writes"
+        assert remote[:] == local[:]
+
+
+def test_writes_to_the_same_bytes_keep_their_order_across_lanes() -> None:
+    rounds, span, length = 40, 4 * LANE_UNIT, 3 * LANE_UNIT - 8192
+    with connected_pair(TcpBackend(channels=4)) as (src, dst):
+        local = mmap.mmap(-1, rounds * length)
+        remote = mmap.mmap(-1, 2 * span)
+        lregion = src.register(buffer=memoryview(local), remote_write=False)
+        rregion = dst.register(buffer=memoryview(remote), remote_write=True)
+        expected = bytearray(2 * span)
+        # Overlapping, unaligned writes that straddle lane units, posted back to back
+        # from distinct source bytes: each byte must end as its last writer left it.
+        for round_ in range(1, rounds + 1):
+            source = (round_ - 1) * length
+            local[source:source + length] = bytes([round_]) * length
+            at = (round_ * 37 * 4096) % span
+            expected[at:at + length] = bytes([round_]) * length
+            ticket = src.post_writes(writes=[RemoteWrite(
+                region=lregion, offset=source, length=length,
+                remote_addr=rregion.addr + at, rkey=rregion.rkey)])
+        src.wait_writes(ticket=ticket, timeout=10)
+        assert remote[:] == expected
+
+
+def test_more_lanes_than_allowed_is_refused() -> None:
+    with pytest.raises(ValueError, match="channels=17: must be 1 to 16"):
+        TcpBackend(channels=17)
+    listener = TcpBackend().listen(host="127.0.0.1", port=0, supported=Capability(0))
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _accept_into(listener, errors))
+    thread.start()
+    hello = MAGIC + PrivateData().encode()
+    with socket.create_connection(("127.0.0.1", listener.address[1]), timeout=5) as sock:
+        sock.sendall(header(Kind.CONNECT, length=len(hello), rkey=17) + hello)
+        reply = sock.recv(4096)
+    thread.join(5)
+    listener.close()
+    assert reply[0] == Kind.REJECT and b"more than 16 lanes" in reply

@@ -62,6 +62,13 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_channels(text: str) -> int:
+    """``--channels``: a whole number of connections from 1 to 16."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 16:
+        raise UsageError(f"--channels {text!r} is not a number of connections from 1 to 16")
+    return int(text)
+
+
 def parse_hint(text: str) -> Hint:
     """``hot:BLOCK:OFFSET:LEN`` or ``cold:...`` (sizes as in :func:`parse_size`)."""
     parts = text.split(":")
@@ -79,8 +86,8 @@ class Plan:
     """What the user selected, resolved against the plugin registry."""
 
     backend: type[Backend]
-    #: Keyword options for the backend's constructor (``--device``).
-    backend_options: dict[str, str] = attrs.field(factory=dict)
+    #: Keyword options for the backend's constructor (``--device``, ``--channels``).
+    backend_options: dict[str, Any] = attrs.field(factory=dict)
     policy: type[UnpinPolicy]
     options: PolicyOptions
     requested: Capability
@@ -96,6 +103,9 @@ def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
                         help="seconds to wait for the peer (default 60)")
     if not source:
         return
+    parser.add_argument("--channels", type=parse_channels, default=1, metavar="N",
+                        help="connections to stripe the pages over, as QEMU's multifd "
+                             "(tcp; 1-16, default 1)")
     parser.add_argument("--policy", default="pin-until-done",
                         help="unpin policy (rdmamig policies)")
     parser.add_argument("--pin-cap", type=parse_size, metavar="BYTES",
@@ -143,11 +153,16 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
                                     async_unregister=args.unregister == "async"))
 
 
-def _backend_options(args: argparse.Namespace) -> dict[str, str]:
-    return {"device": args.device} if args.device else {}
+def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.device:
+        options["device"] = args.device
+    if getattr(args, "channels", 1) != 1:
+        options["channels"] = args.channels
+    return options
 
 
-def _available(backend: type[Backend], options: dict[str, str] | None = None) -> Backend:
+def _available(backend: type[Backend], options: dict[str, Any] | None = None) -> Backend:
     try:
         instance = backend(**(options or {}))
     except TypeError:
@@ -230,7 +245,7 @@ def _receive(backend: Backend, host: str, port: int, *, timeout: float,
     return destination
 
 
-def _destination_child(backend_name: str, options: dict[str, str], host: str,
+def _destination_child(backend_name: str, options: dict[str, Any], host: str,
                        layout: list[tuple[str, int]], timeout: float,
                        pipe: Connection) -> None:
     """Body of ``migrate``'s destination process: allocate and pre-fault the RAM
@@ -336,6 +351,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
                         ram_bytes=ram_bytes, source=source, destination=destination,
                         error=error, pattern=guest.pattern, dirty_rate=guest.dirty_rate,
                         pin_cap=plan.options.pin_cap,
+                        channels=plan.backend_options.get("channels", 1),
                         unregister="async" if plan.config.async_unregister else "inline")
 
 
@@ -441,7 +457,7 @@ def _send(args: argparse.Namespace) -> int:
         workload.resume()
     report = build_report(backend=args.backend, policy=args.policy,
                           ram_bytes=sum(b.length for b in blocks), source=source,
-                          destination=None, error=error)
+                          destination=None, error=error, channels=args.channels)
     return _finish(args, report)
 
 

@@ -1,9 +1,10 @@
-"""One TCP connection with RDMA semantics: control SEND / RECV, registration that
-really pins (mlock), and one-sided writes placed by a receiver thread.
+"""A TCP endpoint with RDMA semantics: control SEND / RECV, registration that really
+pins (mlock), and one-sided writes placed by receiver threads, over one or more
+lanes (TCP connections; see :mod:`rdmamig_tcp.frames` for how they keep order).
 
-The receiver thread plays the part of the NIC: it reads every frame, places WRITE
-payloads straight into registered memory with ``recv_into`` (no copy in Python),
-acknowledges signaled writes, and queues control messages for
+Each lane's receiver thread plays the part of the NIC: it reads every frame, places
+WRITE payloads straight into registered memory with ``recv_into`` (no copy in
+Python), acknowledges signaled writes, and queues control messages for
 :meth:`TcpEndpoint.recv_message`. A write with a key that was never granted, was
 deregistered, or reaches outside its region is a remote access error: nothing is
 written, the writer gets a NAK with the reason and both ends go to the error state,
@@ -28,50 +29,71 @@ from rdmamig.errors import LocalProtocolError, RemoteProtocolError, TransportErr
 from rdmamig.regions import RegionTable
 from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
 
-from .frames import FRAME, MAX_REASON, SIGNALED, Kind, header, recv_exact, send_all
+from .frames import FENCE, FRAME, LANE_UNIT, MAX_REASON, SIGNALED, Kind, header, recv_exact
+from .lanes import Lane
+
+#: Seconds close() gives queued frames to reach a peer that is not reading.
+CLOSE_TIMEOUT = 2.0
 
 
 class _RemoteAccessError(Exception):
     """A peer's write that must not be placed."""
 
 
-class TcpEndpoint(Endpoint):
-    """A connected TCP endpoint. Made by :class:`~rdmamig_tcp.TcpBackend`."""
+class _Stopped(Exception):
+    """The endpoint is in the error state: a receiver places nothing more."""
 
-    def __init__(self, sock: socket.socket, *, capabilities: Capability) -> None:
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+class TcpEndpoint(Endpoint):
+    """A connected TCP endpoint over ``socks`` (lane 0 first). Made by
+    :class:`~rdmamig_tcp.TcpBackend`."""
+
+    def __init__(self, socks: Sequence[socket.socket], *, capabilities: Capability) -> None:
         self.capabilities = capabilities
-        self._sock = sock
-        self._send_lock = threading.Lock()
-        # Guards the key tables; held while a write is placed, so that a deregister
-        # waits for it, as ibv_dereg_mr waits for the NIC.
+        # Guards the key tables. A receiver holds its lane's ``placing`` lock while it
+        # places a write, and a deregistration takes them all, so that it waits for
+        # the writes being placed, as ibv_dereg_mr waits for the NIC. Lock order:
+        # the lanes' ``placing`` (by index), then ``_keys``.
         self._keys = threading.Lock()
-        # Guards the inbox, the completions and the error state.
+        # Guards the inbox, the lanes' counters and the error state.
         self._cond = threading.Condition()
+        # Orders posting: tickets and fences match what the lanes' queues hold.
+        self._posting = threading.Lock()
         self._regions: RegionTable[memoryview] = RegionTable()
         # Remotely writable regions by rkey: what the peer's writes are checked against.
         self._by_rkey: dict[int, tuple[MemoryRegion, memoryview]] = {}
-        self._inbox: deque[bytes] = deque()
+        # Control messages with their fences (the writes to place before each).
+        self._inbox: deque[tuple[tuple[int, ...], bytes]] = deque()
         self._tickets = itertools.count(1)
-        self._completed = 0
         self._error: TransportError | None = None
         self._closed = False
-        self._reader = threading.Thread(target=self._receive_loop, name="rdmamig-tcp-rx",
-                                        daemon=True)
-        self._reader.start()
+        self._lanes = [Lane(sock, index, on_send_error=self._send_failed)
+                       for index, sock in enumerate(socks)]
+        self._receivers = [threading.Thread(target=self._receive_loop, args=(lane,),
+                                            name=f"rdmamig-tcp-rx{lane.index}", daemon=True)
+                           for lane in self._lanes]
+        for thread in self._receivers:
+            thread.start()
+
+    @property
+    def lanes(self) -> int:
+        """How many TCP connections this endpoint stripes its writes over."""
+        return len(self._lanes)
 
     # ------------------------------------------------------------ control channel
 
     def send_message(self, *, data: bytes) -> None:
         if len(data) > wire.MAX_MESSAGE:
             raise LocalProtocolError(f"control message of {len(data)} bytes is over 512 KiB")
-        self._send([header(Kind.SEND, length=len(data)), data])
+        self._check()
+        with self._posting:
+            fence = b"".join(FENCE.pack(lane.posted_writes) for lane in self._lanes)
+            self._lanes[0].push([header(Kind.SEND, length=len(fence) + len(data)), fence, data])
 
     def recv_message(self, *, timeout: float | None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._inbox:
+            while not (self._inbox and self._fence_passed(self._inbox[0][0])):
                 if self._error is not None:
                     raise self._error
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -79,7 +101,11 @@ class TcpEndpoint(Endpoint):
                     raise TransportError(f"no control message within {timeout} s",
                                          errno=errno.ETIMEDOUT)
                 self._cond.wait(remaining)
-            return self._inbox.popleft()
+            return self._inbox.popleft()[1]
+
+    def _fence_passed(self, fence: tuple[int, ...]) -> bool:
+        return all(lane.placed_writes >= count
+                   for lane, count in zip(self._lanes, fence, strict=True))
 
     # ------------------------------------------------------------ registration
 
@@ -105,9 +131,12 @@ class TcpEndpoint(Endpoint):
                 return key
 
     def deregister(self, *, region: MemoryRegion) -> None:
-        with self._keys:
-            self._regions.remove(region)
-            self._unpin(region)
+        with contextlib.ExitStack() as placing:
+            for lane in self._lanes:
+                placing.enter_context(lane.placing)
+            with self._keys:
+                self._regions.remove(region)
+                self._unpin(region)
 
     def _unpin(self, region: MemoryRegion) -> None:
         self._by_rkey.pop(region.rkey, None)
@@ -126,24 +155,41 @@ class TcpEndpoint(Endpoint):
     def post_writes(self, *, writes: Sequence[RemoteWrite]) -> int:
         if not writes:
             raise LocalProtocolError("post_writes needs at least one write")
-        ticket = next(self._tickets)
-        buffers: list[bytes | memoryview] = []
+        self._check()
+        # Per lane: (remote address, rkey, local bytes), in posting order.
+        pieces: list[list[tuple[int, int, memoryview]]] = [[] for _ in self._lanes]
         with self._keys:
-            for position, write in enumerate(writes):
+            for write in writes:
                 _region, view = self._regions.source_of(write)
-                last = position == len(writes) - 1
-                buffers.append(header(
-                    Kind.WRITE, length=write.length, rkey=write.rkey,
-                    remote_addr=write.remote_addr, wr_id=ticket if last else 0,
-                    flags=SIGNALED if last else 0))
-                buffers.append(view[write.offset:write.offset + write.length])
-        self._send(buffers)
+                local = view[write.offset:write.offset + write.length]
+                for at, length in self._split(write.remote_addr, write.length):
+                    index = (write.remote_addr + at) // LANE_UNIT % len(self._lanes)
+                    pieces[index].append((write.remote_addr + at, write.rkey,
+                                         local[at:at + length]))
+        with self._posting:
+            ticket = next(self._tickets)
+            for lane, mine in zip(self._lanes, pieces, strict=True):
+                lane.posted_writes += len(mine)
+                lane.push(_write_frames(mine, ticket))
         return ticket
+
+    def _split(self, remote_addr: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) pieces of a write, cut where the remote address crosses
+        into another lane's unit; the whole write when there is one lane."""
+        if len(self._lanes) == 1:
+            return [(0, length)]
+        pieces, at = [], 0
+        while at < length:
+            unit_end = (remote_addr + at) // LANE_UNIT * LANE_UNIT + LANE_UNIT
+            size = min(length - at, unit_end - remote_addr - at)
+            pieces.append((at, size))
+            at += size
+        return pieces
 
     def wait_writes(self, *, ticket: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._completed < ticket:
+            while min(lane.acked for lane in self._lanes) < ticket:
                 if self._error is not None:
                     raise self._error
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -154,20 +200,16 @@ class TcpEndpoint(Endpoint):
 
     # ------------------------------------------------------------ plumbing
 
-    def _send(self, buffers: Sequence[bytes | memoryview]) -> None:
+    def _check(self) -> None:
         if self._error is not None:
             raise self._error
-        try:
-            with self._send_lock:
-                send_all(self._sock, buffers)
-        except OSError as exc:
-            # The receiver thread usually knows why (a NAK with the reason, EOF):
-            # give it a moment to say so before falling back to the bare errno.
-            with self._cond:
-                self._cond.wait_for(lambda: self._error is not None, timeout=2.0)
-            self._fail(TransportError(f"send failed: {exc.strerror or exc}", errno=exc.errno))
-            assert self._error is not None
-            raise self._error from None
+
+    def _send_failed(self, exc: OSError) -> None:
+        # The receivers usually know why (a NAK with the reason, EOF): give them a
+        # moment to say so before falling back to the bare errno.
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None, timeout=2.0)
+        self._fail(TransportError(f"send failed: {exc.strerror or exc}", errno=exc.errno))
 
     def _fail(self, error: TransportError) -> None:
         """Enter the error state (first error wins) and wake every waiter."""
@@ -176,85 +218,95 @@ class TcpEndpoint(Endpoint):
                 self._error = error
             self._cond.notify_all()
 
-    def _receive_loop(self) -> None:
+    def _receive_loop(self, lane: Lane) -> None:
         head = memoryview(bytearray(FRAME.size))
         try:
-            while recv_exact(self._sock, head):
+            while recv_exact(lane.sock, head):
                 kind, flags, rkey, addr, wr_id, length = FRAME.unpack(head)
                 if kind == Kind.WRITE:
-                    self._place_write(rkey, addr, length)
+                    self._place_write(lane, rkey, addr, length)
                     if flags & SIGNALED:
-                        self._send([header(Kind.ACK, wr_id=wr_id)])
-                elif kind == Kind.SEND:
-                    self._take_message(length)
+                        lane.push([header(Kind.ACK, wr_id=wr_id)])
+                elif kind == Kind.MARK:
+                    lane.push([header(Kind.ACK, wr_id=wr_id)])
+                elif kind == Kind.SEND and lane.index == 0:
+                    self._take_message(lane, length)
                 elif kind == Kind.ACK:
                     with self._cond:
-                        self._completed = max(self._completed, wr_id)
+                        lane.acked = max(lane.acked, wr_id)
                         self._cond.notify_all()
                 elif kind == Kind.NAK:
-                    reason = self._read_reason(length)
+                    reason = self._read_reason(lane, length)
                     self._fail(TransportError(f"remote access error: {reason}",
                                               errno=errno.EACCES))
                     return
                 else:
-                    raise RemoteProtocolError(f"kind={kind} at offset 0: unknown TCP frame")
+                    raise RemoteProtocolError(
+                        f"kind={kind} at offset 0: no such frame on lane {lane.index}")
             self._fail(TransportError("peer closed the connection", errno=errno.ECONNRESET))
+        except _Stopped:
+            return
         except _RemoteAccessError as exc:
             # Like an RC responder: place nothing, tell the writer why, and stop the
             # queue pair. Half-close and drain, so the NAK is read before any reset.
             reason = str(exc)
             self._fail(TransportError(f"remote access error: {reason}", errno=errno.EACCES))
             encoded = reason.encode()[:MAX_REASON]
-            try:
-                self._send_raw([header(Kind.NAK, length=len(encoded)), encoded])
-                self._sock.shutdown(socket.SHUT_WR)
-                scratch = bytearray(1 << 16)
-                while self._sock.recv_into(scratch):
+            lane.push([header(Kind.NAK, length=len(encoded)), encoded])
+            lane.half_close()
+            scratch = bytearray(1 << 16)
+            with contextlib.suppress(OSError):
+                while lane.sock.recv_into(scratch):
                     pass
-            except OSError:
-                pass
         except RemoteProtocolError as exc:
             self._fail(TransportError(f"bad frame from peer: {exc}", errno=errno.EPROTO))
         except (OSError, ConnectionError) as exc:
             self._fail(TransportError(f"connection lost: {exc}", errno=getattr(exc, "errno", None)
                                       or errno.ECONNRESET))
 
-    def _send_raw(self, buffers: Sequence[bytes | memoryview]) -> None:
-        with self._send_lock:
-            send_all(self._sock, buffers)
-
-    def _place_write(self, rkey: int, addr: int, length: int) -> None:
-        with self._keys:
-            known = self._by_rkey.get(rkey)
-            if known is None:
-                raise _RemoteAccessError(
-                    f"rkey={rkey:#x} was never granted or was already deregistered")
-            region, view = known
-            start = addr - region.addr
-            if length == 0 or start < 0 or start + length > region.length:
-                raise _RemoteAccessError(
-                    f"write of {length} bytes at {addr:#x} is outside the region "
-                    f"{region.addr:#x}-{region.addr + region.length:#x} of rkey={rkey:#x}")
-            if not recv_exact(self._sock, view[start:start + length]):
+    def _place_write(self, lane: Lane, rkey: int, addr: int, length: int) -> None:
+        with lane.placing:
+            with self._keys:
+                if self._error is not None:
+                    raise _Stopped
+                known = self._by_rkey.get(rkey)
+                if known is None:
+                    raise _RemoteAccessError(
+                        f"rkey={rkey:#x} was never granted or was already deregistered")
+                region, view = known
+                start = addr - region.addr
+                if length == 0 or start < 0 or start + length > region.length:
+                    raise _RemoteAccessError(
+                        f"write of {length} bytes at {addr:#x} is outside the region "
+                        f"{region.addr:#x}-{region.addr + region.length:#x} of rkey={rkey:#x}")
+            if not recv_exact(lane.sock, view[start:start + length]):
                 raise ConnectionError("peer closed the connection in a write")
-
-    def _take_message(self, length: int) -> None:
-        if length > wire.MAX_MESSAGE:
-            raise RemoteProtocolError(
-                f"length={length} at offset 24: SEND over the 512 KiB maximum")
-        message = bytearray(length)
-        if length and not recv_exact(self._sock, memoryview(message)):
-            raise ConnectionError("peer closed the connection in a SEND")
         with self._cond:
-            self._inbox.append(bytes(message))
+            lane.placed_writes += 1
+            if self._inbox:  # a control message may be waiting for this write
+                self._cond.notify_all()
+
+    def _take_message(self, lane: Lane, length: int) -> None:
+        fence_size = FENCE.size * len(self._lanes)
+        if not fence_size <= length <= fence_size + wire.MAX_MESSAGE:
+            raise RemoteProtocolError(
+                f"length={length} at offset 24: SEND not between its {fence_size}-byte "
+                f"fence and the 512 KiB maximum")
+        payload = bytearray(length)
+        if not recv_exact(lane.sock, memoryview(payload)):
+            raise ConnectionError("peer closed the connection in a SEND")
+        fence = tuple(FENCE.unpack_from(payload, FENCE.size * index)[0]
+                      for index in range(len(self._lanes)))
+        with self._cond:
+            self._inbox.append((fence, bytes(payload[fence_size:])))
             self._cond.notify_all()
 
-    def _read_reason(self, length: int) -> str:
+    def _read_reason(self, lane: Lane, length: int) -> str:
         if length > MAX_REASON:
             return f"(reason of {length} bytes, too long to show)"
         raw = bytearray(length)
         if length:
-            recv_exact(self._sock, memoryview(raw))
+            recv_exact(lane.sock, memoryview(raw))
         return raw.decode("utf-8", "replace")
 
     def close(self) -> None:
@@ -262,11 +314,33 @@ class TcpEndpoint(Endpoint):
             if self._closed:
                 return
             self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._reader.join(timeout=10)
-        self._sock.close()
+        # What was posted goes out first (a reply just sent, say), as a QP's send
+        # queue drains before the QP is destroyed; then the connections go.
+        for lane in self._lanes:
+            lane.finish_sending(timeout=CLOSE_TIMEOUT)
         self._fail(TransportError("connection closed", errno=errno.ESHUTDOWN))
+        for lane in self._lanes:
+            lane.shutdown()
+        for thread in self._receivers:
+            thread.join(timeout=10)
+        for lane in self._lanes:
+            lane.close()
         with self._keys:
             for region, _view in self._regions.drain():
                 self._unpin(region)
+
+
+def _write_frames(pieces: Sequence[tuple[int, int, memoryview]],
+                  ticket: int) -> list[bytes | memoryview]:
+    """A lane's part of batch ``ticket``: its writes, the last one signaled, or a
+    MARK when the batch has none for it (every lane completes every batch)."""
+    if not pieces:
+        return [header(Kind.MARK, wr_id=ticket, flags=SIGNALED)]
+    frames: list[bytes | memoryview] = []
+    for position, (remote_addr, rkey, data) in enumerate(pieces):
+        last = position == len(pieces) - 1
+        frames.append(header(Kind.WRITE, length=data.nbytes, rkey=rkey,
+                             remote_addr=remote_addr, wr_id=ticket if last else 0,
+                             flags=SIGNALED if last else 0))
+        frames.append(data)
+    return frames

@@ -1,12 +1,18 @@
-"""The TCP backend's framing: what an RDMA NIC would put on the wire, over a stream.
+"""The TCP backend's framing: what an RDMA NIC would put on the wire, over streams.
 
 Every frame starts with one 28-byte header; a payload of ``length`` bytes follows
-for the frames that have one. A single TCP connection carries control SENDs and
-one-sided WRITEs in order, so a write posted before a SEND is placed before the SEND
-is received, as on an RC queue pair.
+for the frames that have one.
 
     kind (u8), flags (u8), padding (u16), rkey (u32), remote_addr (u64),
     wr_id (u64), length (u32)
+
+One endpoint is one or more TCP connections ("lanes"; multifd's channels). Lane 0
+carries the handshake and every control SEND; WRITEs go to the lane their remote
+2 MiB unit maps to, so writes to the same bytes always travel one lane, in order. A
+SEND's payload starts with one u64 per lane, the WRITE frames posted on that lane
+before it: the receiver hands the message on only once it has placed that many, so
+a write posted before a SEND is placed before the SEND is received, as on an RC
+queue pair.
 """
 
 from __future__ import annotations
@@ -19,9 +25,15 @@ from typing import Final
 
 FRAME: Final = struct.Struct("!BBxxIQQI")
 #: Identifies an rdmamig TCP connect request (then 8 bytes of private data).
-MAGIC: Final = b"RDMAMIG\x01"
+MAGIC: Final = b"RDMAMIG\x02"
 #: Longest REJECT / NAK reason we accept.
 MAX_REASON: Final = 4096
+#: Most lanes one endpoint may have.
+MAX_LANES: Final = 16
+#: Writes are spread over lanes by this unit of the remote address.
+LANE_UNIT: Final = 2 << 20
+#: Per-lane write counts that open a SEND's payload.
+FENCE: Final = struct.Struct("!Q")
 #: Kernel limit on iovecs per sendmsg (IOV_MAX), less room for a header.
 MAX_IOV: Final = 1000
 
@@ -29,13 +41,15 @@ MAX_IOV: Final = 1000
 class Kind(enum.IntEnum):
     """Frame kinds."""
 
-    CONNECT = 1  # payload: MAGIC + private data
-    ACCEPT = 2  # payload: private data
+    CONNECT = 1  # payload: MAGIC + private data; rkey: lanes wanted
+    ACCEPT = 2  # payload: private data; rkey: lanes granted, wr_id: join token
     REJECT = 3  # payload: reason (UTF-8)
-    SEND = 4  # payload: one control message
+    SEND = 4  # payload: a u64 write count per lane, then one control message
     WRITE = 5  # payload: bytes for remote_addr under rkey
     ACK = 6  # completion of the signaled WRITE wr_id
     NAK = 7  # remote access error; payload: reason (UTF-8)
+    JOIN = 8  # opens lane rkey of the connection wr_id (the join token)
+    MARK = 9  # signaled, writes nothing: a batch's completion on a lane it left empty
 
 
 SIGNALED: Final = 0x01

@@ -1,0 +1,88 @@
+"""One lane of a TCP endpoint: a connected socket, the thread that sends on it, and
+the counters that order its writes against control messages.
+
+Sending happens on the lane's own thread, as a NIC works through its send queue:
+posting returns at once, several lanes copy into the kernel at the same time (the
+GIL is released in ``sendmsg``), and the caller prepares its next batch meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+from collections.abc import Callable, Sequence
+
+from .frames import send_all
+
+#: A queue item: half-close the socket once everything before it is sent.
+_SHUT_WR = object()
+
+Frames = Sequence[bytes | memoryview]
+
+
+class Lane:
+    """A socket of an endpoint and its sender thread.
+
+    Args:
+        sock: the connected socket (handshake done).
+        index: the lane's number; lane 0 carries the control messages.
+        on_send_error: called on the sender thread when a send fails; the lane
+            sends nothing more.
+    """
+
+    def __init__(self, sock: socket.socket, index: int, *,
+                 on_send_error: Callable[[OSError], None]) -> None:
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.index = index
+        #: WRITE frames queued on this lane (the sender's side of a SEND's fence).
+        self.posted_writes = 0
+        #: The highest batch ticket the peer has completed on this lane.
+        self.acked = 0
+        #: The peer's WRITE frames placed from this lane (the receiver's side).
+        self.placed_writes = 0
+        #: Held while one of the peer's writes is placed: deregistration waits for it.
+        self.placing = threading.Lock()
+        self._queue: queue.SimpleQueue[Frames | object | None] = queue.SimpleQueue()
+        self._on_send_error = on_send_error
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                        name=f"rdmamig-tcp-tx{index}")
+        self._sender.start()
+
+    def push(self, frames: Frames) -> None:
+        """Queue ``frames`` (headers and payloads, sent without copying)."""
+        self._queue.put(frames)
+
+    def half_close(self) -> None:
+        """Shut the sending direction once everything queued so far is sent."""
+        self._queue.put(_SHUT_WR)
+
+    def _send_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if item is _SHUT_WR:
+                    self.sock.shutdown(socket.SHUT_WR)
+                else:
+                    send_all(self.sock, item)  # type: ignore[arg-type]
+            except OSError as exc:
+                self._on_send_error(exc)
+                return
+
+    def finish_sending(self, *, timeout: float) -> None:
+        """Let the sender thread send what is queued, then stop it (a send that is
+        still blocked after ``timeout`` seconds ends with :meth:`shutdown`)."""
+        self._queue.put(None)
+        self._sender.join(timeout)
+
+    def shutdown(self) -> None:
+        """Break the connection both ways: blocked sends and receives return."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Close the socket once the sender thread is gone (after :meth:`shutdown`)."""
+        self._sender.join(timeout=10)
+        self.sock.close()
