@@ -5,7 +5,8 @@
 rdmamig: ``rdmamig migrate --ram SIZE --zero-fraction 0|1`` (destination pre-faulted,
 total time from connect to the destination holding everything). QEMU: two
 ``qemu-system-x86_64`` (TCG, paused guest, ``memory-backend-file`` in /dev/shm with
-``prealloc=on``), ``max-bandwidth`` lifted, plain and multifd with 4 channels;
+``prealloc=on``), ``max-bandwidth`` lifted, plain and multifd with 4 channels
+(rdmamig with 1 and with ``--channels 4``);
 ``total-time`` from ``query-migrate``. Random content is written into the source's
 backing file before QEMU starts. Needs the package ``qemu-system-x86``.
 """
@@ -72,8 +73,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def qemu_migration(size: int, *, random: bool, multifd: bool) -> float:
-    """Seconds QEMU reports as ``total-time``."""
+def qemu_migration(size: int, *, random: bool, multifd: int) -> float:
+    """Seconds QEMU reports as ``total-time``; ``multifd`` channels, 0 for plain."""
     work = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="rdmamig-bench-"))
     try:
         src_mem, dst_mem = work / "src", work / "dst"
@@ -90,7 +91,7 @@ def qemu_migration(size: int, *, random: bool, multifd: bool) -> float:
                 if multifd:
                     q.call("migrate-set-capabilities",
                            capabilities=[{"capability": "multifd", "state": True}])
-                    q.call("migrate-set-parameters", **{"multifd-channels": 4})
+                    q.call("migrate-set-parameters", **{"multifd-channels": multifd})
             port = _free_port()
             qd.call("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
             qs.call("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -118,40 +119,54 @@ def rdmamig_migration(size: int, *, random: bool, extra: list[str] | None = None
         return dict(json.loads(Path(report.name).read_text()))
 
 
+def _seconds(variant: str, size: int, *, random: bool, channels: int) -> float:
+    """One migration's total time: rdmamig with 1 or ``channels`` channels, QEMU plain
+    or multifd."""
+    if variant == "ours1":
+        return float(rdmamig_migration(size, random=random)["total_time_s"])
+    if variant == "oursN":
+        return float(rdmamig_migration(size, random=random, extra=[
+            "--channels", str(channels)])["total_time_s"])
+    return qemu_migration(size, random=random, multifd=channels if variant == "multi" else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1GiB,4GiB")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=4,
+                        help="rdmamig's --channels and QEMU's multifd-channels (default 4)")
     args = parser.parse_args()
+    channels = args.channels
     have_qemu = shutil.which("qemu-system-x86_64") is not None
     print(f"# {time.strftime('%Y-%m-%d')} on {os.uname().nodename}, {os.cpu_count()} cores, "
-          f"loopback; medians of {args.repeat}; GB/s = bytes / total time / 1e9")
-    print("| RAM | content | rdmamig GB/s | QEMU plain GB/s | QEMU multifd-4 GB/s |"
-          " rdmamig / multifd-4 |")
-    print("|---|---|---|---|---|---|")
+          f"loopback; medians of {args.repeat}, the four runs of a repeat back to back; "
+          f"GB/s = bytes / total time / 1e9")
+    print(f"| RAM | content | rdmamig 1 channel | QEMU plain | ratio | rdmamig {channels} "
+          f"channels | QEMU multifd-{channels} | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for text in args.sizes.split(","):
         size = parse_size(text)
         for random in (True, False):
-            ours = statistics.median(
-                size / rdmamig_migration(size, random=random)["total_time_s"] / 1e9
-                for _ in range(args.repeat))
-            if have_qemu:
-                plain = statistics.median(size / qemu_migration(size, random=random,
-                                                                multifd=False) / 1e9
-                                          for _ in range(args.repeat))
-                multi = statistics.median(size / qemu_migration(size, random=random,
-                                                                multifd=True) / 1e9
-                                          for _ in range(args.repeat))
-                row = f"{plain:.2f} | {multi:.2f} | {ours / multi:.2f}"
-            else:
-                row = "n/a | n/a | n/a"
-            print(f"| {text} | {'random' if random else 'zero'} | {ours:.2f} | {row} |",
-                  flush=True)
-    live = rdmamig_migration(1 << 30, random=True,
-                             extra=["--dirty-rate", "100MiB", "--pattern", "hotspot"])
-    print(f"\nlive 1 GiB, 100 MiB/s hotspot dirtying: {live['iterations']} iterations, "
-          f"downtime {live['downtime_ms']:.1f} ms, total {live['total_time_s']:.2f} s, "
-          f"verified {live['verified']}")
+            variants = ["ours1", "oursN", *(["plain", "multi"] if have_qemu else [])]
+            rates: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.repeat):
+                for name in variants:
+                    seconds = _seconds(name, size, random=random, channels=channels)
+                    rates[name].append(size / seconds / 1e9)
+            gbps = {name: statistics.median(values) for name, values in rates.items()}
+            plain, multi = gbps.get("plain"), gbps.get("multi")
+            print(f"| {text} | {'random' if random else 'zero'} | {gbps['ours1']:.2f} | "
+                  + (f"{plain:.2f} | {gbps['ours1'] / plain:.2f}" if plain else "n/a | n/a")
+                  + f" | {gbps['oursN']:.2f} | "
+                  + (f"{multi:.2f} | {gbps['oursN'] / multi:.2f}" if multi else "n/a | n/a")
+                  + " |", flush=True)
+    for extra in ([], ["--channels", str(channels)]):
+        live = rdmamig_migration(1 << 30, random=True, extra=[
+            "--dirty-rate", "100MiB", "--pattern", "hotspot", *extra])
+        print(f"\nlive 1 GiB, 100 MiB/s hotspot dirtying, {' '.join(extra) or '1 channel'}: "
+              f"{live['iterations']} iterations, downtime {live['downtime_ms']:.1f} ms, "
+              f"total {live['total_time_s']:.2f} s, verified {live['verified']}")
 
 
 if __name__ == "__main__":

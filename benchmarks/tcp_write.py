@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 from rdmamig import wire
 from rdmamig.caps import Capability
@@ -63,15 +64,15 @@ def _plain_receiver(pipe: Connection, size: int, total: int) -> None:
 
 
 def bench_rdmamig(size: int, total: int, *, backend: str = "tcp", host: str = "127.0.0.1",
-                  region: int = GiB) -> float:
+                  region: int = GiB, **options: Any) -> float:
     """Bytes/s of one-sided writes of ``size`` bytes into a ``region``-byte registered
-    region of another process, over ``backend``."""
+    region of another process, over ``backend`` made with ``options``."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     process = ctx.Process(target=_rdmamig_receiver, args=(child, backend, host, region))
     process.start()
     port = parent.recv()
-    endpoint = load_registry().backend(backend)().connect(
+    endpoint = load_registry().backend(backend)(**options).connect(
         host=host, port=port, requested=Capability(0), timeout=30)
     source = _region(region)
     with endpoint:

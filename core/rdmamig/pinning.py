@@ -16,9 +16,17 @@ import resource
 
 from .errors import MemlockLimitError, RegistrationError
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_LIBC = ctypes.util.find_library("c")
+# Two handles on libc: calls through CDLL release the GIL, calls through PyDLL keep
+# it. Pinning a few MiB of resident memory takes microseconds, less than getting
+# the GIL back from the threads that feed the sockets would; long calls release it.
+_libc = ctypes.CDLL(_LIBC, use_errno=True)
+_libc_holding_gil = ctypes.PyDLL(_LIBC, use_errno=True)
+for _lib in (_libc, _libc_holding_gil):
+    _lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _lib.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+#: Ranges up to this size are (un)pinned without releasing the GIL.
+SHORT_CALL_BYTES = 16 << 20
 
 
 def buffer_address(buffer: memoryview) -> int:
@@ -37,10 +45,22 @@ def locked_bytes() -> int:
     """Bytes of this process that count against ``RLIMIT_MEMLOCK``, per the kernel:
     ``VmLck`` (mlock, what the TCP backend pins) plus ``VmPin`` (pinned by a driver,
     what ``ibv_reg_mr`` pins) in /proc/self/status."""
-    with open("/proc/self/status") as status:
-        text = status.read()
+    # One pread on a file kept open: the engine samples this once per batch, and
+    # each system call hands the GIL to the busy socket threads and waits for it.
+    text = os.pread(_status_fd(), 16384, 0).decode("ascii", "replace")
     return sum(int(kb) * 1024 for kb in re.findall(r"^Vm(?:Lck|Pin):\s+(\d+) kB", text,
                                                     re.MULTILINE))
+
+
+_status: tuple[int, int] | None = None  # (pid, fd of its /proc/<pid>/status)
+
+
+def _status_fd() -> int:
+    global _status
+    pid = os.getpid()
+    if _status is None or _status[0] != pid:  # first call, or a forked child
+        _status = (pid, os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC))
+    return _status[1]
 
 
 def memlock_limit() -> int:
@@ -89,7 +109,7 @@ def mlock(address: int, length: int) -> None:
         MemlockLimitError: refused by ``RLIMIT_MEMLOCK`` (ENOMEM / EPERM / EAGAIN).
         RegistrationError: any other failure.
     """
-    if _libc.mlock(address, length) == 0:
+    if _lib_for(length).mlock(address, length) == 0:
         return
     code = ctypes.get_errno()
     if code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
@@ -100,4 +120,8 @@ def mlock(address: int, length: int) -> None:
 def munlock(address: int, length: int) -> None:
     """Unlock a range locked with :func:`mlock` (failures are not fatal: the range
     is being released anyway)."""
-    _libc.munlock(address, length)
+    _lib_for(length).munlock(address, length)
+
+
+def _lib_for(length: int) -> ctypes.CDLL:
+    return _libc_holding_gil if length <= SHORT_CALL_BYTES else _libc

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import attrs
 
@@ -22,9 +22,9 @@ CHUNK_SHIFT = 20
 CHUNK_SIZE = 1 << CHUNK_SHIFT
 
 
-@attrs.frozen(order=True)
-class ChunkId:
-    """A chunk: ``index`` (1 MiB unit) of RAM block number ``block``."""
+class ChunkId(NamedTuple):
+    """A chunk: ``index`` (1 MiB unit) of RAM block number ``block``. A named tuple:
+    the engine hashes and sorts many of them, and tuples do that in C."""
 
     block: int
     index: int
@@ -66,6 +66,10 @@ class UnpinPolicy(abc.ABC):
     description: ClassVar[str] = ""
     #: Capabilities this policy asks to negotiate (``pin-all`` asks for PIN_ALL).
     capabilities: ClassVar[Capability] = Capability(0)
+    #: True for a policy that never unpins before the end. The engine then works in
+    #: large windows (which only save control round trips); for any other policy it
+    #: keeps windows to one batch, so that little is pinned beyond the policy's say.
+    keeps_everything: ClassVar[bool] = False
 
     def __init__(self, options: PolicyOptions) -> None:
         self.options = options

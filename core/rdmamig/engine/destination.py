@@ -243,7 +243,10 @@ class Destination:
             raise RemoteProtocolError(
                 f"offset={entry.offset:#x}: COMPRESS of {entry.length} bytes is outside "
                 f"RAM block {entry.block_idx} ({block.name}, {block.length} bytes)")
-        block.array[start:start + entry.length] = entry.value
+        # As QEMU's ram_handle_zero: memory that already reads as zero (pre-faulted
+        # RAM, mostly) is only read, not written over.
+        if entry.value != 0 or not block.reads_zero(start, entry.length):
+            block.array[start:start + entry.length] = entry.value
         self.result.zero_pages += entry.length // 4096 if entry.value == 0 else 0
 
     # ------------------------------------------------------------ the end

@@ -136,6 +136,13 @@ class RamBlock:
             nonzero[undecided] = pages[undecided].any(axis=1)
         return nonzero
 
+    def reads_zero(self, start: int, length: int) -> bool:
+        """Whether the ``length`` bytes at ``start`` are all zero (only reads them)."""
+        data = self.array[start:start + length]
+        if start % 8 == 0 and length % 8 == 0:
+            data = data.view(np.uint64)
+        return not data.any()
+
     def digest(self) -> bytes:
         """xxh3-128 of the whole block (one pass in C, no per-page loop)."""
         return xxhash.xxh3_128_digest(self.view)

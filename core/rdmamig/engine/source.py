@@ -6,7 +6,9 @@ bandwidth (or after ``max_iterations``), the workload stops and the last pages, 
 state stream and END go out. Zero pages travel as COMPRESS; the others as one-sided
 writes merged over contiguous pages (up to 2 MiB, within one registration, since one
 write uses one key), completion signalled once per batch of ``batch_chunks`` chunks.
-With an rdmamig peer, two neighbouring chunks are registered as one 2 MiB region.
+Pages are scanned and registered a window of ``window_chunks`` chunks at a time, and
+one window's writes stay in flight while the next is prepared. With an rdmamig peer,
+two neighbouring chunks are registered as one 2 MiB region.
 Which chunks to unpin is the unpin policy's call.
 
 The source only reads its memory: a failed migration leaves it as it was, and the
@@ -20,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 import attrs
@@ -65,7 +68,12 @@ class SourceConfig:
     max_downtime: float = 0.3
     max_iterations: int = 30
     auto_converge: bool = False
+    #: Chunks per signalled batch of writes.
     batch_chunks: int = 64
+    #: Chunks scanned and registered together when the policy keeps everything
+    #: pinned (otherwise a window is one batch). Each window costs a few control
+    #: round trips, each behind the writes before it: large windows amortise them.
+    window_chunks: int = 256
     timeout: float | None = 60.0
     #: Unpin off the data path: one batched UNREGISTER REQUEST per decision and the
     #: local deregistrations on a worker thread. False: one request per chunk and
@@ -159,6 +167,9 @@ class Source:
         self._host_addr: list[int] = []
         # Every registered chunk -> its registration (two chunks may share one).
         self._pins: dict[ChunkId, _Pin] = {}
+        # Every registered chunk -> its bytes: what the policy is shown (read-only).
+        self._pinned_sizes: dict[ChunkId, int] = {}
+        self._pinned_view = MappingProxyType(self._pinned_sizes)
         self._local_blocks: list[MemoryRegion] = []
         self._ever_unpinned: set[ChunkId] = set()
         self._last_ticket: dict[ChunkId, int] = {}
@@ -167,11 +178,14 @@ class Source:
         self._pending: list[_Pending] = []
         self._pending_chunks: list[ChunkId] = []
         self._stopped = False
-        self._batch_chunks = self.config.batch_chunks
+        self._window_chunks = (self.config.window_chunks if policy.keeps_everything
+                               else self.config.batch_chunks)
         cap = policy.pin_cap
         if cap is not None:
-            # Room for the batch in flight, the one being registered, and eviction.
-            self._batch_chunks = max(1, min(self._batch_chunks, cap // CHUNK_SIZE // 4))
+            # Room for the window in flight, the one being registered, and eviction.
+            self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 4))
+        # Batches posted for the window being sent (those before them are older).
+        self._window_batches = 0
         self._deregistering: list[Future[None]] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdmamig-unpin")
 
@@ -316,10 +330,25 @@ class Source:
             padded = np.zeros(block.chunks * PAGES_PER_CHUNK, dtype=np.bool_)
             padded[:block.pages] = dirty
             chunks = np.flatnonzero(padded.reshape(block.chunks, PAGES_PER_CHUNK).any(axis=1))
-            for start in range(0, len(chunks), self._batch_chunks):
-                window = chunks[start:start + self._batch_chunks]
-                self._send_window(index, block, dirty, window.tolist())
+            ordered = self._pinned_first(index, chunks.tolist())
+            for start in range(0, len(ordered), self._window_chunks):
+                self._send_window(index, block, dirty, ordered[start:start + self._window_chunks])
         self._drain()
+
+    def _pinned_first(self, index: int, chunks: list[int]) -> list[int]:
+        """Dirty chunks that are still registered go before those that must be
+        registered (each group in address order). Under a cap, the registrations of
+        the round then evict chunks this round has already written, not registered
+        chunks it is about to write: a hot set larger than the cap keeps the part
+        that fits pinned, where an address-order scan would evict each hot chunk
+        just before its next write."""
+        if self.pin_all or not self._pins:
+            return chunks
+        pinned = [c for c in chunks if ChunkId(index, c) in self._pins]
+        if not pinned:
+            return chunks
+        taken = set(pinned)
+        return pinned + [c for c in chunks if c not in taken]
 
     def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
                      window: list[int]) -> None:
@@ -430,13 +459,11 @@ class Source:
                 self._host_addr[block_index] = key.host_addr
                 for cid in pin.chunks():
                     self._pins[cid] = pin
+                    self._pinned_sizes[cid] = self._chunk_bytes(cid)
                     self.result.registrations += 1
                     if cid in self._ever_unpinned:
                         self.result.reregistrations += 1
                     self.policy.chunk_registered(chunk=cid, nbytes=self._chunk_bytes(cid))
-
-    def _pinned_chunks(self) -> dict[ChunkId, int]:
-        return {cid: self._chunk_bytes(cid) for cid in self._pins}
 
     def _in_flight(self, cid: ChunkId) -> bool:
         return (self._last_ticket.get(cid, 0) > self._completed_ticket
@@ -444,7 +471,7 @@ class Source:
 
     def _ask_policy(self, needed: int) -> list[ChunkId]:
         try:
-            chosen = list(self.policy.select_unpin(pinned=self._pinned_chunks(),
+            chosen = list(self.policy.select_unpin(pinned=self._pinned_view,
                                                    needed_bytes=needed))
         except Exception as exc:
             raise MigrationError(f"unpin policy {self.policy.name!r} failed: "
@@ -485,6 +512,7 @@ class Source:
                     self.endpoint.deregister(region=pin.region)
                 for cid in pin.chunks():
                     del self._pins[cid]
+                    del self._pinned_sizes[cid]
                     self._ever_unpinned.add(cid)
                     self.result.unregistrations += 1
                     self.policy.chunk_unpinned(chunk=cid)
@@ -507,6 +535,8 @@ class Source:
         remote_addr = self._host_addr[cid.block] + start
         self.result.bytes_written += end - start
         if not self._pending_chunks or self._pending_chunks[-1] != cid:
+            if len(self._pending_chunks) == self.config.batch_chunks:
+                self._flush_batch()
             self._pending_chunks.append(cid)
         last = self._pending[-1] if self._pending else None
         if (last is not None and last.region == region and last.rkey == rkey
@@ -517,20 +547,27 @@ class Source:
             return
         self._pending.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
 
-    def _post_batch(self) -> None:
-        """Post the queued writes (the last one signalled) and keep one batch in
-        flight: wait for the one before, then let the policy unpin."""
-        if self._pending:
-            ticket = self.endpoint.post_writes(writes=[
-                RemoteWrite(region=p.region, offset=p.offset, length=p.length,
-                            remote_addr=p.remote_addr, rkey=p.rkey) for p in self._pending])
-            for cid in self._pending_chunks:
-                self._last_ticket[cid] = ticket
-            self._outstanding.append((ticket, self._pending_chunks))
-            self._pending, self._pending_chunks = [], []
-        while len(self._outstanding) > 1:
-            self._complete_oldest()
+    def _flush_batch(self) -> None:
+        """Post the queued writes as one batch, the last one signalled."""
+        if not self._pending:
+            return
+        ticket = self.endpoint.post_writes(writes=[
+            RemoteWrite(region=p.region, offset=p.offset, length=p.length,
+                        remote_addr=p.remote_addr, rkey=p.rkey) for p in self._pending])
+        for cid in self._pending_chunks:
+            self._last_ticket[cid] = ticket
+        self._outstanding.append((ticket, self._pending_chunks))
+        self._window_batches += 1
+        self._pending, self._pending_chunks = [], []
         self._progress()
+
+    def _post_batch(self) -> None:
+        """Post the window's last writes and keep one window in flight: wait for the
+        batches of the window before, then let the policy unpin."""
+        self._flush_batch()
+        while len(self._outstanding) > self._window_batches:
+            self._complete_oldest()
+        self._window_batches = 0
         if not self.pin_all:
             self._unpin(self._ask_policy(0))
 
@@ -590,6 +627,7 @@ class Source:
             with contextlib.suppress(RdmamigError):
                 self.endpoint.deregister(region=region)
         self._pins.clear()
+        self._pinned_sizes.clear()
         self._local_blocks.clear()
 
 

@@ -13,6 +13,7 @@ class PinUntilDone(UnpinPolicy):
 
     name = "pin-until-done"
     description = "QEMU's behaviour: nothing is unpinned before completion"
+    keeps_everything = True
 
     def select_unpin(self, *, pinned: Mapping[ChunkId, int], needed_bytes: int) -> Iterable[
             ChunkId]:

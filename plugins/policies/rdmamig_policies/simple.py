@@ -15,6 +15,7 @@ class PinAll(UnpinPolicy):
     name = "pin-all"
     description = "request PIN_ALL: whole blocks registered up front, nothing unpinned"
     capabilities = Capability.PIN_ALL
+    keeps_everything = True
 
     def select_unpin(self, *, pinned: Mapping[ChunkId, int], needed_bytes: int) -> Iterable[
             ChunkId]:

@@ -13,6 +13,7 @@ as an RC queue pair does.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import itertools
@@ -62,6 +63,7 @@ class TcpEndpoint(Endpoint):
         self._regions: RegionTable[memoryview] = RegionTable()
         # Remotely writable regions by rkey: what the peer's writes are checked against.
         self._by_rkey: dict[int, tuple[MemoryRegion, memoryview]] = {}
+        self._key_pool: list[int] = []
         # Control messages with their fences (the writes to place before each).
         self._inbox: deque[tuple[tuple[int, ...], bytes]] = deque()
         self._tickets = itertools.count(1)
@@ -122,11 +124,14 @@ class TcpEndpoint(Endpoint):
                 self._by_rkey[rkey] = (region, view)
         return region
 
-    @staticmethod
-    def _new_key(table: Container[int]) -> int:
-        # Random and unguessable, like an rkey should be; never 0 ("no key").
+    def _new_key(self, table: Container[int]) -> int:
+        # Random and unguessable, like an rkey should be; never 0 ("no key"). Drawn
+        # from a pool refilled 1024 keys at a time: one getrandom() per key would
+        # release and retake the GIL on every registration.
         while True:
-            key = secrets.randbits(32)
+            if not self._key_pool:
+                self._key_pool = list(array.array("I", secrets.token_bytes(4096)))
+            key = self._key_pool.pop()
             if key and key not in table:
                 return key
 
