@@ -27,7 +27,7 @@ class ChunkId(NamedTuple):
     the engine hashes and sorts many of them, and tuples do that in C."""
 
     block: int
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index(), which no one needs
 
 
 @attrs.frozen(kw_only=True)
