@@ -98,6 +98,8 @@ def qemu_migration(size: int, *, random: bool, multifd: int) -> float:
             while True:
                 info = qs.call("query-migrate")
                 if info.get("status") == "completed":
+                    if not info.get("total-time"):
+                        raise RuntimeError(f"QEMU reports no total-time: {info}")
                     return float(info["total-time"]) / 1000
                 if info.get("status") in ("failed", "cancelled"):
                     raise RuntimeError(f"QEMU migration {info.get('status')}")

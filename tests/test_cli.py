@@ -35,7 +35,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 def test_migrate_small_guest_writes_a_report(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
-    result = run("migrate", "--ram", "16MiB", "--blocks", "2", "--zero-fraction", "0.3",
+    result = run("migrate", "--ram", "16MiB", "--blocks", "2", "--zero-fraction", "0.95",
                  "--quiet", "--report", str(report))
     assert result.returncode == 0, result.stderr
     data = json.loads(report.read_text())

@@ -8,9 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import DEFAULT_CAPS, Migration
+from hypothesis import given
+from hypothesis import strategies as st
 from rdmamig import wire
 from rdmamig.caps import Capability
 from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
+from rdmamig.engine.source import MIN_COMPRESS_RUN, _runs, _runs_of_consecutive
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
 from rdmamig.workload import SyntheticWorkload, fill_guest
@@ -53,12 +56,24 @@ def test_several_blocks_of_odd_sizes(migration: Migration) -> None:
 
 def test_zero_heavy_ram_goes_as_compress(migration: Migration) -> None:
     blocks = guest(16 * MiB, zero_fraction=0.9)
-    zero_pages = int(np.count_nonzero(
-        ~blocks[0].nonzero_pages(0, blocks[0].pages)))
+    zero = ~blocks[0].nonzero_pages(0, blocks[0].pages)
+    long_runs = sum(end - start for start, end in _runs(zero, period=256)
+                    if end - start >= MIN_COMPRESS_RUN)
     assert_succeeded(migration.run(blocks), blocks)
     result = migration.source.result  # type: ignore[union-attr]
-    assert result.zero_pages == zero_pages
-    assert result.bytes_written == (blocks[0].pages - zero_pages) * 4096
+    # Every page goes once, written or as COMPRESS; long zero runs always as COMPRESS.
+    assert result.zero_pages + result.bytes_written // 4096 == blocks[0].pages
+    assert long_runs <= result.zero_pages <= np.count_nonzero(zero)
+
+
+def test_short_zero_runs_travel_with_their_data(migration: Migration) -> None:
+    blocks = [RamBlock.anonymous("ram0", 2 * MiB)]
+    pages = blocks[0].array.reshape(-1, 4096)
+    pages[0:256:2] = 7  # chunk 0: data and zero pages alternate; chunk 1: all zero
+    assert_succeeded(migration.run(blocks), blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    assert result.bytes_written == MiB  # the whole first chunk in one write
+    assert result.zero_pages == 256
 
 
 def test_all_zero_chunks_are_never_registered(migration: Migration) -> None:
@@ -299,3 +314,31 @@ def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
     assert source.iterations == 7  # the limit, then stop-and-copy
     assert source.throttle >= 0.6  # 20 % after the first round, +10 % after each other
     assert workload.throttled == source.throttle
+
+
+# ---------------------------------------------------------------- page runs
+
+
+@given(st.lists(st.booleans(), max_size=300), st.sampled_from([None, 1, 7, 64]))
+def test_runs_cover_the_mask_exactly_and_break_at_chunk_boundaries(
+        bits: list[bool], period: int | None) -> None:
+    mask = np.array(bits, dtype=np.bool_)
+    runs = _runs(mask, period=period)
+    rebuilt = np.zeros(len(mask), dtype=np.bool_)
+    for start, end in runs:
+        assert start < end and not rebuilt[start:end].any()
+        rebuilt[start:end] = True
+        if period is not None:
+            assert start // period == (end - 1) // period
+    assert (rebuilt == mask).all()
+    # Runs are maximal: neighbours of a run are False or across a boundary.
+    for start, end in runs:
+        if start > 0 and mask[start - 1]:
+            assert period is not None and start % period == 0
+        if end < len(mask) and mask[end]:
+            assert period is not None and end % period == 0
+
+
+def test_consecutive_chunks_group_into_spans() -> None:
+    assert _runs_of_consecutive([]) == []
+    assert _runs_of_consecutive([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]

@@ -27,6 +27,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..caps import Capability
@@ -40,9 +41,12 @@ from . import stream
 from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
 
 _T = TypeVar("_T")
+IntArray = npt.NDArray[np.intp]
 
 #: Longest merged write (PROTOCOL.md, "RAM transfer").
 MAX_WRITE = 2 * CHUNK_SIZE
+#: Dirty zero pages in a chunk with data go as COMPRESS only in runs of this many.
+MIN_COMPRESS_RUN = 16
 
 
 class Workload(Protocol):
@@ -356,34 +360,44 @@ class Source:
         writes: list[tuple[ChunkId, int, int]] = []
         to_register: list[ChunkId] = []
         base = self._remote[index].offset
-        for chunk in window:
-            first = chunk * PAGES_PER_CHUNK
-            last = min(first + PAGES_PER_CHUNK, block.pages)
-            pages = dirty[first:last]
-            nonzero = block.nonzero_pages(first, last)
-            cid = ChunkId(index, chunk)
-            registered = self.pin_all or cid in self._pins
-            if registered and not nonzero.any():
+        for first_chunk, end_chunk in _runs_of_consecutive(window):
+            first = first_chunk * PAGES_PER_CHUNK
+            pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
+            nonzero = block.nonzero_pages(first, first + len(pages))
+            chunks = [ChunkId(index, c) for c in range(first_chunk, end_chunk)]
+            # Per chunk: registered, and holding any non-zero page.
+            registered = np.fromiter((self.pin_all or c in self._pins for c in chunks),
+                                     dtype=np.bool_, count=len(chunks))
+            has_data = _any_per_chunk(nonzero)
+            # Per page. A registered chunk goes whole as COMPRESS when it is all zero,
+            # else its dirty pages are written; an unregistered one sends its dirty
+            # zero pages as COMPRESS and needs registering for the others. Between
+            # data pages of a chunk that is registered anyway, a short run of zero
+            # pages is written with them: a COMPRESS entry and one more write cost
+            # more than copying a few pages.
+            on_registered = _per_page(registered, len(pages))
+            zero_chunk = _per_page(registered & ~has_data, len(pages))
+            unregistered_zero = ~on_registered & pages & ~nonzero
+            carried = (_short_runs(unregistered_zero, shorter_than=MIN_COMPRESS_RUN,
+                                   period=PAGES_PER_CHUNK)
+                       & _per_page(_any_per_chunk(pages & nonzero), len(pages)))
+            to_compress = zero_chunk | (unregistered_zero & ~carried)
+            to_write = ((on_registered & ~zero_chunk & pages)
+                        | (~on_registered & pages & (nonzero | carried)))
+            self.result.zero_pages += int(np.count_nonzero(to_compress))
+            for run_start, run_end in _runs(to_compress):
                 compress.append(wire.CompressRange(
-                    value=0, block_idx=index, offset=base + first * PAGE_SIZE,
-                    length=(last - first) * PAGE_SIZE))
-                self.result.zero_pages += last - first
-                continue
-            to_write = pages if registered else pages & nonzero
-            if registered and not self.pin_all:
-                # A pinned chunk written again: in flight until chunk_written.
-                self.policy.chunk_dirtied(chunk=cid)
-            if not registered:
-                zero = pages & ~nonzero
-                for run_start, run_end in _runs(zero):
-                    compress.append(wire.CompressRange(
-                        value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
-                        length=(run_end - run_start) * PAGE_SIZE))
-                self.result.zero_pages += int(np.count_nonzero(zero))
-                if to_write.any():
-                    to_register.append(cid)
-            for run_start, run_end in _runs(to_write):
+                    value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
+                    length=(run_end - run_start) * PAGE_SIZE))
+            for run_start, run_end in _runs(to_write, period=PAGES_PER_CHUNK):
+                cid = chunks[run_start // PAGES_PER_CHUNK]
                 writes.append((cid, first + run_start, first + run_end))
+            written = _any_per_chunk(to_write)
+            if not self.pin_all:
+                for at in np.flatnonzero(registered & written).tolist():
+                    # A pinned chunk written again: in flight until chunk_written.
+                    self.policy.chunk_dirtied(chunk=chunks[at])
+            to_register += [chunks[at] for at in np.flatnonzero(~registered & written).tolist()]
         if to_register:
             self._register(to_register)
         if compress:
@@ -565,6 +579,8 @@ class Source:
         """Post the window's last writes and keep one window in flight: wait for the
         batches of the window before, then let the policy unpin."""
         self._flush_batch()
+        if not self._window_batches:
+            self._progress()  # a window of zero pages only: no batch sampled it
         while len(self._outstanding) > self._window_batches:
             self._complete_oldest()
         self._window_batches = 0
@@ -631,9 +647,55 @@ class Source:
         self._local_blocks.clear()
 
 
-def _runs(mask: BoolArray) -> list[tuple[int, int]]:
-    """``[start, end)`` of every run of True in ``mask``, found with numpy."""
+def _runs(mask: BoolArray, *, period: int | None = None) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of True in ``mask``, found with numpy; with
+    ``period``, runs also end at every multiple of it (at chunk boundaries)."""
     if not mask.any():
         return []
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+    starts, ends = _run_bounds(mask, period)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _run_bounds(mask: BoolArray, period: int | None) -> tuple[IntArray, IntArray]:
+    before = np.concatenate(([False], mask[:-1]))
+    after = np.concatenate((mask[1:], [False]))
+    if period is not None:
+        at = np.arange(len(mask))
+        before &= at % period != 0
+        after &= (at + 1) % period != 0
+    return np.flatnonzero(mask & ~before), np.flatnonzero(mask & ~after) + 1
+
+
+def _short_runs(mask: BoolArray, *, shorter_than: int, period: int) -> BoolArray:
+    """The pages of ``mask`` that lie in runs (within one period) of fewer than
+    ``shorter_than`` pages."""
+    starts, ends = _run_bounds(mask, period)
+    short = ends - starts < shorter_than
+    edges = np.zeros(len(mask) + 1, dtype=np.int64)
+    np.add.at(edges, starts[short], 1)
+    np.add.at(edges, ends[short], -1)
+    return np.asarray(np.cumsum(edges[:-1]) > 0, dtype=np.bool_)
+
+
+def _runs_of_consecutive(values: list[int]) -> list[tuple[int, int]]:
+    """``[first, end)`` of each run of consecutive integers in sorted ``values``."""
+    spans: list[tuple[int, int]] = []
+    for value in values:
+        if spans and spans[-1][1] == value:
+            spans[-1] = (spans[-1][0], value + 1)
+        else:
+            spans.append((value, value + 1))
+    return spans
+
+
+def _per_page(per_chunk: BoolArray, pages: int) -> BoolArray:
+    """A per-chunk mask spread over the chunks' ``pages`` pages."""
+    return np.repeat(per_chunk, PAGES_PER_CHUNK)[:pages]
+
+
+def _any_per_chunk(per_page: BoolArray) -> BoolArray:
+    """Whether each chunk has a True page (the last chunk may be short)."""
+    chunks = -(-len(per_page) // PAGES_PER_CHUNK)
+    padded = np.zeros(chunks * PAGES_PER_CHUNK, dtype=np.bool_)
+    padded[:len(per_page)] = per_page
+    return np.asarray(padded.reshape(chunks, PAGES_PER_CHUNK).any(axis=1), dtype=np.bool_)
