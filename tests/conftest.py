@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from rdmamig.caps import Capability
+from rdmamig.caps import SOURCE_DEFAULTS, Capability
 from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
 from rdmamig.errors import MigrationError
 from rdmamig.policy import PolicyOptions
@@ -15,7 +15,7 @@ from rdmamig.testing import connected_pair
 from rdmamig_policies.pin_until_done import PinUntilDone
 from rdmamig_tcp import TcpBackend
 
-DEFAULT_CAPS = Capability.BATCH | Capability.VERIFY
+DEFAULT_CAPS = SOURCE_DEFAULTS
 
 
 class Migration:

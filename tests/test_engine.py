@@ -76,10 +76,29 @@ def test_short_zero_runs_travel_with_their_data(migration: Migration) -> None:
     assert result.zero_pages == 256
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "not negotiated"])
+def test_a_chunk_with_few_data_pages_travels_inline(migration: Migration,
+                                                     inline: bool) -> None:
+    blocks = [RamBlock.anonymous("ram0", 8 * MiB)]
+    pages = blocks[0].array.reshape(-1, 4096)
+    pages[2 * 256 + 7] = 1  # chunk 2: three data pages
+    pages[2 * 256 + 100:2 * 256 + 102] = 2
+    pages[5 * 256 + 10:5 * 256 + 30] = 3  # chunk 5: twenty, over the limit of 16
+    requested = DEFAULT_CAPS if inline else DEFAULT_CAPS & ~Capability.INLINE
+    assert_succeeded(migration.run(blocks, requested=requested), blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    assert result.inline_pages == (3 if inline else 0)
+    assert result.registrations == (1 if inline else 2)
+    # Short zero runs go with their data: pages 0-29 of chunk 5, 0-7 and 100-101 of 2.
+    assert result.bytes_written == (30 if inline else 40) * 4096
+    assert migration.destination.result.inline_pages == result.inline_pages  # type: ignore[union-attr]
+
+
 def test_all_zero_chunks_are_never_registered(migration: Migration) -> None:
     blocks = [RamBlock.anonymous("ram0", 8 * MiB)]
-    blocks[0].array[5 * MiB:5 * MiB + 10] = 7
-    assert_succeeded(migration.run(blocks), blocks)
+    blocks[0].array[5 * MiB:5 * MiB + 10] = 7  # one data page: registered without INLINE
+    assert_succeeded(migration.run(blocks, requested=DEFAULT_CAPS & ~Capability.INLINE),
+                     blocks)
     assert migration.source.result.registrations == 1  # type: ignore[union-attr]
 
 

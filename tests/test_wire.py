@@ -68,6 +68,28 @@ def test_extension_messages_round_trip_only_when_negotiated() -> None:
     assert wire.decode_untrusted(wire.encode(result), extensions=Capability.VERIFY) == result
 
 
+def test_pages_carry_whole_pages_only_when_inline_was_negotiated() -> None:
+    page = wire.InlinePage(block_idx=2, offset=0x3000, data=bytes([9]) * 4096)
+    raw = wire.encode(wire.Pages(entries=(page,)))
+    assert raw[:16] == bytes.fromhex(hdr(4112, 14))
+    assert raw[16:32] == bytes.fromhex("00000002" "00000000" "0000000000003000")
+    assert wire.decode_untrusted(raw, extensions=Capability.INLINE) == wire.Pages(
+        entries=(page,))
+    with pytest.raises(RemoteProtocolError, match=r"type=14 at offset 4: unknown command "
+                                                  r"\(INLINE not negotiated\)"):
+        wire.decode_untrusted(raw, extensions=Capability.VERIFY)
+    two = raw[:8] + struct.pack("!I", 2) + raw[12:]  # repeat says 2, one page follows
+    with pytest.raises(RemoteProtocolError, match="PAGES with repeat=2 must be 8224 bytes"):
+        wire.decode_untrusted(two, extensions=Capability.INLINE)
+    # A page is exactly a page: no silent padding of short data.
+    with pytest.raises(ValueError, match="data"):
+        wire.InlinePage(block_idx=0, offset=0, data=b"short")
+    full = wire.Pages(entries=(page,) * wire.MAX_PAGES)
+    assert len(wire.encode(full)) <= wire.MAX_MESSAGE
+    with pytest.raises(LocalProtocolError, match="over the"):
+        wire.encode(wire.Pages(entries=(page,) * (wire.MAX_PAGES + 1)))
+
+
 def test_private_data_is_eight_bytes() -> None:
     from rdmamig.caps import PrivateData
     assert PrivateData(version=1, flags=1).encode() == bytes.fromhex("0000000100000001")
@@ -163,16 +185,17 @@ def test_capture_ram_blocks_result_lists_six_blocks() -> None:
 # ------------------------------------------------------------------ fuzz
 
 _VALID = [raw for _m, hexbytes in GOLDEN for raw in [bytes.fromhex(hexbytes)]]
+EVERY_EXTENSION = Capability.VERIFY | Capability.INLINE
 
 
 def _decode_or_protocol_error(data: bytes) -> None:
     try:
-        message = wire.decode_untrusted(data, extensions=Capability.VERIFY)
+        message = wire.decode_untrusted(data, extensions=EVERY_EXTENSION)
     except ProtocolError:
         return
     # Whatever parses must re-encode to the same bytes, padding and repeat aside.
     again = wire.encode(message)
-    assert wire.decode_untrusted(again, extensions=Capability.VERIFY) == message
+    assert wire.decode_untrusted(again, extensions=EVERY_EXTENSION) == message
 
 
 @settings(max_examples=3000, deadline=None)

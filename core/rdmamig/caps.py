@@ -30,9 +30,14 @@ class Capability(enum.IntFlag):
     BATCH = 0x0001_0000
     #: Block hashes are compared after transfer (BLOCK HASHES / VERIFY RESULT).
     VERIFY = 0x0002_0000
+    #: A few dirty pages of an unregistered chunk may travel inside PAGES messages.
+    INLINE = 0x0004_0000
 
 
-KNOWN_CAPABILITIES = Capability.PIN_ALL | Capability.BATCH | Capability.VERIFY
+KNOWN_CAPABILITIES = (Capability.PIN_ALL | Capability.BATCH | Capability.VERIFY
+                      | Capability.INLINE)
+#: What an rdmamig source asks for unless told otherwise (PIN_ALL is the policy's call).
+SOURCE_DEFAULTS = Capability.BATCH | Capability.VERIFY | Capability.INLINE
 
 
 @attrs.frozen

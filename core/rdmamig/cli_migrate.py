@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from .caps import Capability
+from .caps import SOURCE_DEFAULTS, Capability
 from .engine import (
     ChecksumTracker,
     Destination,
@@ -142,7 +142,7 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
     if args.pin_cap is not None and policy(options).pin_cap is None:
         raise UsageError(f"policy {policy.name!r} keeps no cap; --pin-cap is for lru, "
                          f"memlock and hints")
-    requested = Capability.BATCH | Capability.VERIFY | policy.capabilities
+    requested = SOURCE_DEFAULTS | policy.capabilities
     if args.pin_all:
         requested |= Capability.PIN_ALL
     return Plan(backend=backend, backend_options=_backend_options(args), policy=policy,

@@ -70,6 +70,7 @@ _DESTINATION_TAKES: Final = {
     C.REGISTER_FINISHED: State.IDLE,
     C.UNREGISTER_REQUEST: State.OWE_UNREGISTER_FINISHED,
     C.BLOCK_HASHES: State.OWE_VERIFY_RESULT,
+    C.PAGES: State.IDLE,
 }
 
 # Requests the source sends, and the state that waits for the answer.

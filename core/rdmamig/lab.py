@@ -8,7 +8,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from .caps import Capability
+from .caps import SOURCE_DEFAULTS
 from .cli_migrate import Guest, Plan, migrate_locally, parse_size
 from .engine import SourceConfig
 from .errors import UsageError
@@ -55,7 +55,7 @@ def compare(args: argparse.Namespace) -> int:
         policy = registry.policy(name)
         plan = Plan(backend=backend, policy=policy,
                     options=PolicyOptions(pin_cap=cap, hints=(hot,)),
-                    requested=policy.capabilities | Capability.BATCH | Capability.VERIFY,
+                    requested=policy.capabilities | SOURCE_DEFAULTS,
                     config=SourceConfig(max_downtime=args.max_downtime / 1000,
                                         timeout=args.timeout))
         guest = Guest(ram=args.ram, dirty_rate=args.dirty_rate, pattern=pattern)

@@ -30,6 +30,7 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
         "iterations": src.iterations or dst.iterations,
         "bytes_written": src.bytes_written,
         "zero_pages": src.zero_pages or dst.zero_pages,
+        "inline_pages": src.inline_pages or dst.inline_pages,
         "registrations": src.registrations,
         "unregistrations": src.unregistrations,
         "reregistrations": src.reregistrations,

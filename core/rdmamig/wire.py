@@ -46,6 +46,12 @@ COMPRESS = struct.Struct("!IIQQ")
 BLOCK_HASH = struct.Struct("!II16s")
 # rdmamig extension: matched blocks (u32), mismatched blocks (u32)
 VERIFY_RESULT = struct.Struct("!II")
+#: Bytes of one page carried by PAGES.
+PAGE_BYTES: Final = 4096
+# rdmamig extension: block_idx (u32), padding (u32), offset (u64), the page's bytes
+PAGE = struct.Struct(f"!IIQ{PAGE_BYTES}s")
+#: Most pages one PAGES message holds (it must fit in 512 KiB).
+MAX_PAGES: Final = MAX_DATA // PAGE.size
 
 
 class Command(enum.IntEnum):
@@ -63,9 +69,10 @@ class Command(enum.IntEnum):
     REGISTER_FINISHED = 9
     UNREGISTER_REQUEST = 10
     UNREGISTER_FINISHED = 11
-    # rdmamig extensions, valid only when Capability.VERIFY was negotiated.
+    # rdmamig extensions, valid only when their capability was negotiated.
     BLOCK_HASHES = 12
     VERIFY_RESULT = 13
+    PAGES = 14
 
     @property
     def label(self) -> str:
@@ -77,6 +84,7 @@ class Command(enum.IntEnum):
 EXTENSION_COMMANDS: Final = {
     Command.BLOCK_HASHES: Capability.VERIFY,
     Command.VERIFY_RESULT: Capability.VERIFY,
+    Command.PAGES: Capability.INLINE,
 }
 
 
@@ -127,6 +135,18 @@ class BlockHash:
 
     block_idx: int
     digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+
+
+@attrs.frozen(kw_only=True)
+class InlinePage:
+    """rdmamig extension: one page's bytes for ``offset`` (in the destination RAM
+    space, as COMPRESS's) of block ``block_idx``."""
+
+    block_idx: int
+    offset: int
+    data: bytes = attrs.field(validator=attrs.validators.and_(
+        attrs.validators.instance_of(bytes), attrs.validators.min_len(PAGE_BYTES),
+        attrs.validators.max_len(PAGE_BYTES)))
 
 
 # ---------------------------------------------------------------- messages
@@ -224,6 +244,16 @@ class BlockHashes:
 
 
 @attrs.frozen(kw_only=True)
+class Pages:
+    """rdmamig extension (Capability.INLINE): pages of chunks that are not
+    registered, carried in the message instead of written (at most
+    :data:`MAX_PAGES` per message)."""
+
+    TYPE: ClassVar[Command] = Command.PAGES
+    entries: tuple[InlinePage, ...]
+
+
+@attrs.frozen(kw_only=True)
 class VerifyResult:
     """rdmamig extension (Capability.VERIFY): the destination's comparison."""
 
@@ -246,6 +276,7 @@ Message: TypeAlias = (
     | UnregisterFinished
     | BlockHashes
     | VerifyResult
+    | Pages
 )
 
 _EMPTY: Final[dict[Command, Message]] = {
@@ -289,6 +320,9 @@ def _data_of(message: Message) -> tuple[bytes, int]:
             return _pack_entries(BLOCK_HASH, rows), len(entries)
         case VerifyResult(matched=matched, mismatched=mismatched):
             return VERIFY_RESULT.pack(matched, mismatched), 1
+        case Pages(entries=entries):
+            rows = [(e.block_idx, 0, e.offset, e.data) for e in entries]
+            return _pack_entries(PAGE, rows), len(entries)
     raise LocalProtocolError(f"not a control message: {message!r}")
 
 
@@ -386,6 +420,15 @@ def _decode_verify_result(data: memoryview, repeat: int) -> VerifyResult:
     return VerifyResult(matched=matched, mismatched=mismatched)
 
 
+def _decode_pages(data: memoryview, repeat: int) -> Pages:
+    entries = []
+    for at, (block_idx, _pad, offset, page) in _entries(data, PAGE, 16):
+        if offset + PAGE_BYTES > 2**64:
+            raise _fail("offset", offset, at + 8, "page wraps the address space")
+        entries.append(InlinePage(block_idx=block_idx, offset=offset, data=page))
+    return Pages(entries=tuple(entries))
+
+
 def _decode_qemu_file(data: memoryview, repeat: int) -> QemuFile:
     return QemuFile(data=bytes(data))
 
@@ -399,6 +442,7 @@ _ARRAY_ENTRY: Final[dict[Command, struct.Struct]] = {
     Command.REGISTER_RESULT: REGISTER_RESULT,
     Command.UNREGISTER_REQUEST: REGISTER,
     Command.BLOCK_HASHES: BLOCK_HASH,
+    Command.PAGES: PAGE,
 }
 
 _DECODERS: Final[dict[Command, _Decoder]] = {
@@ -410,6 +454,7 @@ _DECODERS: Final[dict[Command, _Decoder]] = {
     Command.UNREGISTER_REQUEST: _decode_unregister_request,
     Command.BLOCK_HASHES: _decode_block_hashes,
     Command.VERIFY_RESULT: _decode_verify_result,
+    Command.PAGES: _decode_pages,
 }
 
 

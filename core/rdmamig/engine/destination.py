@@ -48,6 +48,8 @@ class DestinationResult:
     registrations: int = 0
     unregistrations: int = 0
     zero_pages: int = 0
+    #: Pages that came inside PAGES messages (Capability.INLINE).
+    inline_pages: int = 0
     pinned_peak_bytes: int = 0
     #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
     locked_peak_bytes: int = 0
@@ -150,6 +152,9 @@ class Destination:
             case wire.Compress(entries=ranges):
                 for compress in ranges:
                     self._compress(compress)
+            case wire.Pages(entries=pages):
+                for page in pages:
+                    self._inline_page(page)
             case wire.UnregisterRequest(entries=chunks):
                 for chunk in chunks:
                     self._unregister(chunk)
@@ -248,6 +253,16 @@ class Destination:
         if entry.value != 0 or not block.reads_zero(start, entry.length):
             block.array[start:start + entry.length] = entry.value
         self.result.zero_pages += entry.length // 4096 if entry.value == 0 else 0
+
+    def _inline_page(self, page: wire.InlinePage) -> None:
+        block = self._block_at(page.block_idx, "block_idx")
+        start = page.offset - self._offsets[page.block_idx]
+        if start < 0 or start % wire.PAGE_BYTES or start + wire.PAGE_BYTES > block.length:
+            raise RemoteProtocolError(
+                f"offset={page.offset:#x}: PAGES entry is not a page of RAM block "
+                f"{page.block_idx} ({block.name}, {block.length} bytes)")
+        block.view[start:start + wire.PAGE_BYTES] = page.data
+        self.result.inline_pages += 1
 
     # ------------------------------------------------------------ the end
 

@@ -79,6 +79,11 @@ class SourceConfig:
     #: round trips, each behind the writes before it: large windows amortise them.
     window_chunks: int = 256
     timeout: float | None = 60.0
+    #: With INLINE, an unregistered chunk with at most this many dirty data pages
+    #: sends them inside PAGES messages rather than being registered (a copy of a
+    #: few pages costs less than a registration's round trips; as UCX's eager
+    #: protocol against rendezvous). 0: always register.
+    inline_pages: int = 16
     #: Unpin off the data path: one batched UNREGISTER REQUEST per decision and the
     #: local deregistrations on a worker thread. False: one request per chunk and
     #: deregistration inline, as the seed patch does it (the benchmark's baseline).
@@ -93,6 +98,8 @@ class SourceResult:
     iterations: int = 0
     bytes_written: int = 0
     zero_pages: int = 0
+    #: Pages sent inside PAGES messages (Capability.INLINE).
+    inline_pages: int = 0
     registrations: int = 0
     unregistrations: int = 0
     reregistrations: int = 0
@@ -132,6 +139,14 @@ class _Pending:
     rkey: int
 
 
+@attrs.define
+class _Batch:
+    """Writes to post together, the last one signalled, and the chunks they fill."""
+
+    writes: list[_Pending] = attrs.Factory(list)
+    chunks: list[ChunkId] = attrs.Factory(list)
+
+
 class Source:
     """Migrates ``blocks`` over ``endpoint``.
 
@@ -165,6 +180,8 @@ class Source:
         caps = endpoint.capabilities
         self.pin_all = bool(caps & Capability.PIN_ALL)
         self.batch = bool(caps & Capability.BATCH)
+        self._inline_pages = (self.config.inline_pages if caps & Capability.INLINE
+                              and not self.pin_all else 0)
         self.result = SourceResult(capabilities=int(caps))
         self._start = started_at if started_at is not None else time.monotonic()
         self._remote: list[wire.DestBlock] = []
@@ -179,8 +196,9 @@ class Source:
         self._last_ticket: dict[ChunkId, int] = {}
         self._completed_ticket = 0
         self._outstanding: deque[tuple[int, list[ChunkId]]] = deque()
-        self._pending: list[_Pending] = []
-        self._pending_chunks: list[ChunkId] = []
+        # Writes built but not posted yet, in batches of up to batch_chunks chunks.
+        self._queued: list[_Batch] = []
+        self._queued_chunks: set[ChunkId] = set()
         self._stopped = False
         self._window_chunks = (self.config.window_chunks if policy.keeps_everything
                                else self.config.batch_chunks)
@@ -188,8 +206,8 @@ class Source:
         if cap is not None:
             # Room for the window in flight, the one being registered, and eviction.
             self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 4))
-        # Batches posted for the window being sent (those before them are older).
-        self._window_batches = 0
+        # Batches posted while the current window was being sent.
+        self._flushed = 0
         self._deregistering: list[Future[None]] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdmamig-unpin")
 
@@ -321,6 +339,7 @@ class Source:
         cap = self.policy.pin_cap
         pinned = sum(pin.region.length for pin in set(self._pins.values()))
         if settle or (cap is not None and pinned + needed > cap):
+            self._flush_queued()
             while self._outstanding:
                 self._complete_oldest()
             self._unpin(self._ask_policy(needed))
@@ -335,8 +354,13 @@ class Source:
             padded[:block.pages] = dirty
             chunks = np.flatnonzero(padded.reshape(block.chunks, PAGES_PER_CHUNK).any(axis=1))
             ordered = self._pinned_first(index, chunks.tolist())
-            for start in range(0, len(ordered), self._window_chunks):
-                self._send_window(index, block, dirty, ordered[start:start + self._window_chunks])
+            # Windows grow from one batch to window_chunks: the first writes start
+            # early, the later windows amortise their round trips.
+            size, at = min(self.config.batch_chunks, self._window_chunks), 0
+            while at < len(ordered):
+                self._send_window(index, block, dirty, ordered[at:at + size])
+                at += size
+                size = min(2 * size, self._window_chunks)
         self._drain()
 
     def _pinned_first(self, index: int, chunks: list[int]) -> list[int]:
@@ -357,6 +381,7 @@ class Source:
     def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
                      window: list[int]) -> None:
         compress: list[wire.CompressRange] = []
+        inline_pages: list[wire.InlinePage] = []
         writes: list[tuple[ChunkId, int, int]] = []
         to_register: list[ChunkId] = []
         base = self._remote[index].offset
@@ -375,20 +400,30 @@ class Source:
             # data pages of a chunk that is registered anyway, a short run of zero
             # pages is written with them: a COMPRESS entry and one more write cost
             # more than copying a few pages.
+            # With INLINE, an unregistered chunk with only a few dirty data pages
+            # sends them in PAGES messages: a copy instead of registering.
             on_registered = _per_page(registered, len(pages))
             zero_chunk = _per_page(registered & ~has_data, len(pages))
             unregistered_zero = ~on_registered & pages & ~nonzero
+            new_data = _per_chunk(~on_registered & pages & nonzero).sum(axis=1)
+            inline = ~registered & (new_data > 0) & (new_data <= self._inline_pages)
+            on_inline = _per_page(inline, len(pages))
             carried = (_short_runs(unregistered_zero, shorter_than=MIN_COMPRESS_RUN,
                                    period=PAGES_PER_CHUNK)
-                       & _per_page(_any_per_chunk(pages & nonzero), len(pages)))
+                       & _per_page((new_data > 0) & ~inline, len(pages)))
             to_compress = zero_chunk | (unregistered_zero & ~carried)
             to_write = ((on_registered & ~zero_chunk & pages)
-                        | (~on_registered & pages & (nonzero | carried)))
+                        | (~on_registered & ~on_inline & pages & (nonzero | carried)))
             self.result.zero_pages += int(np.count_nonzero(to_compress))
             for run_start, run_end in _runs(to_compress):
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
                     length=(run_end - run_start) * PAGE_SIZE))
+            for page in (np.flatnonzero(on_inline & pages & nonzero) + first).tolist():
+                start = page * PAGE_SIZE
+                inline_pages.append(wire.InlinePage(
+                    block_idx=index, offset=base + start,
+                    data=bytes(block.view[start:start + PAGE_SIZE])))
             for run_start, run_end in _runs(to_write, period=PAGES_PER_CHUNK):
                 cid = chunks[run_start // PAGES_PER_CHUNK]
                 writes.append((cid, first + run_start, first + run_end))
@@ -399,13 +434,18 @@ class Source:
                     self.policy.chunk_dirtied(chunk=chunks[at])
             to_register += [chunks[at] for at in np.flatnonzero(~registered & written).tolist()]
         if to_register:
-            self._register(to_register)
+            self._register(to_register)  # posts the window before while the peer pins
+        self._flush_queued()
         if compress:
             for part in self._batches(compress):
                 self.session.exchange_send(wire.Compress(entries=tuple(part)))
+        for at in range(0, len(inline_pages), wire.MAX_PAGES):
+            self.session.exchange_send(wire.Pages(entries=tuple(
+                inline_pages[at:at + wire.MAX_PAGES])))
+        self.result.inline_pages += len(inline_pages)
         for cid, first_page, end_page in writes:
             self._queue_write(cid, block, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
-        self._post_batch()
+        self._end_window()
 
     def _batches(self, entries: Sequence[_T]) -> Iterator[Sequence[_T]]:
         """``entries`` split into array messages: up to 4096 each when BATCH was
@@ -458,10 +498,14 @@ class Source:
     def _bind(self, units: list[tuple[tuple[int, int, int], MemoryRegion]]) -> None:
         """Ask the peer to register ``units`` (already pinned here) and record them."""
         for part in self._batches(units):
+            # The queued writes of the window before go out once the request is on
+            # its way: it is not ordered behind them, and they keep the link busy
+            # while the peer pins.
             reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
                 wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
                               current_index=b, chunks=count)
-                for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT)
+                for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT,
+                meanwhile=self._flush_queued)
             assert isinstance(reply, wire.RegisterResult)
             if len(reply.entries) != len(part):
                 raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
@@ -481,7 +525,7 @@ class Source:
 
     def _in_flight(self, cid: ChunkId) -> bool:
         return (self._last_ticket.get(cid, 0) > self._completed_ticket
-                or cid in self._pending_chunks)
+                or cid in self._queued_chunks)
 
     def _ask_policy(self, needed: int) -> list[ChunkId]:
         try:
@@ -548,42 +592,47 @@ class Source:
             rkey = pin.rkey
         remote_addr = self._host_addr[cid.block] + start
         self.result.bytes_written += end - start
-        if not self._pending_chunks or self._pending_chunks[-1] != cid:
-            if len(self._pending_chunks) == self.config.batch_chunks:
-                self._flush_batch()
-            self._pending_chunks.append(cid)
-        last = self._pending[-1] if self._pending else None
+        batch = self._queued[-1] if self._queued else None
+        if batch is None or (batch.chunks[-1] != cid
+                             and len(batch.chunks) == self.config.batch_chunks):
+            batch = _Batch()
+            self._queued.append(batch)
+        if not batch.chunks or batch.chunks[-1] != cid:
+            batch.chunks.append(cid)
+            self._queued_chunks.add(cid)
+        last = batch.writes[-1] if batch.writes else None
         if (last is not None and last.region == region and last.rkey == rkey
                 and last.offset + last.length == local_offset
                 and last.remote_addr + last.length == remote_addr
                 and last.length + (end - start) <= MAX_WRITE):
             last.length += end - start
             return
-        self._pending.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
+        batch.writes.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
 
-    def _flush_batch(self) -> None:
-        """Post the queued writes as one batch, the last one signalled."""
-        if not self._pending:
+    def _flush_queued(self) -> None:
+        """Post the queued batches, the last write of each signalled."""
+        if not self._queued:
             return
-        ticket = self.endpoint.post_writes(writes=[
-            RemoteWrite(region=p.region, offset=p.offset, length=p.length,
-                        remote_addr=p.remote_addr, rkey=p.rkey) for p in self._pending])
-        for cid in self._pending_chunks:
-            self._last_ticket[cid] = ticket
-        self._outstanding.append((ticket, self._pending_chunks))
-        self._window_batches += 1
-        self._pending, self._pending_chunks = [], []
+        for batch in self._queued:
+            ticket = self.endpoint.post_writes(writes=[
+                RemoteWrite(region=p.region, offset=p.offset, length=p.length,
+                            remote_addr=p.remote_addr, rkey=p.rkey) for p in batch.writes])
+            for cid in batch.chunks:
+                self._last_ticket[cid] = ticket
+            self._outstanding.append((ticket, batch.chunks))
+            self._flushed += 1
+        self._queued, self._queued_chunks = [], set()
         self._progress()
 
-    def _post_batch(self) -> None:
-        """Post the window's last writes and keep one window in flight: wait for the
-        batches of the window before, then let the policy unpin."""
-        self._flush_batch()
-        if not self._window_batches:
-            self._progress()  # a window of zero pages only: no batch sampled it
-        while len(self._outstanding) > self._window_batches:
+    def _end_window(self) -> None:
+        """The window's writes stay queued until the next window's registration is
+        on its way. One window stays in flight: wait for the writes posted before
+        this window's step, then let the policy unpin."""
+        if not self._flushed:
+            self._progress()  # nothing posted in this step: sample anyway
+        while len(self._outstanding) > self._flushed:
             self._complete_oldest()
-        self._window_batches = 0
+        self._flushed = 0
         if not self.pin_all:
             self._unpin(self._ask_policy(0))
 
@@ -597,9 +646,10 @@ class Source:
     def _drain(self) -> None:
         """End of a round: every write completes, then the policy has its say on the
         chunks those completions freed."""
-        self._post_batch()
+        self._flush_queued()
         while self._outstanding:
             self._complete_oldest()
+        self._flushed = 0
         if not self.pin_all:
             self._unpin(self._ask_policy(0))
 
@@ -693,9 +743,14 @@ def _per_page(per_chunk: BoolArray, pages: int) -> BoolArray:
     return np.repeat(per_chunk, PAGES_PER_CHUNK)[:pages]
 
 
-def _any_per_chunk(per_page: BoolArray) -> BoolArray:
-    """Whether each chunk has a True page (the last chunk may be short)."""
+def _per_chunk(per_page: BoolArray) -> BoolArray:
+    """A per-page mask as one row per chunk (the last chunk padded with False)."""
     chunks = -(-len(per_page) // PAGES_PER_CHUNK)
     padded = np.zeros(chunks * PAGES_PER_CHUNK, dtype=np.bool_)
     padded[:len(per_page)] = per_page
-    return np.asarray(padded.reshape(chunks, PAGES_PER_CHUNK).any(axis=1), dtype=np.bool_)
+    return padded.reshape(chunks, PAGES_PER_CHUNK)
+
+
+def _any_per_chunk(per_page: BoolArray) -> BoolArray:
+    """Whether each chunk has a True page."""
+    return np.asarray(_per_chunk(per_page).any(axis=1), dtype=np.bool_)
