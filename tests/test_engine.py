@@ -17,6 +17,7 @@ from rdmamig.engine.source import MIN_COMPRESS_RUN, _runs, _runs_of_consecutive
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
 from rdmamig.workload import SyntheticWorkload, fill_guest
+from rdmamig_policies.lru import Lru
 
 MiB = 1 << 20
 
@@ -361,3 +362,27 @@ def test_runs_cover_the_mask_exactly_and_break_at_chunk_boundaries(
 def test_consecutive_chunks_group_into_spans() -> None:
     assert _runs_of_consecutive([]) == []
     assert _runs_of_consecutive([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
+
+
+def test_a_chunk_about_to_be_written_keeps_its_registration_partner(
+        migration: Migration) -> None:
+    # lru at 8 MiB on 16 MiB: 2-chunk windows, so chunks are registered in 2 MiB
+    # pairs. After the bulk round chunk 9 (pinned, paired with 8) and chunk 0 (not
+    # pinned) are dirtied: registering 0 needs room, and the pair 8-9 must not be
+    # what goes, as 9 is about to be written.
+    blocks = guest(16 * MiB)
+    block = blocks[0]
+
+    class DirtiesAfterBulk(Lru):
+        def iteration_ended(self, *, iteration: int) -> None:
+            super().iteration_ended(iteration=iteration)
+            if iteration == 0:
+                for offset in (9 * MiB, 0):
+                    block.array[offset:offset + 20 * 4096] = 0x5A
+                    block.mark_dirty(offset, 20 * 4096)
+
+    policy = DirtiesAfterBulk(PolicyOptions(pin_cap=8 * MiB))
+    assert_succeeded(migration.run(blocks, policy=policy), blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    assert result.pinned_peak_bytes <= 8 * MiB
+    assert result.iterations == 2

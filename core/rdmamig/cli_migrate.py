@@ -118,6 +118,10 @@ def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
     parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS",
                         help="downtime to converge to, in ms (default 300)")
     parser.add_argument("--max-iterations", type=int, default=30)
+    parser.add_argument("--inline-pages", type=int, default=SourceConfig().inline_pages,
+                        metavar="N", help="send up to N dirty pages of an unregistered chunk "
+                                          "inside control messages instead of registering it "
+                                          "(rdmamig peers; default 16, 0: always register)")
     parser.add_argument("--auto-converge", action="store_true",
                         help="throttle the workload when dirtying outpaces the link")
     parser.add_argument("--unregister", choices=("async", "inline"), default="async",
@@ -150,6 +154,7 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
                 config=SourceConfig(max_downtime=args.max_downtime / 1000,
                                     max_iterations=args.max_iterations,
                                     auto_converge=args.auto_converge, timeout=args.timeout,
+                                    inline_pages=args.inline_pages,
                                     async_unregister=args.unregister == "async"))
 
 

@@ -57,14 +57,16 @@ def compare(args: argparse.Namespace) -> int:
                     options=PolicyOptions(pin_cap=cap, hints=(hot,)),
                     requested=policy.capabilities | SOURCE_DEFAULTS,
                     config=SourceConfig(max_downtime=args.max_downtime / 1000,
-                                        timeout=args.timeout))
+                                        timeout=args.timeout,
+                                        inline_pages=args.inline_pages))
         guest = Guest(ram=args.ram, dirty_rate=args.dirty_rate, pattern=pattern)
         console.print(f"[dim]{pattern} / {name}"
                       f"{f' / cap {cap >> 20} MiB' if cap else ''} ...[/]")
         results.append(migrate_locally(plan, guest))
 
     table = Table("workload", "policy", "cap MiB", "total s", "downtime ms", "GB/s",
-                  "reg", "unreg", "re-reg", "peak pinned src / dst MiB", "verified",
+                  "reg", "unreg", "re-reg", "inline pages", "peak pinned src / dst MiB",
+                  "verified",
                   title=f"policy lab: {args.ram >> 20} MiB, dirtying "
                         f"{args.dirty_rate / 2**20:.0f} MiB/s")
     for report in results:
@@ -74,6 +76,7 @@ def compare(args: argparse.Namespace) -> int:
             f"{report['total_time_s']:.2f}", f"{report['downtime_ms']:.0f}",
             f"{report['throughput_gbps']:.2f}", str(report["registrations"]),
             str(report["unregistrations"]), str(report["reregistrations"]),
+            str(report["inline_pages"]),
             f"{report['pinned_peak_bytes_source'] >> 20} / "
             f"{report['pinned_peak_bytes_destination'] >> 20}",
             "[green]yes[/]" if report["verified"] else f"[red]no[/] {report['error']}")
@@ -123,6 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--backend", default="tcp")
     parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS")
+    parser.add_argument("--inline-pages", type=int, default=SourceConfig().inline_pages,
+                        metavar="N", help="most dirty pages of an unregistered chunk sent "
+                                          "inline (default 16; 0: always register)")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--report", type=Path, metavar="FILE.json")
     parser.add_argument("--plot", type=Path, metavar="FILE.png")

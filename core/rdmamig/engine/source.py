@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Protocol, TypeVar
@@ -199,7 +199,14 @@ class Source:
         # Writes built but not posted yet, in batches of up to batch_chunks chunks.
         self._queued: list[_Batch] = []
         self._queued_chunks: set[ChunkId] = set()
+        # Registered chunks the window being prepared is about to write: in flight
+        # already, so that no unpin (of them or of a partner) happens meanwhile.
+        self._to_write: set[ChunkId] = set()
         self._stopped = False
+        # A policy that keeps everything pinned gets large windows and pipelined
+        # registration (more in flight); for one that unpins, what is in flight is
+        # what it cannot choose from, so that stays at one window of one batch.
+        self._pipelined = policy.keeps_everything
         self._window_chunks = (self.config.window_chunks if policy.keeps_everything
                                else self.config.batch_chunks)
         cap = policy.pin_cap
@@ -431,6 +438,7 @@ class Source:
             if not self.pin_all:
                 for at in np.flatnonzero(registered & written).tolist():
                     # A pinned chunk written again: in flight until chunk_written.
+                    self._to_write.add(chunks[at])
                     self.policy.chunk_dirtied(chunk=chunks[at])
             to_register += [chunks[at] for at in np.flatnonzero(~registered & written).tolist()]
         if to_register:
@@ -445,6 +453,7 @@ class Source:
         self.result.inline_pages += len(inline_pages)
         for cid, first_page, end_page in writes:
             self._queue_write(cid, block, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
+        self._to_write.clear()
         self._end_window()
 
     def _batches(self, entries: Sequence[_T]) -> Iterator[Sequence[_T]]:
@@ -498,14 +507,14 @@ class Source:
     def _bind(self, units: list[tuple[tuple[int, int, int], MemoryRegion]]) -> None:
         """Ask the peer to register ``units`` (already pinned here) and record them."""
         for part in self._batches(units):
-            # The queued writes of the window before go out once the request is on
-            # its way: it is not ordered behind them, and they keep the link busy
-            # while the peer pins.
+            # Pipelined, the queued writes of the window before go out once the
+            # request is on its way: it is not ordered behind them, and they keep
+            # the link busy while the peer pins.
             reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
                 wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
                               current_index=b, chunks=count)
                 for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT,
-                meanwhile=self._flush_queued)
+                meanwhile=self._flush_queued if self._pipelined else None)
             assert isinstance(reply, wire.RegisterResult)
             if len(reply.entries) != len(part):
                 raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
@@ -525,12 +534,22 @@ class Source:
 
     def _in_flight(self, cid: ChunkId) -> bool:
         return (self._last_ticket.get(cid, 0) > self._completed_ticket
-                or cid in self._queued_chunks)
+                or cid in self._queued_chunks or cid in self._to_write)
 
     def _ask_policy(self, needed: int) -> list[ChunkId]:
+        pinned: Mapping[ChunkId, int] = self._pinned_view
+        if self.policy.pin_cap is not None:
+            # A chunk registered together with a chunk in flight cannot go yet: a
+            # capped policy sees it as part of what must fit, not as a candidate, so
+            # that it picks others and the cap holds.
+            tied = {cid for cid in self._pinned_sizes
+                    if any(self._in_flight(c) for c in self._pins[cid].chunks())}
+            if tied:
+                needed += sum(self._pinned_sizes[cid] for cid in tied)
+                pinned = {cid: size for cid, size in self._pinned_sizes.items()
+                          if cid not in tied}
         try:
-            chosen = list(self.policy.select_unpin(pinned=self._pinned_view,
-                                                   needed_bytes=needed))
+            chosen = list(self.policy.select_unpin(pinned=pinned, needed_bytes=needed))
         except Exception as exc:
             raise MigrationError(f"unpin policy {self.policy.name!r} failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
@@ -625,9 +644,11 @@ class Source:
         self._progress()
 
     def _end_window(self) -> None:
-        """The window's writes stay queued until the next window's registration is
-        on its way. One window stays in flight: wait for the writes posted before
-        this window's step, then let the policy unpin."""
+        """Pipelined, the window's writes stay queued until the next window's
+        registration is on its way; otherwise they are posted now. One window stays
+        in flight: wait for the writes posted before, then let the policy unpin."""
+        if not self._pipelined:
+            self._flush_queued()
         if not self._flushed:
             self._progress()  # nothing posted in this step: sample anyway
         while len(self._outstanding) > self._flushed:
