@@ -23,6 +23,8 @@ CASES = {
     "pin-until-done": ["--policy", "pin-until-done"],
     "lru async": ["--policy", "lru", "--unregister", "async"],
     "lru inline": ["--policy", "lru", "--unregister", "inline"],
+    # Without the INLINE path: every dirtied chunk that was unpinned is registered again.
+    "lru async, no INLINE": ["--policy", "lru", "--unregister", "async", "--inline-pages", "0"],
 }
 
 
@@ -46,9 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')}, {args.ram}, cap {args.cap}, medians of "
           f"{args.repeat}, runs interleaved")
-    print("| guest | case | GB/s | vs pin-until-done | unregistrations | peak pinned src / dst"
-          " MiB | peak VmLck src / dst MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| guest | case | GB/s | vs pin-until-done | unregistrations | inline pages |"
+          " peak pinned src / dst MiB | peak VmLck src / dst MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for live in (False, True):
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CASES}
         for _ in range(args.repeat):
@@ -62,8 +64,9 @@ def main() -> None:
             mib = 2**20
             peak = max(reports, key=lambda r: r["pinned_peak_bytes_source"])
             unregistrations = statistics.median(r["unregistrations"] for r in reports)
+            inline = statistics.median(r["inline_pages"] for r in reports)
             print(f"| {'live 100 MiB/s hotspot' if live else 'idle'} | {name} | {gbps:.2f} | "
-                  f"{gbps / base:.0%} | {unregistrations:.0f}"
+                  f"{gbps / base:.0%} | {unregistrations:.0f} | {inline:.0f}"
                   f" | {peak['pinned_peak_bytes_source'] // mib} / "
                   f"{peak['pinned_peak_bytes_destination'] // mib} | "
                   f"{max(r['locked_peak_bytes_source'] for r in reports) // mib} / "
