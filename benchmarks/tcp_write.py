@@ -150,21 +150,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gib-per-size", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=4,
+                        help="lanes of the striped column (TcpBackend(channels=N))")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')}, loopback, medians of {args.repeat} runs")
-    print("| write size | rdmamig tcp GB/s | plain socket GB/s | ratio | UCX tcp put GB/s |"
-          " rdmamig / UCX |")
-    print("|---|---|---|---|---|---|")
+    print(f"| write size | rdmamig tcp GB/s | plain socket GB/s | ratio | UCX tcp put GB/s |"
+          f" rdmamig / UCX | rdmamig tcp, {args.channels} lanes GB/s |")
+    print("|---|---|---|---|---|---|---|")
     for size in SIZES:
         total = int(args.gib_per_size * GiB) if size >= 64 << 10 else GiB // 4
         ours = statistics.median(bench_rdmamig(size, total) for _ in range(args.repeat))
+        striped = statistics.median(bench_rdmamig(size, total, channels=args.channels)
+                                    for _ in range(args.repeat))
         plain = statistics.median(bench_plain(size, total) for _ in range(args.repeat))
         ucx_runs = [bench_ucx(size, max(total // size // 4, 1000)) for _ in range(args.repeat)]
         ucx = statistics.median(u for u in ucx_runs if u) if any(ucx_runs) else None
         ucx_text = f"{ucx / 1e9:.2f}" if ucx else "n/a"
         ratio_ucx = f"{ours / ucx:.2f}" if ucx else "n/a"
         print(f"| {size // 1024} KiB | {ours / 1e9:.2f} | {plain / 1e9:.2f} | "
-              f"{ours / plain:.2f} | {ucx_text} | {ratio_ucx} |", flush=True)
+              f"{ours / plain:.2f} | {ucx_text} | {ratio_ucx} | {striped / 1e9:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from rdmamig import wire
 from rdmamig.caps import Capability
 from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
-from rdmamig.engine.source import MIN_COMPRESS_RUN, _runs, _runs_of_consecutive
+from rdmamig.engine.pages import runs, runs_of_consecutive
+from rdmamig.engine.source import MIN_COMPRESS_RUN
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
 from rdmamig.workload import SyntheticWorkload, fill_guest
@@ -58,7 +59,7 @@ def test_several_blocks_of_odd_sizes(migration: Migration) -> None:
 def test_zero_heavy_ram_goes_as_compress(migration: Migration) -> None:
     blocks = guest(16 * MiB, zero_fraction=0.9)
     zero = ~blocks[0].nonzero_pages(0, blocks[0].pages)
-    long_runs = sum(end - start for start, end in _runs(zero, period=256)
+    long_runs = sum(end - start for start, end in runs(zero, period=256)
                     if end - start >= MIN_COMPRESS_RUN)
     assert_succeeded(migration.run(blocks), blocks)
     result = migration.source.result  # type: ignore[union-attr]
@@ -343,16 +344,16 @@ def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
 def test_runs_cover_the_mask_exactly_and_break_at_chunk_boundaries(
         bits: list[bool], period: int | None) -> None:
     mask = np.array(bits, dtype=np.bool_)
-    runs = _runs(mask, period=period)
+    found = runs(mask, period=period)
     rebuilt = np.zeros(len(mask), dtype=np.bool_)
-    for start, end in runs:
+    for start, end in found:
         assert start < end and not rebuilt[start:end].any()
         rebuilt[start:end] = True
         if period is not None:
             assert start // period == (end - 1) // period
     assert (rebuilt == mask).all()
     # Runs are maximal: neighbours of a run are False or across a boundary.
-    for start, end in runs:
+    for start, end in found:
         if start > 0 and mask[start - 1]:
             assert period is not None and start % period == 0
         if end < len(mask) and mask[end]:
@@ -360,8 +361,8 @@ def test_runs_cover_the_mask_exactly_and_break_at_chunk_boundaries(
 
 
 def test_consecutive_chunks_group_into_spans() -> None:
-    assert _runs_of_consecutive([]) == []
-    assert _runs_of_consecutive([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
+    assert runs_of_consecutive([]) == []
+    assert runs_of_consecutive([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
 
 
 def test_a_chunk_about_to_be_written_keeps_its_registration_partner(

@@ -27,7 +27,6 @@ from typing import Protocol, TypeVar
 
 import attrs
 import numpy as np
-import numpy.typing as npt
 
 from .. import wire
 from ..caps import Capability
@@ -37,11 +36,11 @@ from ..pinning import locked_bytes
 from ..policy import CHUNK_SIZE, ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
 from ..transport import Endpoint, MemoryRegion, RemoteWrite
+from . import pages as masks
 from . import stream
 from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
 
 _T = TypeVar("_T")
-IntArray = npt.NDArray[np.intp]
 
 #: Longest merged write (PROTOCOL.md, "RAM transfer").
 MAX_WRITE = 2 * CHUNK_SIZE
@@ -392,7 +391,7 @@ class Source:
         writes: list[tuple[ChunkId, int, int]] = []
         to_register: list[ChunkId] = []
         base = self._remote[index].offset
-        for first_chunk, end_chunk in _runs_of_consecutive(window):
+        for first_chunk, end_chunk in masks.runs_of_consecutive(window):
             first = first_chunk * PAGES_PER_CHUNK
             pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
             nonzero = block.nonzero_pages(first, first + len(pages))
@@ -400,7 +399,7 @@ class Source:
             # Per chunk: registered, and holding any non-zero page.
             registered = np.fromiter((self.pin_all or c in self._pins for c in chunks),
                                      dtype=np.bool_, count=len(chunks))
-            has_data = _any_per_chunk(nonzero)
+            has_data = masks.any_per_chunk(nonzero)
             # Per page. A registered chunk goes whole as COMPRESS when it is all zero,
             # else its dirty pages are written; an unregistered one sends its dirty
             # zero pages as COMPRESS and needs registering for the others. Between
@@ -409,20 +408,20 @@ class Source:
             # more than copying a few pages.
             # With INLINE, an unregistered chunk with only a few dirty data pages
             # sends them in PAGES messages: a copy instead of registering.
-            on_registered = _per_page(registered, len(pages))
-            zero_chunk = _per_page(registered & ~has_data, len(pages))
+            on_registered = masks.per_page(registered, len(pages))
+            zero_chunk = masks.per_page(registered & ~has_data, len(pages))
             unregistered_zero = ~on_registered & pages & ~nonzero
-            new_data = _per_chunk(~on_registered & pages & nonzero).sum(axis=1)
+            new_data = masks.per_chunk(~on_registered & pages & nonzero).sum(axis=1)
             inline = ~registered & (new_data > 0) & (new_data <= self._inline_pages)
-            on_inline = _per_page(inline, len(pages))
-            carried = (_short_runs(unregistered_zero, shorter_than=MIN_COMPRESS_RUN,
+            on_inline = masks.per_page(inline, len(pages))
+            carried = (masks.short_runs(unregistered_zero, shorter_than=MIN_COMPRESS_RUN,
                                    period=PAGES_PER_CHUNK)
-                       & _per_page((new_data > 0) & ~inline, len(pages)))
+                       & masks.per_page((new_data > 0) & ~inline, len(pages)))
             to_compress = zero_chunk | (unregistered_zero & ~carried)
             to_write = ((on_registered & ~zero_chunk & pages)
                         | (~on_registered & ~on_inline & pages & (nonzero | carried)))
             self.result.zero_pages += int(np.count_nonzero(to_compress))
-            for run_start, run_end in _runs(to_compress):
+            for run_start, run_end in masks.runs(to_compress):
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
                     length=(run_end - run_start) * PAGE_SIZE))
@@ -431,10 +430,10 @@ class Source:
                 inline_pages.append(wire.InlinePage(
                     block_idx=index, offset=base + start,
                     data=bytes(block.view[start:start + PAGE_SIZE])))
-            for run_start, run_end in _runs(to_write, period=PAGES_PER_CHUNK):
+            for run_start, run_end in masks.runs(to_write, period=PAGES_PER_CHUNK):
                 cid = chunks[run_start // PAGES_PER_CHUNK]
                 writes.append((cid, first + run_start, first + run_end))
-            written = _any_per_chunk(to_write)
+            written = masks.any_per_chunk(to_write)
             if not self.pin_all:
                 for at in np.flatnonzero(registered & written).tolist():
                     # A pinned chunk written again: in flight until chunk_written.
@@ -716,62 +715,3 @@ class Source:
         self._pins.clear()
         self._pinned_sizes.clear()
         self._local_blocks.clear()
-
-
-def _runs(mask: BoolArray, *, period: int | None = None) -> list[tuple[int, int]]:
-    """``[start, end)`` of every run of True in ``mask``, found with numpy; with
-    ``period``, runs also end at every multiple of it (at chunk boundaries)."""
-    if not mask.any():
-        return []
-    starts, ends = _run_bounds(mask, period)
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
-
-
-def _run_bounds(mask: BoolArray, period: int | None) -> tuple[IntArray, IntArray]:
-    before = np.concatenate(([False], mask[:-1]))
-    after = np.concatenate((mask[1:], [False]))
-    if period is not None:
-        at = np.arange(len(mask))
-        before &= at % period != 0
-        after &= (at + 1) % period != 0
-    return np.flatnonzero(mask & ~before), np.flatnonzero(mask & ~after) + 1
-
-
-def _short_runs(mask: BoolArray, *, shorter_than: int, period: int) -> BoolArray:
-    """The pages of ``mask`` that lie in runs (within one period) of fewer than
-    ``shorter_than`` pages."""
-    starts, ends = _run_bounds(mask, period)
-    short = ends - starts < shorter_than
-    edges = np.zeros(len(mask) + 1, dtype=np.int64)
-    np.add.at(edges, starts[short], 1)
-    np.add.at(edges, ends[short], -1)
-    return np.asarray(np.cumsum(edges[:-1]) > 0, dtype=np.bool_)
-
-
-def _runs_of_consecutive(values: list[int]) -> list[tuple[int, int]]:
-    """``[first, end)`` of each run of consecutive integers in sorted ``values``."""
-    spans: list[tuple[int, int]] = []
-    for value in values:
-        if spans and spans[-1][1] == value:
-            spans[-1] = (spans[-1][0], value + 1)
-        else:
-            spans.append((value, value + 1))
-    return spans
-
-
-def _per_page(per_chunk: BoolArray, pages: int) -> BoolArray:
-    """A per-chunk mask spread over the chunks' ``pages`` pages."""
-    return np.repeat(per_chunk, PAGES_PER_CHUNK)[:pages]
-
-
-def _per_chunk(per_page: BoolArray) -> BoolArray:
-    """A per-page mask as one row per chunk (the last chunk padded with False)."""
-    chunks = -(-len(per_page) // PAGES_PER_CHUNK)
-    padded = np.zeros(chunks * PAGES_PER_CHUNK, dtype=np.bool_)
-    padded[:len(per_page)] = per_page
-    return padded.reshape(chunks, PAGES_PER_CHUNK)
-
-
-def _any_per_chunk(per_page: BoolArray) -> BoolArray:
-    """Whether each chunk has a True page."""
-    return np.asarray(_per_chunk(per_page).any(axis=1), dtype=np.bool_)
