@@ -4,6 +4,8 @@ the counters that order its writes against control messages.
 Sending happens on the lane's own thread, as a NIC works through its send queue:
 posting returns at once, several lanes copy into the kernel at the same time (the
 GIL is released in ``sendmsg``), and the caller prepares its next batch meanwhile.
+A small push to an idle lane is sent by the caller itself: handing it to the thread
+would cost more than sending it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from .frames import send_all
 _SHUT_WR = object()
 
 Frames = Sequence[bytes | memoryview]
+
+#: A push of at most this many bytes to an idle lane is sent by the caller.
+DIRECT_SEND_BYTES = 1 << 20
 
 
 class Lane:
@@ -47,29 +52,60 @@ class Lane:
         #: Held while one of the peer's writes is placed: deregistration waits for it.
         self.placing = threading.Lock()
         self._queue: queue.SimpleQueue[Frames | object | None] = queue.SimpleQueue()
+        # Pushes not sent yet, and who may write to the socket: the sender thread or
+        # a caller sending directly, one at a time and in push order.
+        self._unsent = 0
+        self._state = threading.Lock()
+        self._sending = threading.Lock()
         self._on_send_error = on_send_error
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"rdmamig-tcp-tx{index}")
         self._sender.start()
 
     def push(self, frames: Frames) -> None:
-        """Queue ``frames`` (headers and payloads, sent without copying)."""
-        self._queue.put(frames)
+        """Send ``frames`` (headers and payloads, without copying) after everything
+        pushed before: queued for the sender thread, or sent now when they are
+        small and the lane is idle."""
+        with self._state:
+            direct = (self._unsent == 0
+                      and sum(len(frame) for frame in frames) <= DIRECT_SEND_BYTES)
+            self._unsent += 1
+            if direct:
+                # Taken before the state lock is released: nothing pushed later can
+                # reach the socket first.
+                self._sending.acquire()
+        if not direct:
+            self._queue.put(frames)
+            return
+        try:
+            send_all(self.sock, frames)
+        except OSError as exc:
+            self._on_send_error(exc)
+        finally:
+            self._sending.release()
+            with self._state:
+                self._unsent -= 1
 
     def half_close(self) -> None:
-        """Shut the sending direction once everything queued so far is sent."""
+        """Shut the sending direction once everything pushed so far is sent."""
+        with self._state:
+            self._unsent += 1
         self._queue.put(_SHUT_WR)
 
     def _send_loop(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
-                if item is _SHUT_WR:
-                    self.sock.shutdown(socket.SHUT_WR)
-                else:
-                    send_all(self.sock, item)  # type: ignore[arg-type]
+                with self._sending:
+                    if item is _SHUT_WR:
+                        self.sock.shutdown(socket.SHUT_WR)
+                    else:
+                        send_all(self.sock, item)  # type: ignore[arg-type]
             except OSError as exc:
                 self._on_send_error(exc)
                 return
+            finally:
+                with self._state:
+                    self._unsent -= 1
 
     def finish_sending(self, *, timeout: float) -> None:
         """Let the sender thread send what is queued, then stop it (a send that is
