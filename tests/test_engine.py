@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import DEFAULT_CAPS, Migration
-from hypothesis import given
-from hypothesis import strategies as st
 from rdmamig import wire
 from rdmamig.caps import Capability
 from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
-from rdmamig.engine.pages import runs, runs_of_consecutive
+from rdmamig.engine.pages import runs
 from rdmamig.engine.source import MIN_COMPRESS_RUN
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
@@ -335,34 +333,6 @@ def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
     assert source.iterations == 7  # the limit, then stop-and-copy
     assert source.throttle >= 0.6  # 20 % after the first round, +10 % after each other
     assert workload.throttled == source.throttle
-
-
-# ---------------------------------------------------------------- page runs
-
-
-@given(st.lists(st.booleans(), max_size=300), st.sampled_from([None, 1, 7, 64]))
-def test_runs_cover_the_mask_exactly_and_break_at_chunk_boundaries(
-        bits: list[bool], period: int | None) -> None:
-    mask = np.array(bits, dtype=np.bool_)
-    found = runs(mask, period=period)
-    rebuilt = np.zeros(len(mask), dtype=np.bool_)
-    for start, end in found:
-        assert start < end and not rebuilt[start:end].any()
-        rebuilt[start:end] = True
-        if period is not None:
-            assert start // period == (end - 1) // period
-    assert (rebuilt == mask).all()
-    # Runs are maximal: neighbours of a run are False or across a boundary.
-    for start, end in found:
-        if start > 0 and mask[start - 1]:
-            assert period is not None and start % period == 0
-        if end < len(mask) and mask[end]:
-            assert period is not None and end % period == 0
-
-
-def test_consecutive_chunks_group_into_spans() -> None:
-    assert runs_of_consecutive([]) == []
-    assert runs_of_consecutive([3, 4, 5, 9, 11, 12]) == [(3, 6), (9, 10), (11, 13)]
 
 
 def test_a_chunk_about_to_be_written_keeps_its_registration_partner(

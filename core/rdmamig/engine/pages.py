@@ -1,15 +1,63 @@
-"""Page masks of a window, with numpy: runs of pages, chunk spans, per-chunk and
-per-page views. The source decides page by page what to write, COMPRESS or send
-inline without a Python loop over pages or chunks."""
+"""Page masks of a window, with numpy: what each dirty page of a span of chunks
+becomes (:func:`plan_span`), runs of pages, chunk spans, per-chunk and per-page
+views. The source decides page by page what to write, COMPRESS or send inline
+without a Python loop over pages or chunks."""
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 
 from .ramblock import PAGES_PER_CHUNK, BoolArray
 
 IntArray = npt.NDArray[np.intp]
+
+
+@attrs.frozen
+class SpanPlan:
+    """What a span of consecutive chunks sends: page masks (``compress``, ``write``,
+    ``inline``, disjoint) and, per chunk, whether it has pages to write."""
+
+    compress: BoolArray
+    write: BoolArray
+    inline: BoolArray
+    writes_chunk: BoolArray
+
+
+def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
+              inline_limit: int, min_compress_run: int) -> SpanPlan:
+    """Decide, for every page of a span of chunks, how it travels.
+
+    Args:
+        dirty: the span's dirty pages.
+        nonzero: which of its pages hold a non-zero byte.
+        registered: per chunk, whether it is registered (pinned on both sides).
+        inline_limit: an unregistered chunk with at most this many dirty data pages
+            sends them inline (0: never).
+        min_compress_run: in a chunk that is written anyway, shorter runs of dirty
+            zero pages are written with their data.
+
+    A registered chunk goes whole as COMPRESS when all its pages are zero, else its
+    dirty pages are written (PROTOCOL.md, "RAM transfer"). An unregistered chunk
+    sends its dirty zero pages as COMPRESS and its data pages inline or, after
+    registering, written – with the short zero runs between them: a COMPRESS entry
+    and one more write cost more than copying a few pages.
+    """
+    pages = len(dirty)
+    on_registered = per_page(registered, pages)
+    zero_chunk = per_page(registered & ~any_per_chunk(nonzero), pages)
+    unregistered_zero = ~on_registered & dirty & ~nonzero
+    new_data = per_chunk(~on_registered & dirty & nonzero).sum(axis=1)
+    inline_chunk = ~registered & (new_data > 0) & (new_data <= inline_limit)
+    on_inline = per_page(inline_chunk, pages)
+    carried = (short_runs(unregistered_zero, shorter_than=min_compress_run,
+                          period=PAGES_PER_CHUNK)
+               & per_page((new_data > 0) & ~inline_chunk, pages))
+    write = ((on_registered & ~zero_chunk & dirty)
+             | (~on_registered & ~on_inline & dirty & (nonzero | carried)))
+    return SpanPlan(compress=zero_chunk | (unregistered_zero & ~carried), write=write,
+                    inline=on_inline & dirty & nonzero, writes_chunk=any_per_chunk(write))
 
 
 def runs(mask: BoolArray, *, period: int | None = None) -> list[tuple[int, int]]:

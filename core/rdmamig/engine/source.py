@@ -396,44 +396,24 @@ class Source:
             pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
             nonzero = block.nonzero_pages(first, first + len(pages))
             chunks = [ChunkId(index, c) for c in range(first_chunk, end_chunk)]
-            # Per chunk: registered, and holding any non-zero page.
             registered = np.fromiter((self.pin_all or c in self._pins for c in chunks),
                                      dtype=np.bool_, count=len(chunks))
-            has_data = masks.any_per_chunk(nonzero)
-            # Per page. A registered chunk goes whole as COMPRESS when it is all zero,
-            # else its dirty pages are written; an unregistered one sends its dirty
-            # zero pages as COMPRESS and needs registering for the others. Between
-            # data pages of a chunk that is registered anyway, a short run of zero
-            # pages is written with them: a COMPRESS entry and one more write cost
-            # more than copying a few pages.
-            # With INLINE, an unregistered chunk with only a few dirty data pages
-            # sends them in PAGES messages: a copy instead of registering.
-            on_registered = masks.per_page(registered, len(pages))
-            zero_chunk = masks.per_page(registered & ~has_data, len(pages))
-            unregistered_zero = ~on_registered & pages & ~nonzero
-            new_data = masks.per_chunk(~on_registered & pages & nonzero).sum(axis=1)
-            inline = ~registered & (new_data > 0) & (new_data <= self._inline_pages)
-            on_inline = masks.per_page(inline, len(pages))
-            carried = (masks.short_runs(unregistered_zero, shorter_than=MIN_COMPRESS_RUN,
-                                   period=PAGES_PER_CHUNK)
-                       & masks.per_page((new_data > 0) & ~inline, len(pages)))
-            to_compress = zero_chunk | (unregistered_zero & ~carried)
-            to_write = ((on_registered & ~zero_chunk & pages)
-                        | (~on_registered & ~on_inline & pages & (nonzero | carried)))
-            self.result.zero_pages += int(np.count_nonzero(to_compress))
-            for run_start, run_end in masks.runs(to_compress):
+            plan = masks.plan_span(pages, nonzero, registered, inline_limit=self._inline_pages,
+                                   min_compress_run=MIN_COMPRESS_RUN)
+            self.result.zero_pages += int(np.count_nonzero(plan.compress))
+            for run_start, run_end in masks.runs(plan.compress):
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
                     length=(run_end - run_start) * PAGE_SIZE))
-            for page in (np.flatnonzero(on_inline & pages & nonzero) + first).tolist():
+            for page in (np.flatnonzero(plan.inline) + first).tolist():
                 start = page * PAGE_SIZE
                 inline_pages.append(wire.InlinePage(
                     block_idx=index, offset=base + start,
                     data=bytes(block.view[start:start + PAGE_SIZE])))
-            for run_start, run_end in masks.runs(to_write, period=PAGES_PER_CHUNK):
+            for run_start, run_end in masks.runs(plan.write, period=PAGES_PER_CHUNK):
                 cid = chunks[run_start // PAGES_PER_CHUNK]
                 writes.append((cid, first + run_start, first + run_end))
-            written = masks.any_per_chunk(to_write)
+            written = plan.writes_chunk
             if not self.pin_all:
                 for at in np.flatnonzero(registered & written).tolist():
                     # A pinned chunk written again: in flight until chunk_written.
