@@ -67,7 +67,7 @@ def summary_table(report: dict[str, Any]) -> Any:
         ("downtime", f"{report['downtime_ms']:.1f} ms"),
         ("iterations", str(report["iterations"])),
         ("written", f"{report['bytes_written'] / mib:.1f} MiB"),
-        ("zero pages", str(report["zero_pages"])),
+        ("zero pages / inline pages", f"{report['zero_pages']} / {report['inline_pages']}"),
         ("registrations / unregistrations",
          f"{report['registrations']} / {report['unregistrations']}"),
         ("pinned peak (source / destination)",
