@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
 from conftest import DEFAULT_CAPS, Migration
@@ -357,3 +358,27 @@ def test_a_chunk_about_to_be_written_keeps_its_registration_partner(
     result = migration.source.result  # type: ignore[union-attr]
     assert result.pinned_peak_bytes <= 8 * MiB
     assert result.iterations == 2
+
+
+def test_the_downtime_estimate_counts_inline_pages_and_registrations(
+        migration: Migration) -> None:
+    blocks = guest(8 * MiB)
+    migration.run(blocks, policy=Lru(PolicyOptions(pin_cap=4 * MiB)))
+    source = migration.source
+    assert source is not None
+    before = attrs.evolve(source.result, bytes_written=0, inline_pages=0, zero_pages=0,
+                          registrations=0)
+    # 8 MiB handled in 1 s: 4 MiB left take 0.5 s when nothing needs registering.
+    source.result.bytes_written, source.result.inline_pages = 6 * MiB, 0
+    source.result.zero_pages, source.result.registrations = 512, 0
+    assert source._downtime_estimate(4 * MiB, before=before, elapsed=1.0,
+                                     registering=0.0) == pytest.approx(0.5)
+    # Inline pages count as handled; registrations add their measured cost for each
+    # dirty chunk that is not pinned and has more dirty pages than go inline.
+    source.result.bytes_written, source.result.inline_pages = 4 * MiB, 512
+    source.result.registrations = 4
+    blocks[0].mark_dirty(0, 2 * MiB)  # two chunks, 256 dirty pages each
+    pinned = sum(1 for cid in source._pins if cid.index < 2)
+    estimate = source._downtime_estimate(4 * MiB, before=before, elapsed=1.2,
+                                         registering=0.2)
+    assert estimate == pytest.approx(0.5 + (2 - pinned) * 0.2 / 4)

@@ -202,6 +202,8 @@ class Source:
         # already, so that no unpin (of them or of a partner) happens meanwhile.
         self._to_write: set[ChunkId] = set()
         self._stopped = False
+        # Seconds spent registering (pins, round trips, room made for them).
+        self._registering_s = 0.0
         # A policy that keeps everything pinned gets large windows and pipelined
         # registration (more in flight); for one that unpins, what is in flight is
         # what it cannot choose from, so that stays at one window of one batch.
@@ -255,17 +257,20 @@ class Source:
             for tracker in self.trackers:
                 tracker.scan()
             started = time.monotonic()
-            written_before = self.result.bytes_written
+            before = attrs.evolve(self.result)
+            registering_before = self._registering_s
             self._send_dirty()
             self.session.exchange_send(wire.RegisterFinished())
             elapsed = max(time.monotonic() - started, 1e-6)
             self.policy.iteration_ended(iteration=iteration)
             iteration += 1
-            bandwidth = max((self.result.bytes_written - written_before) / elapsed, 1.0)
+            bandwidth = max((self.result.bytes_written - before.bytes_written) / elapsed, 1.0)
             for tracker in self.trackers:
                 tracker.scan()
             remaining = self._dirty_bytes()
-            if remaining / bandwidth <= self.config.max_downtime:
+            if self._downtime_estimate(remaining, before=before, elapsed=elapsed,
+                                       registering=self._registering_s - registering_before,
+                                       ) <= self.config.max_downtime:
                 break
             if iteration >= self.config.max_iterations:
                 break
@@ -304,6 +309,31 @@ class Source:
 
     def _dirty_bytes(self) -> int:
         return sum(block.dirty_pages() for block in self.blocks) * PAGE_SIZE
+
+    def _downtime_estimate(self, remaining: int, *, before: SourceResult, elapsed: float,
+                           registering: float) -> float:
+        """Seconds the stop-and-copy round would take: ``remaining`` dirty bytes at
+        the rate the iteration just ended handled dirty pages (written, inline or
+        as COMPRESS), plus, at that iteration's cost per registration, one for every
+        dirty chunk that is not pinned and too dirty to go inline – the part a
+        capped policy adds, which a bytes-only estimate misses."""
+        handled = (self.result.bytes_written - before.bytes_written
+                   + (self.result.inline_pages - before.inline_pages
+                      + self.result.zero_pages - before.zero_pages) * PAGE_SIZE)
+        estimate = remaining / max(handled / max(elapsed - registering, 1e-6), 1.0)
+        registrations = self.result.registrations - before.registrations
+        if registrations and not self.pin_all:
+            estimate += self._chunks_to_register() * registering / registrations
+        return estimate
+
+    def _chunks_to_register(self) -> int:
+        count = 0
+        for index, block in enumerate(self.blocks):
+            dirty = block.dirty_pages_per_chunk()
+            pinned = np.zeros(len(dirty), dtype=np.bool_)
+            pinned[[cid.index for cid in self._pins if cid.block == index]] = True
+            count += int(np.count_nonzero((dirty > self._inline_pages) & ~pinned))
+        return count
 
     # ------------------------------------------------------------ RAM blocks
 
@@ -464,6 +494,13 @@ class Source:
         return units
 
     def _register(self, chunks: list[ChunkId]) -> None:
+        started = time.monotonic()
+        try:
+            self._register_chunks(chunks)
+        finally:
+            self._registering_s += time.monotonic() - started
+
+    def _register_chunks(self, chunks: list[ChunkId]) -> None:
         units = self._units(chunks)
         self._make_room(sum(self._chunk_bytes(c) for c in chunks))
         regions: list[MemoryRegion] = []
