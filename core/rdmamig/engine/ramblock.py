@@ -119,12 +119,10 @@ class RamBlock:
         """How many pages are dirty now."""
         return int(np.count_nonzero(self._dirty))
 
-    def dirty_pages_per_chunk(self) -> npt.NDArray[np.intp]:
-        """How many pages of each chunk are dirty now."""
-        padded = np.zeros(self.chunks * PAGES_PER_CHUNK, dtype=np.bool_)
-        padded[:self.pages] = self._dirty
-        return np.asarray(padded.reshape(self.chunks, PAGES_PER_CHUNK).sum(axis=1),
-                          dtype=np.intp)
+    def dirty_bitmap(self) -> BoolArray:
+        """A copy of the dirty bitmap, left as it is (for estimates)."""
+        with self._lock:
+            return self._dirty.copy()
 
     # ------------------------------------------------------------ page scans
 

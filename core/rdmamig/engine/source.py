@@ -329,7 +329,7 @@ class Source:
     def _chunks_to_register(self) -> int:
         count = 0
         for index, block in enumerate(self.blocks):
-            dirty = block.dirty_pages_per_chunk()
+            dirty = masks.per_chunk(block.dirty_bitmap()).sum(axis=1)
             pinned = np.zeros(len(dirty), dtype=np.bool_)
             pinned[[cid.index for cid in self._pins if cid.block == index]] = True
             count += int(np.count_nonzero((dirty > self._inline_pages) & ~pinned))
@@ -386,9 +386,7 @@ class Source:
     def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
-            padded = np.zeros(block.chunks * PAGES_PER_CHUNK, dtype=np.bool_)
-            padded[:block.pages] = dirty
-            chunks = np.flatnonzero(padded.reshape(block.chunks, PAGES_PER_CHUNK).any(axis=1))
+            chunks = np.flatnonzero(masks.any_per_chunk(dirty))
             ordered = self._pinned_first(index, chunks.tolist())
             # Windows grow from one batch to window_chunks: the first writes start
             # early, the later windows amortise their round trips.

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
@@ -93,16 +93,10 @@ class TcpEndpoint(Endpoint):
             self._lanes[0].push([header(Kind.SEND, length=len(fence) + len(data)), fence, data])
 
     def recv_message(self, *, timeout: float | None) -> bytes:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not (self._inbox and self._fence_passed(self._inbox[0][0])):
-                if self._error is not None:
-                    raise self._error
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TransportError(f"no control message within {timeout} s",
-                                         errno=errno.ETIMEDOUT)
-                self._cond.wait(remaining)
+            self._wait_until(lambda: bool(self._inbox)
+                             and self._fence_passed(self._inbox[0][0]),
+                             timeout, f"no control message within {timeout} s")
             return self._inbox.popleft()[1]
 
     def _fence_passed(self, fence: tuple[int, ...]) -> bool:
@@ -192,16 +186,23 @@ class TcpEndpoint(Endpoint):
         return pieces
 
     def wait_writes(self, *, ticket: int, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while min(lane.acked for lane in self._lanes) < ticket:
-                if self._error is not None:
-                    raise self._error
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TransportError(f"writes of batch {ticket} not completed within "
-                                         f"{timeout} s", errno=errno.ETIMEDOUT)
-                self._cond.wait(remaining)
+            self._wait_until(lambda: min(lane.acked for lane in self._lanes) >= ticket,
+                             timeout, f"writes of batch {ticket} not completed within "
+                                      f"{timeout} s")
+
+    def _wait_until(self, ready: Callable[[], bool], timeout: float | None,
+                    timed_out: str) -> None:
+        """With ``_cond`` held: wait until ``ready()``; the error state or the
+        timeout (``timed_out`` says what did not happen) raises instead."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            if self._error is not None:
+                raise self._error
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TransportError(timed_out, errno=errno.ETIMEDOUT)
+            self._cond.wait(remaining)
 
     # ------------------------------------------------------------ plumbing
 
