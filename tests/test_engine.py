@@ -237,6 +237,29 @@ def test_destination_refuses_a_compress_outside_its_block() -> None:
             value=0, block_idx=1, offset=0, length=4096))
 
 
+def test_destination_refuses_an_inline_page_that_is_not_a_page_of_its_block() -> None:
+    from rdmamig.engine import Destination, DestinationResult
+    from rdmamig.errors import RemoteProtocolError
+
+    block = RamBlock.anonymous("ram0", 2 * MiB)
+    destination = Destination.__new__(Destination)
+    destination.blocks = [block]
+    destination._offsets = [0]  # type: ignore[attr-defined]
+    destination.result = DestinationResult()
+    data = bytes([7]) * 4096
+    for offset in (2 * MiB, 4096 + 8, 2**63):  # past the end, not page-aligned, far off
+        with pytest.raises(RemoteProtocolError, match="PAGES entry is not a page of RAM"):
+            destination._inline_page(wire.InlinePage(  # type: ignore[attr-defined]
+                block_idx=0, offset=offset, data=data))
+    with pytest.raises(RemoteProtocolError, match="block_idx=1: no such RAM block"):
+        destination._inline_page(wire.InlinePage(  # type: ignore[attr-defined]
+            block_idx=1, offset=0, data=data))
+    assert block.reads_zero(0, 2 * MiB)  # nothing was written
+    destination._inline_page(wire.InlinePage(  # type: ignore[attr-defined]
+        block_idx=0, offset=4096, data=data))
+    assert block.array[4096:8192].tolist() == list(data)
+
+
 @pytest.mark.parametrize("name", ["pin-until-done", "pin-all", "eager", "lru", "memlock",
                                   "hints", "example-oldest-half"])
 def test_every_policy_migrates_a_live_guest(migration: Migration, name: str) -> None:
