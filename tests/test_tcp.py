@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 from rdmamig.caps import Capability, PrivateData
@@ -107,6 +108,35 @@ def test_registration_really_pins() -> None:
         assert locked_bytes() - before == 4 << 20
         dst.deregister(region=region)
         assert locked_bytes() == before
+
+
+def test_deregistration_waits_for_a_write_into_its_region_and_no_other() -> None:
+    with connected_pair(TcpBackend()) as (src, dst):
+        assert isinstance(dst, TcpEndpoint)
+        into, other = mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 1 << 20)
+        region = dst.register(buffer=memoryview(into), remote_write=True)
+        unrelated = dst.register(buffer=memoryview(other), remote_write=True)
+        # Half of a write's payload: the receiver is placing it until the rest comes.
+        sock = _lane_socket(src)
+        sock.sendall(header(Kind.WRITE, rkey=region.rkey, remote_addr=region.addr,
+                            length=8192) + b"x" * 4096)
+        deadline = time.monotonic() + 5
+        while dst._lanes[0].placing_into is not region:
+            assert time.monotonic() < deadline, "the write never started"
+            time.sleep(0.001)
+        elsewhere = threading.Thread(target=dst.deregister, kwargs={"region": unrelated})
+        elsewhere.start()
+        elsewhere.join(timeout=5)
+        assert not elsewhere.is_alive(), "waited for a write into another region"
+
+        waiting = threading.Thread(target=dst.deregister, kwargs={"region": region})
+        waiting.start()
+        waiting.join(timeout=0.2)
+        assert waiting.is_alive(), "deregistered while a write into the region was placed"
+        sock.sendall(b"x" * 4096)
+        waiting.join(timeout=5)
+        assert not waiting.is_alive()
+        assert into[:8192] == b"x" * 8192 and into[8192] == 0
 
 
 MEMLOCK_SCRIPT = textwrap.dedent("""

@@ -79,8 +79,9 @@ class UnpinPolicy(abc.ABC):
         """The most bytes this policy keeps pinned on each side, or None when it
         enforces no cap (the default; capped policies override it).
 
-        With a cap, the engine sizes its write batches to a quarter of it and lets
-        in-flight writes complete before asking the policy to make room, so that a
+        With a cap, the engine works in windows of half of it (the window being
+        written and the one being registered fill it) and lets the writes of the
+        window before complete before asking the policy to make room, so that a
         policy can keep its cap with chunks it has seen written.
         """
         return None

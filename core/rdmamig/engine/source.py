@@ -204,16 +204,26 @@ class Source:
         self._stopped = False
         # Seconds spent registering (pins, round trips, room made for them).
         self._registering_s = 0.0
-        # A policy that keeps everything pinned gets large windows and pipelined
-        # registration (more in flight); for one that unpins, what is in flight is
-        # what it cannot choose from, so that stays at one window of one batch.
+        # How a window's writes are posted, so that the link stays busy through the
+        # control round trips (each of which waits behind the writes posted before
+        # it, as a SEND behind WRITEs on one queue pair):
+        # - a policy that keeps everything pinned gets large windows, each posted
+        #   once the next window's REGISTER REQUEST is on its way ("pipelined");
+        # - a capped policy gets windows of half its cap (the window in flight and
+        #   the one being registered fill it), each posted in parts: half at once,
+        #   so that the next window is scanned meanwhile, a quarter during the next
+        #   UNREGISTER exchange and the rest during the next REGISTER ("interleaved");
+        # - any other policy gets windows of one batch, posted at once: what is in
+        #   flight is what it cannot choose from.
         self._pipelined = policy.keeps_everything
+        cap = policy.pin_cap
+        self._interleaved = cap is not None and not policy.keeps_everything
         self._window_chunks = (self.config.window_chunks if policy.keeps_everything
                                else self.config.batch_chunks)
-        cap = policy.pin_cap
+        self._batch_chunks = self.config.batch_chunks
         if cap is not None:
-            # Room for the window in flight, the one being registered, and eviction.
-            self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 4))
+            self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 2))
+            self._batch_chunks = max(1, min(self._batch_chunks, self._window_chunks // 4))
         # Batches posted while the current window was being sent.
         self._flushed = 0
         self._deregistering: list[Future[None]] = []
@@ -521,14 +531,15 @@ class Source:
     def _bind(self, units: list[tuple[tuple[int, int, int], MemoryRegion]]) -> None:
         """Ask the peer to register ``units`` (already pinned here) and record them."""
         for part in self._batches(units):
-            # Pipelined, the queued writes of the window before go out once the
-            # request is on its way: it is not ordered behind them, and they keep
-            # the link busy while the peer pins.
+            # The queued writes of the window before go out once the request is on
+            # its way: it is not ordered behind them, and they keep the link busy
+            # while the peer pins.
             reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
                 wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
                               current_index=b, chunks=count)
                 for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT,
-                meanwhile=self._flush_queued if self._pipelined else None)
+                meanwhile=self._flush_queued if self._pipelined or self._interleaved
+                else None)
             assert isinstance(reply, wire.RegisterResult)
             if len(reply.entries) != len(part):
                 raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
@@ -597,7 +608,8 @@ class Source:
         for part in requests:
             self.session.exchange_send(wire.UnregisterRequest(entries=tuple(
                 wire.Register(key=pin.first, current_index=pin.block, chunks=pin.count)
-                for pin in part)), reply=wire.Command.UNREGISTER_FINISHED)
+                for pin in part)), reply=wire.Command.UNREGISTER_FINISHED,
+                meanwhile=self._flush_half if self._interleaved else None)
             for pin in part:
                 if not self.config.async_unregister:
                     self.endpoint.deregister(region=pin.region)
@@ -627,7 +639,7 @@ class Source:
         self.result.bytes_written += end - start
         batch = self._queued[-1] if self._queued else None
         if batch is None or (batch.chunks[-1] != cid
-                             and len(batch.chunks) == self.config.batch_chunks):
+                             and len(batch.chunks) == self._batch_chunks):
             batch = _Batch()
             self._queued.append(batch)
         if not batch.chunks or batch.chunks[-1] != cid:
@@ -642,11 +654,17 @@ class Source:
             return
         batch.writes.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
 
-    def _flush_queued(self) -> None:
-        """Post the queued batches, the last write of each signalled."""
+    def _flush_half(self) -> None:
+        """Post the first half of the queued batches (at least one)."""
+        self._flush_queued(limit=max(1, len(self._queued) // 2))
+
+    def _flush_queued(self, limit: int | None = None) -> None:
+        """Post the queued batches (the first ``limit`` of them), the last write of
+        each signalled."""
         if not self._queued:
             return
-        for batch in self._queued:
+        posting, self._queued = self._queued[:limit], self._queued[limit or len(self._queued):]
+        for batch in posting:
             ticket = self.endpoint.post_writes(writes=[
                 RemoteWrite(region=p.region, offset=p.offset, length=p.length,
                             remote_addr=p.remote_addr, rkey=p.rkey) for p in batch.writes])
@@ -654,14 +672,18 @@ class Source:
                 self._last_ticket[cid] = ticket
             self._outstanding.append((ticket, batch.chunks))
             self._flushed += 1
-        self._queued, self._queued_chunks = [], set()
+        self._queued_chunks = {cid for batch in self._queued for cid in batch.chunks}
         self._progress()
 
     def _end_window(self) -> None:
-        """Pipelined, the window's writes stay queued until the next window's
-        registration is on its way; otherwise they are posted now. One window stays
-        in flight: wait for the writes posted before, then let the policy unpin."""
-        if not self._pipelined:
+        """Post the window's writes, all or (pipelined) none or (interleaved) half
+        of them. One window stays in flight: wait for the writes of the windows
+        before, then let the policy unpin."""
+        if self._interleaved:
+            before = len(self._outstanding)
+            self._flush_half()
+            self._flushed = len(self._outstanding) - before
+        elif not self._pipelined:
             self._flush_queued()
         if not self._flushed:
             self._progress()  # nothing posted in this step: sample anyway

@@ -130,12 +130,17 @@ class TcpEndpoint(Endpoint):
                 return key
 
     def deregister(self, *, region: MemoryRegion) -> None:
-        with contextlib.ExitStack() as placing:
-            for lane in self._lanes:
-                placing.enter_context(lane.placing)
-            with self._keys:
-                self._regions.remove(region)
-                self._unpin(region)
+        with self._keys:
+            self._regions.remove(region)
+            self._by_rkey.pop(region.rkey, None)  # no write into it starts from now
+            busy = [lane for lane in self._lanes if lane.placing_into is region]
+        # A write into it that had started is placed before it is unpinned. Writes
+        # into other regions go on: waiting for them would stall every UNREGISTER
+        # behind the bulk of the data.
+        for lane in busy:
+            with lane.placing:
+                pass
+        self._unpin(region)
 
     def _unpin(self, region: MemoryRegion) -> None:
         self._by_rkey.pop(region.rkey, None)
@@ -285,8 +290,12 @@ class TcpEndpoint(Endpoint):
                     raise _RemoteAccessError(
                         f"write of {length} bytes at {addr:#x} is outside the region "
                         f"{region.addr:#x}-{region.addr + region.length:#x} of rkey={rkey:#x}")
-            if not recv_exact(lane.sock, view[start:start + length]):
-                raise ConnectionError("peer closed the connection in a write")
+                lane.placing_into = region
+            try:
+                if not recv_exact(lane.sock, view[start:start + length]):
+                    raise ConnectionError("peer closed the connection in a write")
+            finally:
+                lane.placing_into = None
         with self._cond:
             lane.placed_writes += 1
             if self._inbox:  # a control message may be waiting for this write

@@ -16,6 +16,8 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 
+from rdmamig.transport import MemoryRegion
+
 from .frames import send_all
 
 #: A queue item: half-close the socket once everything before it is sent.
@@ -49,8 +51,11 @@ class Lane:
         self.acked = 0
         #: The peer's WRITE frames placed from this lane (the receiver's side).
         self.placed_writes = 0
-        #: Held while one of the peer's writes is placed: deregistration waits for it.
+        #: Held while one of the peer's writes is placed, into ``placing_into``
+        #: (set with the endpoint's key table locked): deregistering that region
+        #: waits for it.
         self.placing = threading.Lock()
+        self.placing_into: MemoryRegion | None = None
         self._queue: queue.SimpleQueue[Frames | object | None] = queue.SimpleQueue()
         # Pushes not sent yet, and who may write to the socket: the sender thread or
         # a caller sending directly, one at a time and in push order.
