@@ -210,9 +210,11 @@ class Source:
         # - a policy that keeps everything pinned gets large windows, each posted
         #   once the next window's REGISTER REQUEST is on its way ("pipelined");
         # - a capped policy gets windows of half its cap (the window in flight and
-        #   the one being registered fill it), each posted in parts: half at once,
-        #   so that the next window is scanned meanwhile, a quarter during the next
-        #   UNREGISTER exchange and the rest during the next REGISTER ("interleaved");
+        #   the one being registered fill it), each posted in thirds: one at once,
+        #   to be sent while the next window is scanned and the writes before
+        #   complete, one during the next UNREGISTER exchange and the last during
+        #   the next REGISTER ("interleaved"); each third covers one wait for the
+        #   peer's answer;
         # - any other policy gets windows of one batch, posted at once: what is in
         #   flight is what it cannot choose from.
         self._pipelined = policy.keeps_everything
@@ -223,7 +225,7 @@ class Source:
         self._batch_chunks = self.config.batch_chunks
         if cap is not None:
             self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 2))
-            self._batch_chunks = max(1, min(self._batch_chunks, self._window_chunks // 4))
+            self._batch_chunks = max(1, min(self._batch_chunks, self._window_chunks // 8))
         # Batches posted while the current window was being sent.
         self._flushed = 0
         self._deregistering: list[Future[None]] = []
@@ -380,6 +382,10 @@ class Source:
         the policy is asked again. Local deregistrations finish before returning, so
         the kernel's count of locked memory stays under the cap too.
         """
+        if self._interleaved:
+            # What the policy may choose from: the windows before the last one.
+            while len(self._outstanding) > self._flushed:
+                self._complete_oldest()
         if not settle:
             self._unpin(self._ask_policy(needed))
         cap = self.policy.pin_cap
@@ -655,8 +661,8 @@ class Source:
         batch.writes.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
 
     def _flush_half(self) -> None:
-        """Post the first half of the queued batches (at least one)."""
-        self._flush_queued(limit=max(1, len(self._queued) // 2))
+        """Post the first half of the queued batches (rounded up)."""
+        self._flush_queued(limit=-(-len(self._queued) // 2))
 
     def _flush_queued(self, limit: int | None = None) -> None:
         """Post the queued batches (the first ``limit`` of them), the last write of
@@ -676,20 +682,22 @@ class Source:
         self._progress()
 
     def _end_window(self) -> None:
-        """Post the window's writes, all or (pipelined) none or (interleaved) half
-        of them. One window stays in flight: wait for the writes of the windows
-        before, then let the policy unpin."""
+        """Post the window's writes: all, or (pipelined) none, or (interleaved) a
+        third. Pipelined or not, one window stays in flight: wait for the writes
+        of the windows before, then let the policy unpin. Interleaved, the wait
+        comes when room is next made, so that the next window is scanned first;
+        ``_flushed`` then counts the batches of this window posted so far."""
         if self._interleaved:
-            before = len(self._outstanding)
-            self._flush_half()
-            self._flushed = len(self._outstanding) - before
+            self._flushed = 0
+            self._flush_queued(limit=-(-len(self._queued) // 3))
         elif not self._pipelined:
             self._flush_queued()
         if not self._flushed:
             self._progress()  # nothing posted in this step: sample anyway
-        while len(self._outstanding) > self._flushed:
-            self._complete_oldest()
-        self._flushed = 0
+        if not self._interleaved:
+            while len(self._outstanding) > self._flushed:
+                self._complete_oldest()
+            self._flushed = 0
         if not self.pin_all:
             self._unpin(self._ask_policy(0))
 
