@@ -71,11 +71,13 @@ class SourceConfig:
     max_downtime: float = 0.3
     max_iterations: int = 30
     auto_converge: bool = False
-    #: Chunks per signalled batch of writes.
+    #: Chunks per signalled batch of writes (under a capped policy, an eighth of
+    #: its window).
     batch_chunks: int = 64
     #: Chunks scanned and registered together when the policy keeps everything
-    #: pinned (otherwise a window is one batch). Each window costs a few control
-    #: round trips, each behind the writes before it: large windows amortise them.
+    #: pinned (under a capped policy a window is half the cap, at most one batch;
+    #: under any other, one batch). Each window costs a few control round trips,
+    #: each behind the writes before it: large windows amortise them.
     window_chunks: int = 256
     timeout: float | None = 60.0
     #: With INLINE, an unregistered chunk with at most this many dirty data pages
