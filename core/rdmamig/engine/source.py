@@ -228,7 +228,8 @@ class Source:
         if cap is not None:
             self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 2))
             self._batch_chunks = max(1, min(self._batch_chunks, self._window_chunks // 8))
-        # Batches posted while the current window was being sent.
+        # Batches posted while the current window was being sent (interleaved:
+        # batches of the last window posted so far; see _end_window).
         self._flushed = 0
         self._deregistering: list[Future[None]] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdmamig-unpin")
