@@ -62,6 +62,8 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["migrate", "--backend", "nope"], "unknown backend 'nope'; known:"),
     (["migrate", "--policy", "nope"], "unknown policy 'nope'; known:"),
+    (["policies", "compare", "--policies", "lru,nope"], "unknown policy 'nope'; known:"),
+    (["policies", "compare", "--patterns", "zigzag"], "unknown pattern 'zigzag'; known:"),
     (["migrate", "--ram", "12 parsecs"], "cannot parse size '12 parsecs'"),
     (["send", "127.0.0.1:1", "--block", "a=/etc/hostname"], "not a positive multiple"),
     (["send", "127.0.0.1:9", "--block", f"a={__file__}x"], "No such file"),
@@ -72,6 +74,34 @@ def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_policy_lab_compares_policies_under_their_caps(tmp_path: Path) -> None:
+    report, plot = tmp_path / "lab.json", tmp_path / "lab.png"
+    result = run("policies", "compare", "--ram", "16MiB", "--dirty-rate", "20MiB",
+                 "--policies", "pin-until-done,eager,lru", "--caps", "4MiB,8MiB",
+                 "--patterns", "hotspot,sequential", "--report", str(report),
+                 "--plot", str(plot), timeout=300)
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(report.read_text())["runs"]
+    # One run per workload and policy, and per cap for a capped policy.
+    assert [(r["pattern"], r["policy"], r["pin_cap"]) for r in runs] == [
+        (pattern, policy, cap) for pattern in ("hotspot", "sequential")
+        for policy, cap in (("pin-until-done", None), ("eager", None), ("lru", 4 * MiB),
+                            ("lru", 8 * MiB))]
+    for r in runs:
+        assert r["verified"], r["error"]
+        assert r["timeline"]["source"], "no pinned-bytes samples to plot"
+        if r["pin_cap"] is not None:
+            assert r["pinned_peak_bytes_source"] <= r["pin_cap"]
+            assert r["pinned_peak_bytes_destination"] <= r["pin_cap"]
+        if r["policy"] == "pin-until-done":
+            assert r["pinned_peak_bytes_source"] == 16 * MiB and r["unregistrations"] == 0
+        else:
+            assert r["unregistrations"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for column in ("re-reg", "peak pinned", "inline"):
+        assert column in result.stdout
 
 
 def test_unreachable_address_exits_2(tmp_path: Path) -> None:

@@ -94,27 +94,23 @@ class Plan:
     config: SourceConfig
 
 
-def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every verb that connects: backend, device, report, timeout."""
     parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
     parser.add_argument("--device", metavar="NAME",
                         help="RDMA device the address must be on (verbs; e.g. rxe0, mlx5_0)")
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the peer (default 60)")
-    if not source:
-        return
+
+
+def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every verb that runs a source (``migrate``, ``send``, the policy
+    lab): how it uses the link and when it converges. Read by :func:`source_config`
+    and :func:`backend_options`."""
     parser.add_argument("--channels", type=parse_channels, default=1, metavar="N",
                         help="connections to stripe the pages over, as QEMU's multifd "
                              "(tcp; 1-16, default 1)")
-    parser.add_argument("--policy", default="pin-until-done",
-                        help="unpin policy (rdmamig policies)")
-    parser.add_argument("--pin-cap", type=parse_size, metavar="BYTES",
-                        help="most bytes pinned on each side, for capped policies")
-    parser.add_argument("--hint", type=parse_hint, action="append", default=[],
-                        metavar="hot|cold:BLOCK:OFFSET:LEN", help="hints for --policy hints")
-    parser.add_argument("--hints-file", type=Path, help="file of hints, one per line")
-    parser.add_argument("--pin-all", action="store_true",
-                        help="ask for PIN_ALL: register whole blocks up front")
     parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS",
                         help="downtime to converge to, in ms (default 300)")
     parser.add_argument("--max-iterations", type=int, default=30)
@@ -127,6 +123,29 @@ def _add_common(parser: argparse.ArgumentParser, *, source: bool) -> None:
     parser.add_argument("--unregister", choices=("async", "inline"), default="async",
                         help="unpin beside the writes (batched, worker thread) or inline, "
                              "one chunk per request (default async)")
+
+
+def source_config(args: argparse.Namespace) -> SourceConfig:
+    """The source's tunables from :func:`add_tuning_arguments` and ``--timeout``."""
+    return SourceConfig(max_downtime=args.max_downtime / 1000,
+                        max_iterations=args.max_iterations,
+                        auto_converge=args.auto_converge, timeout=args.timeout,
+                        inline_pages=args.inline_pages,
+                        async_unregister=args.unregister == "async")
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
+    add_tuning_arguments(parser)
+    parser.add_argument("--policy", default="pin-until-done",
+                        help="unpin policy (rdmamig policies)")
+    parser.add_argument("--pin-cap", type=parse_size, metavar="BYTES",
+                        help="most bytes pinned on each side, for capped policies")
+    parser.add_argument("--hint", type=parse_hint, action="append", default=[],
+                        metavar="hot|cold:BLOCK:OFFSET:LEN", help="hints for --policy hints")
+    parser.add_argument("--hints-file", type=Path, help="file of hints, one per line")
+    parser.add_argument("--pin-all", action="store_true",
+                        help="ask for PIN_ALL: register whole blocks up front")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="draw a timeline (needs matplotlib)")
     parser.add_argument("--quiet", action="store_true", help="no live progress display")
@@ -149,16 +168,12 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
     requested = SOURCE_DEFAULTS | policy.capabilities
     if args.pin_all:
         requested |= Capability.PIN_ALL
-    return Plan(backend=backend, backend_options=_backend_options(args), policy=policy,
-                options=options, requested=requested,
-                config=SourceConfig(max_downtime=args.max_downtime / 1000,
-                                    max_iterations=args.max_iterations,
-                                    auto_converge=args.auto_converge, timeout=args.timeout,
-                                    inline_pages=args.inline_pages,
-                                    async_unregister=args.unregister == "async"))
+    return Plan(backend=backend, backend_options=backend_options(args), policy=policy,
+                options=options, requested=requested, config=source_config(args))
 
 
-def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
+def backend_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for the backend from ``--device`` and ``--channels``."""
     options: dict[str, Any] = {}
     if args.device:
         options["device"] = args.device
@@ -375,7 +390,7 @@ def _safe_name(name: str) -> str:
 
 def _listen(args: argparse.Namespace) -> int:
     registry = load_registry()
-    backend = _available(registry.backend(args.backend), _backend_options(args))
+    backend = _available(registry.backend(args.backend), backend_options(args))
     host, port = parse_address(args.address)
     into: Path = args.into
     into.mkdir(parents=True, exist_ok=True)
@@ -478,13 +493,13 @@ def add_verbs(verbs: Any) -> None:
                          help="bytes per second the workload dirties (e.g. 100MiB)")
     migrate.add_argument("--pattern", choices=PATTERNS, default="uniform")
     migrate.add_argument("--host", default="127.0.0.1", help="loopback address to use")
-    _add_common(migrate, source=True)
+    _add_source_arguments(migrate)
     migrate.set_defaults(run=_migrate)
 
     listen = verbs.add_parser("listen", help="receive a migration into files under DIR")
     listen.add_argument("address", metavar="ADDR:PORT")
     listen.add_argument("--into", type=Path, required=True, metavar="DIR")
-    _add_common(listen, source=False)
+    add_connection_arguments(listen)
     listen.set_defaults(run=_listen)
 
     send = verbs.add_parser("send", help="migrate file-backed blocks to a listener")
@@ -495,5 +510,5 @@ def add_verbs(verbs: Any) -> None:
     send.add_argument("--pause-pid", type=int, metavar="PID",
                       help="SIGSTOP this process for stop-and-copy, SIGCONT after")
     send.add_argument("--state", type=Path, help="file sent as the non-RAM state")
-    _add_common(send, source=True)
+    _add_source_arguments(send)
     send.set_defaults(run=_send)

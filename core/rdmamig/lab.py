@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from .caps import SOURCE_DEFAULTS
-from .cli_migrate import Guest, Plan, migrate_locally, parse_size
-from .engine import SourceConfig
+from .cli_migrate import (
+    Guest,
+    Plan,
+    add_connection_arguments,
+    add_tuning_arguments,
+    backend_options,
+    migrate_locally,
+    parse_size,
+    source_config,
+)
 from .errors import UsageError
 from .plugins import load_registry
 from .policy import Hint, PolicyOptions
@@ -53,12 +61,10 @@ def compare(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for pattern, name, cap in runs:
         policy = registry.policy(name)
-        plan = Plan(backend=backend, policy=policy,
+        plan = Plan(backend=backend, backend_options=backend_options(args), policy=policy,
                     options=PolicyOptions(pin_cap=cap, hints=(hot,)),
                     requested=policy.capabilities | SOURCE_DEFAULTS,
-                    config=SourceConfig(max_downtime=args.max_downtime / 1000,
-                                        timeout=args.timeout,
-                                        inline_pages=args.inline_pages))
+                    config=source_config(args))
         guest = Guest(ram=args.ram, dirty_rate=args.dirty_rate, pattern=pattern)
         console.print(f"[dim]{pattern} / {name}"
                       f"{f' / cap {cap >> 20} MiB' if cap else ''} ...[/]")
@@ -80,7 +86,10 @@ def compare(args: argparse.Namespace) -> int:
             f"{report['pinned_peak_bytes_source'] >> 20} / "
             f"{report['pinned_peak_bytes_destination'] >> 20}",
             "[green]yes[/]" if report["verified"] else f"[red]no[/] {report['error']}")
-    Console().print(table)
+    output = Console()
+    if not output.is_terminal:
+        output.width = 200  # a pipe or a file: the whole table, not cut to 80 columns
+    output.print(table)
     if args.report is not None:
         write_report(args.report, {"runs": results})
     if args.plot is not None:
@@ -117,18 +126,16 @@ def plot_pinned(results: list[dict[str, Any]], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``rdmamig policies compare``."""
-    parser.add_argument("--ram", type=parse_size, default=2**30)
-    parser.add_argument("--dirty-rate", type=parse_size, default=100 * 2**20, metavar="RATE")
+    parser.add_argument("--ram", type=parse_size, default=2**30, help="RAM size (1GiB)")
+    parser.add_argument("--dirty-rate", type=parse_size, default=100 * 2**20, metavar="RATE",
+                        help="bytes per second the workload dirties (default 100MiB)")
     parser.add_argument("--policies", default="pin-until-done,eager,lru,hints",
                         help="comma-separated policy names")
     parser.add_argument("--caps", default="64MiB",
                         help="comma-separated pin caps for lru, memlock and hints")
-    parser.add_argument("--patterns", default=",".join(PATTERNS))
-    parser.add_argument("--backend", default="tcp")
-    parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS")
-    parser.add_argument("--inline-pages", type=int, default=SourceConfig().inline_pages,
-                        metavar="N", help="most dirty pages of an unregistered chunk sent "
-                                          "inline (default 16; 0: always register)")
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--report", type=Path, metavar="FILE.json")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png")
+    parser.add_argument("--patterns", default=",".join(PATTERNS),
+                        help="comma-separated workloads")
+    add_connection_arguments(parser)
+    add_tuning_arguments(parser)
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw pinned bytes over time per policy (needs matplotlib)")
