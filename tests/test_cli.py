@@ -63,6 +63,8 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
     (["migrate", "--backend", "nope"], "unknown backend 'nope'; known:"),
     (["migrate", "--policy", "nope"], "unknown policy 'nope'; known:"),
     (["policies", "compare", "--policies", "lru,nope"], "unknown policy 'nope'; known:"),
+    (["migrate", "--policy", "lru", "--pin-cap", "8MiB", "--pin-all"],
+     "--pin-all registers whole blocks up front, and policy 'lru' unpins chunks"),
     (["policies", "compare", "--patterns", "zigzag"], "unknown pattern 'zigzag'; known:"),
     (["migrate", "--ram", "12 parsecs"], "cannot parse size '12 parsecs'"),
     (["send", "127.0.0.1:1", "--block", "a=/etc/hostname"], "not a positive multiple"),

@@ -310,6 +310,59 @@ def test_lru_keeps_its_cap_with_and_without_the_unpin_worker(
     assert source.unregistrations >= 28
 
 
+class _CountsInFlight:
+    """Wraps an endpoint; records the most write batches posted and not yet waited
+    for."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner, self._posted, self._waited, self.most = inner, 0, 0, 0
+
+    def post_writes(self, *, writes: Any) -> int:
+        ticket = self._inner.post_writes(writes=writes)
+        self._posted = ticket
+        self.most = max(self.most, self._posted - self._waited)
+        return ticket
+
+    def wait_writes(self, *, ticket: int, timeout: float | None) -> None:
+        self._inner.wait_writes(ticket=ticket, timeout=timeout)
+        self._waited = max(self._waited, ticket)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _RewritesEverythingOnce:
+    """A tracker that finds the whole block dirty after the first round (a guest
+    that rewrote all of it), so that the next round writes pinned chunks only."""
+
+    def __init__(self, block: RamBlock) -> None:
+        self.block, self.scans = block, 0
+
+    def scan(self) -> int:
+        self.scans += 1
+        if self.scans == 2:
+            self.block.mark_dirty(0, self.block.length)
+        return 0
+
+
+def test_windows_that_register_nothing_keep_two_windows_in_flight(
+        migration: Migration) -> None:
+    # A cap the RAM fits in: every chunk stays pinned, windows are 64 chunks in 8
+    # batches, and the second round registers nothing.
+    blocks = guest(256 * MiB)
+    spies: list[_CountsInFlight] = []
+
+    def spy(endpoint: Any) -> _CountsInFlight:
+        spies.append(_CountsInFlight(endpoint))
+        return spies[-1]
+
+    migration.run(blocks, policy=Lru(PolicyOptions(pin_cap=512 * MiB)),
+                  trackers=[_RewritesEverythingOnce(blocks[0])], wrap_source=spy)
+    assert_succeeded(migration, blocks)
+    assert migration.source.result.bytes_written == 512 * MiB  # type: ignore[union-attr]
+    assert 8 < spies[0].most <= 16
+
+
 def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
         migration: Migration) -> None:
     import threading

@@ -167,6 +167,9 @@ def _plan(args: argparse.Namespace, registry: Registry) -> Plan:
                          f"memlock and hints")
     requested = SOURCE_DEFAULTS | policy.capabilities
     if args.pin_all:
+        if not policy.keeps_everything:
+            raise UsageError(f"--pin-all registers whole blocks up front, and policy "
+                             f"{policy.name!r} unpins chunks: use one or the other")
         requested |= Capability.PIN_ALL
     return Plan(backend=backend, backend_options=backend_options(args), policy=policy,
                 options=options, requested=requested, config=source_config(args))

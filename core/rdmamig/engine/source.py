@@ -687,10 +687,17 @@ class Source:
     def _end_window(self) -> None:
         """Post the window's writes: all, or (pipelined) none, or (interleaved) a
         third. Pipelined or not, one window stays in flight: wait for the writes
-        of the windows before, then let the policy unpin. Interleaved, the wait
-        comes when room is next made, so that the next window is scanned first;
-        ``_flushed`` then counts the batches of this window posted so far."""
+        of the windows before, then let the policy unpin. Interleaved, two stay in
+        flight, and the wait for the one before comes when room is next made, so
+        that the next window is scanned first; ``_flushed`` then counts the
+        batches of this window posted so far."""
         if self._interleaved:
+            # Every write of the window before is posted by now. Waiting here for
+            # those before it is a no-op when a registration has waited already;
+            # in a run of windows that register nothing, it keeps what is in
+            # flight to two windows (a send queue has a depth).
+            while len(self._outstanding) > self._flushed:
+                self._complete_oldest()
             self._flushed = 0
             self._flush_queued(limit=-(-len(self._queued) // 3))
         elif not self._pipelined:
