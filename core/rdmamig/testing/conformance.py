@@ -226,6 +226,25 @@ class BackendConformance:
         assert dst.pinned_bytes == 0 == src.pinned_bytes
         assert dst.pinned_peak_bytes == 4 * MiB
 
+    def test_more_writes_in_flight_than_a_send_queue_holds(
+            self, pair: tuple[Endpoint, Endpoint]) -> None:
+        # 48 batches of 16 writes posted before any is waited for: 768 work requests,
+        # more than a send queue of a few hundred. The backend makes room (or has
+        # no such limit); every write lands.
+        src, dst = pair
+        local, lregion = self._registered(src, 3 * MiB, remote_write=False)
+        remote, rregion = self._registered(dst, 3 * MiB)
+        local[:] = os.urandom(3 * MiB)
+        page, tickets = 4096, []
+        for batch in range(48):
+            tickets.append(src.post_writes(writes=[
+                RemoteWrite(region=lregion, offset=at, length=page,
+                            remote_addr=rregion.addr + at, rkey=rregion.rkey)
+                for at in range(batch * 16 * page, (batch + 1) * 16 * page, page)]))
+        assert tickets == sorted(tickets) and len(set(tickets)) == 48
+        src.wait_writes(ticket=tickets[-1], timeout=30)
+        assert remote[:] == local[:]
+
     def test_keys_are_distinct(self, pair: tuple[Endpoint, Endpoint]) -> None:
         dst = pair[1]
         buffer = _buffer(64 * 4096)

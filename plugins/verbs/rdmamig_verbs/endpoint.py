@@ -28,8 +28,10 @@ from rdmamig.regions import RegionTable
 from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
 
 RECV_DEPTH = 4
-#: Send-queue slots: two batches of writes in flight plus the control SENDs.
+#: Send-queue slots: a few batches of writes in flight plus the control SENDs.
 SEND_DEPTH = 512
+#: Of those, kept for control SENDs: writes wait for room beyond the rest.
+CONTROL_SLOTS = 8
 _RECV_BASE = 1 << 48
 _SEND_ID = 1 << 49
 #: Idle wait between two empty polls of the CQ.
@@ -77,6 +79,8 @@ class VerbsEndpoint(Endpoint):
         self._send_done = True
         self._tickets = itertools.count(1)
         self._completed = 0
+        # Batches posted and not seen completed, oldest first: (ticket, work requests).
+        self._in_send_queue: deque[tuple[int, int]] = deque()
         self._error: TransportError | None = None
         self._closed = False
 
@@ -204,6 +208,10 @@ class VerbsEndpoint(Endpoint):
             raise LocalProtocolError("post_writes needs at least one write")
         if self._error is not None:
             raise self._error
+        room = SEND_DEPTH - CONTROL_SLOTS
+        if len(writes) > room:
+            raise LocalProtocolError(f"a batch of {len(writes)} writes is more than the "
+                                     f"{room} send-queue slots for writes")
         pv = self._pv
         ticket = next(self._tickets)
         requests = []
@@ -218,9 +226,20 @@ class VerbsEndpoint(Endpoint):
                 wr.set_wr_rdma(write.rkey, write.remote_addr)
                 requests.append(wr)
         with self._send_lock:
+            # A full send queue refuses a post: wait for earlier batches to complete.
+            self._wait(lambda: self._send_queue_used() + len(requests) <= room, timeout=30,
+                       what="no room in the send queue: earlier writes not completed")
             for wr in requests:
                 self._post(wr)
+            self._in_send_queue.append((ticket, len(requests)))
         return ticket
+
+    def _send_queue_used(self) -> int:
+        """Work requests of write batches not yet completed (a signalled completion
+        frees its batch's slots)."""
+        while self._in_send_queue and self._in_send_queue[0][0] <= self._completed:
+            self._in_send_queue.popleft()
+        return sum(count for _ticket, count in self._in_send_queue)
 
     def _post(self, wr: Any) -> None:
         try:
