@@ -228,22 +228,26 @@ class BackendConformance:
 
     def test_more_writes_in_flight_than_a_send_queue_holds(
             self, pair: tuple[Endpoint, Endpoint]) -> None:
-        # 48 batches of 16 writes posted before any is waited for: 768 work requests,
-        # more than a send queue of a few hundred. The backend makes room (or has
-        # no such limit); every write lands.
+        # Before anything is waited for: 48 batches of 16 writes (768 work requests),
+        # then 600 batches of one write (600 signalled completions) – more than a
+        # send queue or a completion queue of a few hundred entries holds. The
+        # backend makes room (or has no such limit); every write lands.
         src, dst = pair
-        local, lregion = self._registered(src, 3 * MiB, remote_write=False)
-        remote, rregion = self._registered(dst, 3 * MiB)
-        local[:] = os.urandom(3 * MiB)
-        page, tickets = 4096, []
-        for batch in range(48):
-            tickets.append(src.post_writes(writes=[
-                RemoteWrite(region=lregion, offset=at, length=page,
-                            remote_addr=rregion.addr + at, rkey=rregion.rkey)
-                for at in range(batch * 16 * page, (batch + 1) * 16 * page, page)]))
-        assert tickets == sorted(tickets) and len(set(tickets)) == 48
-        src.wait_writes(ticket=tickets[-1], timeout=30)
-        assert remote[:] == local[:]
+        size, page = 6 * MiB, 4096
+        local, lregion = self._registered(src, size, remote_write=False)
+        remote, rregion = self._registered(dst, size)
+        local[:] = os.urandom(size)
+        batches = [list(range(at, at + 16 * page, page)) for at in range(0, 48 * 16 * page,
+                                                                         16 * page)]
+        batches += [[at] for at in range(48 * 16 * page, (48 * 16 + 600) * page, page)]
+        tickets = [src.post_writes(writes=[
+            RemoteWrite(region=lregion, offset=at, length=page, remote_addr=rregion.addr + at,
+                        rkey=rregion.rkey) for at in batch]) for batch in batches]
+        assert tickets == sorted(set(tickets))
+        src.wait_writes(ticket=tickets[-1], timeout=60)
+        end = (48 * 16 + 600) * page
+        assert remote[:end] == local[:end]
+        assert remote[end:] == bytes(size - end)
 
     def test_keys_are_distinct(self, pair: tuple[Endpoint, Endpoint]) -> None:
         dst = pair[1]
