@@ -5,8 +5,10 @@ Receives are posted ahead – ``RECV_DEPTH`` buffers of 512 KiB, the protocol's 
 message – so a READY promise always has a buffer behind it. Completions are polled
 with short sleeps between empty polls: pyverbs' blocking calls hold the GIL, and a
 completion-channel wait would block the other end of a test in the same process.
-(Polling was not measured against a completion channel.) Any failed work completion
-puts the endpoint in the error state; every later call raises it.
+(Polling was not measured against a completion channel.) Writes wait for room in
+the send queue, which also keeps the signalled completions within what the CQ holds.
+Any failed work completion puts the endpoint in the error state; every later call
+raises it.
 """
 
 from __future__ import annotations
