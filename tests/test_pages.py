@@ -47,17 +47,23 @@ def spans(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     return mask(pages), mask(pages), mask(chunks), draw(st.sampled_from([0, 4, 16]))
 
 
-@given(spans())
-def test_every_page_travels_exactly_one_way(span: tuple[np.ndarray, ...]) -> None:
+@given(spans(), st.sampled_from([0, 4, 16]))
+def test_every_page_travels_exactly_one_way(span: tuple[np.ndarray, ...], gaps: int) -> None:
     dirty, nonzero, registered, limit = span
-    plan = plan_span(dirty, nonzero, registered, inline_limit=limit, min_compress_run=16)
+    plan = plan_span(dirty, nonzero, registered, inline_limit=limit, min_compress_run=16,
+                     fill_gaps_below=gaps)
     on_registered = np.repeat(registered, PAGES_PER_CHUNK)[:len(dirty)]
     assert not (plan.compress & plan.write).any()
     assert not (plan.compress & plan.inline).any()
     assert not (plan.write & plan.inline).any()
-    # Every dirty page goes; only a registered all-zero chunk sends clean pages too.
+    # Every dirty page goes. Clean pages go only as short gaps between pages a chunk
+    # writes anyway, or in a registered all-zero chunk's COMPRESS.
     assert ((plan.compress | plan.write | plan.inline) >= dirty).all()
-    assert (plan.write <= dirty).all() and (plan.inline <= dirty).all()
+    assert (plan.inline <= dirty).all()
+    for start, end in runs(plan.write & ~dirty, period=PAGES_PER_CHUNK):
+        assert end - start < gaps
+        assert start % PAGES_PER_CHUNK and plan.write[start - 1] and dirty[start - 1]
+        assert end % PAGES_PER_CHUNK and end < len(dirty) and plan.write[end] and dirty[end]
     assert (plan.compress <= dirty | on_registered).all()
     # COMPRESS only zeros; inline only data of unregistered chunks, within the limit.
     assert not (plan.compress & nonzero).any()
@@ -65,9 +71,22 @@ def test_every_page_travels_exactly_one_way(span: tuple[np.ndarray, ...]) -> Non
     inline_per_chunk = np.zeros(len(registered) * PAGES_PER_CHUNK, dtype=np.bool_)
     inline_per_chunk[:len(dirty)] = plan.inline
     assert (inline_per_chunk.reshape(len(registered), -1).sum(axis=1) <= limit).all()
-    # Zero pages written from an unregistered chunk are short runs next to data.
-    for start, end in runs(plan.write & ~nonzero & ~on_registered, period=PAGES_PER_CHUNK):
+    # Dirty zero pages written from an unregistered chunk are short runs next to data.
+    for start, end in runs(plan.write & dirty & ~nonzero & ~on_registered,
+                           period=PAGES_PER_CHUNK):
         assert end - start < 16
     written = np.zeros(len(registered) * PAGES_PER_CHUNK, dtype=np.bool_)
     written[:len(dirty)] = plan.write
     assert (plan.writes_chunk == written.reshape(len(registered), -1).any(axis=1)).all()
+
+
+def test_short_gaps_of_clean_pages_are_written_with_their_neighbours() -> None:
+    dirty = np.zeros(2 * PAGES_PER_CHUNK, dtype=np.bool_)
+    dirty[[0, 1, 3, 10, PAGES_PER_CHUNK - 1, PAGES_PER_CHUNK + 1]] = True
+    plan = plan_span(dirty, np.ones_like(dirty), np.array([True, True]), inline_limit=0,
+                     min_compress_run=16, fill_gaps_below=4)
+    # Page 2 fills a gap of one; pages 4-9 are a gap of six; a gap never crosses a
+    # chunk boundary.
+    assert runs(plan.write, period=PAGES_PER_CHUNK) == [
+        (0, 4), (10, 11), (PAGES_PER_CHUNK - 1, PAGES_PER_CHUNK),
+        (PAGES_PER_CHUNK + 1, PAGES_PER_CHUNK + 2)]

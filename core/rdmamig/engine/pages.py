@@ -26,7 +26,7 @@ class SpanPlan:
 
 
 def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
-              inline_limit: int, min_compress_run: int) -> SpanPlan:
+              inline_limit: int, min_compress_run: int, fill_gaps_below: int = 0) -> SpanPlan:
     """Decide, for every page of a span of chunks, how it travels.
 
     Args:
@@ -37,13 +37,22 @@ def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
             sends them inline (0: never).
         min_compress_run: in a chunk that is written anyway, shorter runs of dirty
             zero pages are written with their data.
+        fill_gaps_below: in a chunk that is written, runs of fewer clean pages than
+            this between written pages are written with them (at most
+            ``min_compress_run``; 0: none).
 
     A registered chunk goes whole as COMPRESS when all its pages are zero, else its
     dirty pages are written (PROTOCOL.md, "RAM transfer"). An unregistered chunk
     sends its dirty zero pages as COMPRESS and its data pages inline or, after
     registering, written – with the short zero runs between them: a COMPRESS entry
-    and one more write cost more than copying a few pages.
+    and one more write cost more than copying a few pages. For the same reason, short
+    gaps of clean pages between the pages a chunk writes are written too: their
+    content is what the destination already has, or newer (a page dirtied since the
+    bitmap was taken goes again next round).
     """
+    if fill_gaps_below > min_compress_run:
+        raise ValueError(f"fill_gaps_below={fill_gaps_below} is over min_compress_run="
+                         f"{min_compress_run}: a gap could hide a COMPRESS run")
     pages = len(dirty)
     on_registered = per_page(registered, pages)
     zero_chunk = per_page(registered & ~any_per_chunk(nonzero), pages)
@@ -56,6 +65,8 @@ def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
                & per_page((new_data > 0) & ~inline_chunk, pages))
     write = ((on_registered & ~zero_chunk & dirty)
              | (~on_registered & ~on_inline & dirty & (nonzero | carried)))
+    if fill_gaps_below:
+        write |= interior_gaps(write, shorter_than=fill_gaps_below, period=PAGES_PER_CHUNK)
     return SpanPlan(compress=zero_chunk | (unregistered_zero & ~carried), write=write,
                     inline=on_inline & dirty & nonzero, writes_chunk=any_per_chunk(write))
 
@@ -84,9 +95,23 @@ def short_runs(mask: BoolArray, *, shorter_than: int, period: int) -> BoolArray:
     ``shorter_than`` pages."""
     starts, ends = _run_bounds(mask, period)
     short = ends - starts < shorter_than
-    edges = np.zeros(len(mask) + 1, dtype=np.int64)
-    np.add.at(edges, starts[short], 1)
-    np.add.at(edges, ends[short], -1)
+    return _covering(starts[short], ends[short], len(mask))
+
+
+def interior_gaps(mask: BoolArray, *, shorter_than: int, period: int) -> BoolArray:
+    """The pages outside ``mask`` in runs of fewer than ``shorter_than`` pages that
+    have a page of ``mask`` on both sides within the same period."""
+    starts, ends = _run_bounds(~mask, period)
+    inside = ((starts % period != 0) & (ends % period != 0) & (ends < len(mask))
+              & (ends - starts < shorter_than))
+    return _covering(starts[inside], ends[inside], len(mask))
+
+
+def _covering(starts: IntArray, ends: IntArray, size: int) -> BoolArray:
+    """A mask of ``size`` pages, True on every ``[start, end)``."""
+    edges = np.zeros(size + 1, dtype=np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, ends, -1)
     return np.asarray(np.cumsum(edges[:-1]) > 0, dtype=np.bool_)
 
 
