@@ -47,8 +47,8 @@ MAX_WRITE = 2 * CHUNK_SIZE
 #: Dirty zero pages in a chunk with data go as COMPRESS only in runs of this many.
 MIN_COMPRESS_RUN = 16
 #: Gaps of fewer clean pages than this between the pages a chunk writes are written
-#: too: a write fewer costs more than copying them. A guest dirtying 1 GiB/s of
-#: scattered pages: stop-and-copy 348-379 ms without, 189-211 ms with (1 GiB, TCP).
+#: too: one more write costs more than copying them. A 1 GiB guest dirtying 1 GiB/s
+#: of scattered pages: stop-and-copy 348-379 ms without, 189-211 ms with (TCP).
 FILL_GAPS_BELOW = 4
 
 
