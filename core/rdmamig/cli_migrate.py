@@ -31,6 +31,7 @@ from .engine import (
     SourceConfig,
     SourceResult,
 )
+from .engine.ramblock import PAGES_PER_CHUNK
 from .errors import MigrationError, RdmamigError, UsageError
 from .plugins import Registry, load_registry
 from .policy import Hint, PolicyOptions, UnpinPolicy
@@ -62,11 +63,32 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_channels(text: str) -> int:
-    """``--channels``: a whole number of connections from 1 to 16."""
-    if not text.strip().isdigit() or not 1 <= int(text) <= 16:
-        raise UsageError(f"--channels {text!r} is not a number of connections from 1 to 16")
-    return int(text)
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An option's parser: a whole number from ``low`` to ``high`` (or more, without
+    ``high``); argparse names the option in its message."""
+    def parse(text: str) -> int:
+        if (not text.strip().isdigit() or int(text) < low
+                or (high is not None and int(text) > high)):
+            bounds = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise UsageError(f"{text!r} is not a whole number {bounds}")
+        return int(text)
+    return parse
+
+
+def parse_milliseconds(text: str) -> float:
+    """An option's parser: milliseconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{text!r} is not a number of milliseconds, 0 or more")
+    return value
+
+
+#: ``--channels``: connections to stripe over (the TCP backend's MAX_LANES, which
+#: core cannot import from a plugin; the backend checks it again).
+parse_channels = whole_number(1, 16)
 
 
 def parse_hint(text: str) -> Hint:
@@ -111,10 +133,13 @@ def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=parse_channels, default=1, metavar="N",
                         help="connections to stripe the pages over, as QEMU's multifd "
                              "(tcp; 1-16, default 1)")
-    parser.add_argument("--max-downtime", type=float, default=300.0, metavar="MS",
-                        help="downtime to converge to, in ms (default 300)")
-    parser.add_argument("--max-iterations", type=int, default=30)
-    parser.add_argument("--inline-pages", type=int, default=SourceConfig().inline_pages,
+    parser.add_argument("--max-downtime", type=parse_milliseconds, default=300.0,
+                        metavar="MS", help="downtime to converge to, in ms (default 300)")
+    parser.add_argument("--max-iterations", type=whole_number(1),
+                        default=30, metavar="N",
+                        help="rounds before stop-and-copy at the latest (default 30)")
+    parser.add_argument("--inline-pages", type=whole_number(0, PAGES_PER_CHUNK),
+                        default=SourceConfig().inline_pages,
                         metavar="N", help="send up to N dirty pages of an unregistered chunk "
                                           "inside control messages instead of registering it "
                                           "(rdmamig peers; default 16, 0: always register)")
