@@ -68,7 +68,8 @@ class UnpinPolicy(abc.ABC):
     capabilities: ClassVar[Capability] = Capability(0)
     #: True for a policy that never unpins before the end. The engine then works in
     #: large windows (which only save control round trips); for any other policy it
-    #: keeps windows to one batch, so that little is pinned beyond the policy's say.
+    #: keeps windows of 64 chunks (half its cap at most), so that little is pinned
+    #: beyond the policy's say.
     keeps_everything: ClassVar[bool] = False
 
     def __init__(self, options: PolicyOptions) -> None:

@@ -75,13 +75,13 @@ class SourceConfig:
     max_downtime: float = 0.3
     max_iterations: int = 30
     auto_converge: bool = False
-    #: Chunks per signalled batch of writes (under a capped policy, an eighth of
-    #: its window).
+    #: Chunks per signalled batch of writes (under a policy that unpins, an eighth
+    #: of its window).
     batch_chunks: int = 64
     #: Chunks scanned and registered together when the policy keeps everything
-    #: pinned (under a capped policy a window is half the cap, at most one batch;
-    #: under any other, one batch). Each window costs a few control round trips,
-    #: each behind the writes before it: large windows amortise them.
+    #: pinned (under a policy that unpins, a window is ``batch_chunks`` chunks, or
+    #: half its cap when that is less). Each window costs a few control round
+    #: trips, each behind the writes before it: large windows amortise them.
     window_chunks: int = 256
     timeout: float | None = 60.0
     #: With INLINE, an unregistered chunk with at most this many dirty data pages
@@ -215,23 +215,22 @@ class Source:
         # it, as a SEND behind WRITEs on one queue pair):
         # - a policy that keeps everything pinned gets large windows, each posted
         #   once the next window's REGISTER REQUEST is on its way ("pipelined");
-        # - a capped policy gets windows of half its cap (the window in flight and
-        #   the one being registered fill it), each posted in thirds: one at once,
-        #   to be sent while the next window is scanned and the writes before
-        #   complete, one during the next UNREGISTER exchange and the last during
-        #   the next REGISTER ("interleaved"); each third covers one wait for the
-        #   peer's answer;
-        # - any other policy gets windows of one batch, posted at once: what is in
-        #   flight is what it cannot choose from.
+        # - a policy that unpins gets windows of 64 chunks, or of half its cap when
+        #   that is less (the window in flight and the one being registered fill
+        #   it): what is in flight is what it cannot choose from. Each window is
+        #   posted in thirds: one at once, to be sent while the next window is
+        #   scanned and the writes before complete, one during the next UNREGISTER
+        #   exchange and the last during the next REGISTER ("interleaved"); each
+        #   third covers one wait for the peer's answer.
         self._pipelined = policy.keeps_everything
+        self._interleaved = not policy.keeps_everything
         cap = policy.pin_cap
-        self._interleaved = cap is not None and not policy.keeps_everything
         self._window_chunks = (self.config.window_chunks if policy.keeps_everything
                                else self.config.batch_chunks)
-        self._batch_chunks = self.config.batch_chunks
         if cap is not None:
             self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 2))
-            self._batch_chunks = max(1, min(self._batch_chunks, self._window_chunks // 8))
+        self._batch_chunks = (max(1, min(self.config.batch_chunks, self._window_chunks // 8))
+                              if self._interleaved else self.config.batch_chunks)
         # Batches posted while the current window was being sent (interleaved:
         # batches of the last window posted so far; see _end_window).
         self._flushed = 0
@@ -552,8 +551,7 @@ class Source:
                 wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
                               current_index=b, chunks=count)
                 for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT,
-                meanwhile=self._flush_queued if self._pipelined or self._interleaved
-                else None)
+                meanwhile=self._flush_queued)
             assert isinstance(reply, wire.RegisterResult)
             if len(reply.entries) != len(part):
                 raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
@@ -690,12 +688,14 @@ class Source:
         self._progress()
 
     def _end_window(self) -> None:
-        """Post the window's writes: all, or (pipelined) none, or (interleaved) a
-        third. Pipelined or not, one window stays in flight: wait for the writes
-        of the windows before, then let the policy unpin. Interleaved, two stay in
-        flight, and the wait for the one before comes when room is next made, so
-        that the next window is scanned first; ``_flushed`` then counts the
-        batches of this window posted so far."""
+        """Post a third of the window's writes (interleaved) or none (pipelined),
+        and let the policy unpin.
+
+        Pipelined, one window stays in flight: the writes of the windows before
+        complete here. Interleaved, two do, and the wait for the one before comes
+        when room is next made, so that the next window is scanned first;
+        ``_flushed`` then counts the batches of this window posted so far.
+        """
         if self._interleaved:
             # Every write of the window before is posted by now. Waiting here for
             # those before it is a no-op when a registration has waited already;
@@ -705,11 +705,9 @@ class Source:
                 self._complete_oldest()
             self._flushed = 0
             self._flush_queued(limit=-(-len(self._queued) // 3))
-        elif not self._pipelined:
-            self._flush_queued()
         if not self._flushed:
             self._progress()  # nothing posted in this step: sample anyway
-        if not self._interleaved:
+        if self._pipelined:
             while len(self._outstanding) > self._flushed:
                 self._complete_oldest()
             self._flushed = 0
