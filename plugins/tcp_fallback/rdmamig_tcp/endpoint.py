@@ -52,9 +52,10 @@ class TcpEndpoint(Endpoint):
     def __init__(self, socks: Sequence[socket.socket], *, capabilities: Capability) -> None:
         self.capabilities = capabilities
         # Guards the key tables. A receiver holds its lane's ``placing`` lock while it
-        # places a write, and a deregistration takes them all, so that it waits for
-        # the writes being placed, as ibv_dereg_mr waits for the NIC. Lock order:
-        # the lanes' ``placing`` (by index), then ``_keys``.
+        # places a write (and names the region in ``placing_into``); a deregistration
+        # takes the lock of each lane placing into its region, so that it waits for
+        # those writes, as ibv_dereg_mr waits for the NIC. Lock order: a lane's
+        # ``placing``, then ``_keys``; deregistration never holds both.
         self._keys = threading.Lock()
         # Guards the inbox, the lanes' counters and the error state.
         self._cond = threading.Condition()
