@@ -222,8 +222,7 @@ class Source:
         #   scanned and the writes before complete, one during the next UNREGISTER
         #   exchange and the last during the next REGISTER ("interleaved"); each
         #   third covers one wait for the peer's answer.
-        self._pipelined = policy.keeps_everything
-        self._interleaved = not policy.keeps_everything
+        self._interleaved = not policy.keeps_everything  # else pipelined
         cap = policy.pin_cap
         self._window_chunks = (self.config.window_chunks if policy.keeps_everything
                                else self.config.batch_chunks)
@@ -711,15 +710,15 @@ class Source:
             self._flush_queued(limit=-(-len(self._queued) // 3))
         if not self._flushed:
             self._progress()  # nothing posted in this step: sample anyway
-        if self._pipelined:
-            while len(self._outstanding) > self._flushed:
-                self._complete_oldest()
+        if not self._interleaved:
+            self._complete_earlier_windows()
             self._flushed = 0
         if not self.pin_all:
             self._unpin(self._ask_policy(0))
 
     def _complete_earlier_windows(self) -> None:
-        """Interleaved: wait for the writes of every window before the last one."""
+        """Wait for every posted batch but the ``_flushed`` latest: the writes of the
+        windows before the last one (interleaved) or before this one (pipelined)."""
         while len(self._outstanding) > self._flushed:
             self._complete_oldest()
 
