@@ -12,6 +12,7 @@ from conftest import DEFAULT_CAPS, Migration
 from rdmamig import wire
 from rdmamig.caps import Capability
 from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
+from rdmamig.engine.convergence import RoundCounters
 from rdmamig.engine.pages import runs
 from rdmamig.engine.source import MIN_COMPRESS_RUN
 from rdmamig.errors import MigrationError
@@ -442,20 +443,15 @@ def test_the_downtime_estimate_counts_inline_pages_and_registrations(
     migration.run(blocks, policy=Lru(PolicyOptions(pin_cap=4 * MiB)))
     source = migration.source
     assert source is not None
-    before = attrs.evolve(source.result, bytes_written=0, inline_pages=0, zero_pages=0,
-                          registrations=0)
     # 8 MiB handled in 1 s: 4 MiB left take 0.5 s when nothing needs registering.
-    source.result.bytes_written, source.result.inline_pages = 6 * MiB, 0
-    source.result.zero_pages, source.result.registrations = 512, 0
-    assert source._downtime_estimate(4 * MiB, before=before, elapsed=1.0,
-                                     registering=0.0) == pytest.approx(0.5)
+    round_ = RoundCounters(written_bytes=6 * MiB, zero_pages=512, elapsed_s=1.0)
+    assert source.downtime_estimate(4 * MiB, round_) == pytest.approx(0.5)
     # Inline pages count as handled; the rate is over the whole round (writes go on
     # during registrations); registrations add their measured cost for each dirty
-    # chunk that is not pinned and has more dirty pages than go inline.
-    source.result.bytes_written, source.result.inline_pages = 4 * MiB, 512
-    source.result.registrations = 4
+    # chunk that is not pinned (after the run, none is) and has more dirty pages
+    # than go inline.
+    round_ = RoundCounters(written_bytes=4 * MiB, inline_pages=512, zero_pages=512,
+                           registrations=4, registering_s=0.2, elapsed_s=1.2)
     blocks[0].mark_dirty(0, 2 * MiB)  # two chunks, 256 dirty pages each
-    pinned = sum(1 for cid in source._pins if cid.index < 2)
-    estimate = source._downtime_estimate(4 * MiB, before=before, elapsed=1.2,
-                                         registering=0.2)
-    assert estimate == pytest.approx(0.6 + (2 - pinned) * 0.2 / 4)
+    blocks[0].mark_dirty(3 * MiB, 4 * 4096)  # a chunk with four: goes inline
+    assert source.downtime_estimate(4 * MiB, round_) == pytest.approx(0.6 + 2 * 0.2 / 4)

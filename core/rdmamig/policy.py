@@ -16,10 +16,9 @@ from typing import ClassVar, Literal, NamedTuple
 import attrs
 
 from .caps import Capability
+from .wire import CHUNK_SHIFT, CHUNK_SIZE
 
-#: Bytes in a registration chunk (PROTOCOL.md: ``chunk = (addr - block_start) >> 20``).
-CHUNK_SHIFT = 20
-CHUNK_SIZE = 1 << CHUNK_SHIFT
+__all__ = ["CHUNK_SHIFT", "CHUNK_SIZE", "ChunkId", "Hint", "PolicyOptions", "UnpinPolicy"]
 
 
 class ChunkId(NamedTuple):

@@ -70,30 +70,35 @@ class ControlSession:
         """Source: wait for the destination's READY (a receive is posted for us)."""
         self._expect(self.recv(), {Command.READY})
 
-    def exchange_send(self, message: Message, *, reply: Command | None = None,
-                      meanwhile: Callable[[], None] | None = None) -> Message | None:
+    def exchange_send(self, message: Message, *, reply: Command | None = None
+                      ) -> Message | None:
         """Wait for READY, send ``message`` and, if ``reply`` is given, wait for it.
-        ``meanwhile`` runs once the message is sent, before the reply is awaited.
+
+        A caller with work to do between the send and the reply (the source posts
+        writes there) calls :meth:`wait_ready`, :meth:`send` and :meth:`recv_reply`.
 
         Raises:
             RemoteProtocolError: the peer answered with another command.
             PeerAbortedError, TransportError: as :meth:`recv`.
         """
         self.wait_ready()
-        return self.send_request(message, reply=reply, meanwhile=meanwhile)
+        return self.send_request(message, reply=reply)
 
-    def send_request(self, message: Message, *, reply: Command | None,
-                     meanwhile: Callable[[], None] | None = None) -> Message | None:
+    def send_request(self, message: Message, *, reply: Command | None) -> Message | None:
         """Send ``message`` on a READY already received and wait for ``reply``.
 
         Raises:
             as :meth:`exchange_send`.
         """
         self.send(message)
-        if meanwhile is not None:
-            meanwhile()
-        if reply is None:
-            return None
+        return None if reply is None else self.recv_reply(reply)
+
+    def recv_reply(self, reply: Command) -> Message:
+        """Receive the next message, which must be ``reply``.
+
+        Raises:
+            as :meth:`exchange_send`.
+        """
         return self._expect(self.recv(), {reply})
 
     def exchange_recv(self, expected: Collection[Command] | None = None) -> Message:

@@ -31,6 +31,9 @@ MAX_DATA: Final = MAX_MESSAGE - 16
 MAX_REPEAT: Final = 4096
 #: QEMU sends the QEMU FILE stream in pieces of at most this size.
 QEMU_FILE_PIECE: Final = 32 * 1024
+#: Registration chunks are 1 MiB: ``chunk = (addr - block_start) >> CHUNK_SHIFT``.
+CHUNK_SHIFT: Final = 20
+CHUNK_SIZE: Final = 1 << CHUNK_SHIFT
 
 # len (u32), type (u32), repeat (u32), padding (u32)
 HEADER = struct.Struct("!IIII")

@@ -1,8 +1,9 @@
 """The live-migration engine: RAM blocks, the source (pre-copy) and the destination."""
 
+from .config import SourceConfig, SourceResult, Workload
 from .destination import Destination, DestinationResult
 from .ramblock import PAGE_SIZE, ChecksumTracker, RamBlock
-from .source import Source, SourceConfig, SourceResult
+from .source import Source
 
 __all__ = [
     "PAGE_SIZE",
@@ -13,4 +14,5 @@ __all__ = [
     "Source",
     "SourceConfig",
     "SourceResult",
+    "Workload",
 ]

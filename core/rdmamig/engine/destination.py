@@ -21,9 +21,9 @@ from ..caps import Capability
 from ..control import Role
 from ..errors import MigrationError, RdmamigError, RemoteProtocolError, VerificationError
 from ..pinning import buffer_address, locked_bytes
-from ..policy import CHUNK_SHIFT, CHUNK_SIZE
 from ..session import ControlSession, QemuFileReader
 from ..transport import Endpoint, MemoryRegion
+from ..wire import CHUNK_SHIFT, CHUNK_SIZE
 from . import stream
 from .ramblock import RamBlock
 

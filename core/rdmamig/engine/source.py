@@ -4,12 +4,12 @@ A bulk round sends every page; dirty-page iterations follow while the workload
 runs; when the remaining dirty bytes fit in ``max_downtime`` at the measured
 bandwidth (or after ``max_iterations``), the workload stops and the last pages, the
 state stream and END go out. Zero pages travel as COMPRESS; the others as one-sided
-writes merged over contiguous pages (up to 2 MiB, within one registration, since one
-write uses one key), completion signalled once per batch of ``batch_chunks`` chunks.
-Pages are scanned and registered a window of ``window_chunks`` chunks at a time, and
-one window's writes stay in flight while the next is prepared. With an rdmamig peer,
-two neighbouring chunks are registered as one 2 MiB region.
-Which chunks to unpin is the unpin policy's call.
+writes merged over contiguous pages. Pages are scanned and registered a window at a
+time while the window before is written (:mod:`.pipeline` says how windows are
+posted); :mod:`.pins` keeps the registrations and what may not be unpinned;
+:mod:`.convergence` decides when to stop. With an rdmamig peer, two neighbouring
+chunks are registered as one 2 MiB region. Which chunks to unpin is the unpin
+policy's call.
 
 The source only reads its memory: a failed migration leaves it as it was, and the
 workload keeps running.
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import MappingProxyType
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import attrs
 import numpy as np
@@ -33,123 +31,24 @@ from ..caps import Capability
 from ..control import Role
 from ..errors import MemlockLimitError, MigrationError, RdmamigError, VerificationError
 from ..pinning import locked_bytes
-from ..policy import CHUNK_SIZE, ChunkId, UnpinPolicy
+from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
-from ..transport import Endpoint, MemoryRegion, RemoteWrite
+from ..transport import Endpoint, MemoryRegion
+from ..wire import CHUNK_SIZE
+from . import convergence, stream
 from . import pages as masks
-from . import stream
+from .config import SourceConfig, SourceResult, Workload
+from .pins import Pin, PinTable, registration_units
+from .pipeline import WritePipeline, posting_mode
 from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
 
 _T = TypeVar("_T")
 
-#: Longest merged write (PROTOCOL.md, "RAM transfer").
-MAX_WRITE = 2 * CHUNK_SIZE
 #: Dirty zero pages in a chunk with data go as COMPRESS only in runs of this many.
 MIN_COMPRESS_RUN = 16
 #: Gaps of fewer clean pages than this between the pages a chunk writes are written
-#: too: one more write costs more than copying them. A 1 GiB guest dirtying 1 GiB/s
-#: of scattered pages: stop-and-copy 348-379 ms without, 189-211 ms with (TCP).
+#: too: one more write costs more than copying them (benchmarks/README.md).
 FILL_GAPS_BELOW = 4
-
-
-class Workload(Protocol):
-    """What the source needs of the thing that dirties its memory."""
-
-    def stop(self) -> None:
-        """Pause it (the stop of stop-and-copy)."""
-
-    def resume(self) -> None:
-        """Let it run again (after a failed migration the source keeps running)."""
-
-    def throttle(self, fraction: float) -> None:
-        """Slow it down to ``1 - fraction`` of its speed (auto-converge)."""
-
-    def state(self) -> bytes:
-        """Its non-RAM state, sent after stop in the QEMU FILE stream."""
-
-
-@attrs.define(kw_only=True)
-class SourceConfig:
-    """Tunables, with QEMU's defaults where QEMU has one."""
-
-    max_downtime: float = 0.3
-    max_iterations: int = 30
-    auto_converge: bool = False
-    #: Chunks per signalled batch of writes (under a policy that unpins, an eighth
-    #: of its window).
-    batch_chunks: int = 64
-    #: Chunks scanned and registered together when the policy keeps everything
-    #: pinned (under a policy that unpins, a window is ``batch_chunks`` chunks, or
-    #: half its cap when that is less). Each window costs a few control round
-    #: trips, each behind the writes before it: large windows amortise them.
-    window_chunks: int = 256
-    timeout: float | None = 60.0
-    #: With INLINE, an unregistered chunk with at most this many dirty data pages
-    #: sends them inside PAGES messages rather than being registered (a copy of a
-    #: few pages costs less than a registration's round trips; as UCX's eager
-    #: protocol against rendezvous). 0: always register.
-    inline_pages: int = 16
-    #: Unpin off the data path: one batched UNREGISTER REQUEST per decision and the
-    #: local deregistrations on a worker thread. False: one request per chunk and
-    #: deregistration inline, as the seed patch does it (the benchmark's baseline).
-    async_unregister: bool = True
-
-
-@attrs.define(kw_only=True)
-class SourceResult:
-    """What happened, timed as QEMU's ``query-migrate`` does."""
-
-    verified: bool = False
-    iterations: int = 0
-    bytes_written: int = 0
-    zero_pages: int = 0
-    #: Pages sent inside PAGES messages (Capability.INLINE).
-    inline_pages: int = 0
-    registrations: int = 0
-    unregistrations: int = 0
-    reregistrations: int = 0
-    pinned_peak_bytes: int = 0
-    #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
-    locked_peak_bytes: int = 0
-    downtime_s: float = 0.0
-    total_time_s: float = 0.0
-    verify_time_s: float = 0.0
-    throttle: float = 0.0
-    capabilities: int = 0
-    #: One sample per batch: seconds, bytes written, dirty bytes left, pinned bytes.
-    timeline: list[dict[str, float]] = attrs.Factory(list)
-
-
-@attrs.frozen
-class _Pin:
-    """One registration: ``count`` chunks of block ``block`` from chunk ``first``,
-    pinned on both sides under one local region and one rkey."""
-
-    block: int
-    first: int
-    count: int
-    region: MemoryRegion
-    rkey: int
-
-    def chunks(self) -> list[ChunkId]:
-        return [ChunkId(self.block, self.first + i) for i in range(self.count)]
-
-
-@attrs.define
-class _Pending:
-    region: MemoryRegion
-    offset: int
-    length: int
-    remote_addr: int
-    rkey: int
-
-
-@attrs.define
-class _Batch:
-    """Writes to post together, the last one signalled, and the chunks they fill."""
-
-    writes: list[_Pending] = attrs.Factory(list)
-    chunks: list[ChunkId] = attrs.Factory(list)
 
 
 class Source:
@@ -184,6 +83,7 @@ class Source:
                                       timeout=self.config.timeout)
         caps = endpoint.capabilities
         self.pin_all = bool(caps & Capability.PIN_ALL)
+        #: Array messages carry many entries only when the peer negotiated BATCH.
         self.batch = bool(caps & Capability.BATCH)
         self._inline_pages = (self.config.inline_pages if caps & Capability.INLINE
                               and not self.pin_all else 0)
@@ -191,48 +91,16 @@ class Source:
         self._start = started_at if started_at is not None else time.monotonic()
         self._remote: list[wire.DestBlock] = []
         self._host_addr: list[int] = []
-        # Every registered chunk -> its registration (two chunks may share one).
-        self._pins: dict[ChunkId, _Pin] = {}
-        # Every registered chunk -> its bytes: what the policy is shown (read-only).
-        self._pinned_sizes: dict[ChunkId, int] = {}
-        self._pinned_view = MappingProxyType(self._pinned_sizes)
-        self._local_blocks: list[MemoryRegion] = []
-        self._ever_unpinned: set[ChunkId] = set()
-        self._last_ticket: dict[ChunkId, int] = {}
-        self._completed_ticket = 0
-        self._outstanding: deque[tuple[int, list[ChunkId]]] = deque()
-        # Writes built but not posted yet, in batches of up to batch_chunks chunks.
-        self._queued: list[_Batch] = []
-        self._queued_chunks: set[ChunkId] = set()
-        # Registered chunks the window being prepared is about to write: in flight
-        # already, so that no unpin (of them or of a partner) happens meanwhile.
-        self._to_write: set[ChunkId] = set()
+        self._local_blocks: list[MemoryRegion] = []  # PIN_ALL: one region per block
         self._stopped = False
         # Seconds spent registering (pins, round trips, room made for them).
         self._registering_s = 0.0
-        # How a window's writes are posted, so that the link stays busy through the
-        # control round trips (each of which waits behind the writes posted before
-        # it, as a SEND behind WRITEs on one queue pair):
-        # - a policy that keeps everything pinned gets large windows, each posted
-        #   once the next window's REGISTER REQUEST is on its way ("pipelined");
-        # - a policy that unpins gets windows of 64 chunks, or of half its cap when
-        #   that is less (the window in flight and the one being registered fill
-        #   it): what is in flight is what it cannot choose from. Each window is
-        #   posted in thirds: one at once, to be sent while the next window is
-        #   scanned and the writes before complete, one during the next UNREGISTER
-        #   exchange and the last during the next REGISTER ("interleaved"); each
-        #   third covers one wait for the peer's answer.
-        self._interleaved = not policy.keeps_everything  # else pipelined
-        cap = policy.pin_cap
-        self._window_chunks = (self.config.window_chunks if policy.keeps_everything
-                               else self.config.batch_chunks)
-        if cap is not None:
-            self._window_chunks = max(1, min(self._window_chunks, cap // CHUNK_SIZE // 2))
-        self._batch_chunks = (max(1, min(self.config.batch_chunks, self._window_chunks // 8))
-                              if self._interleaved else self.config.batch_chunks)
-        # Batches posted while the current window was being sent (interleaved:
-        # batches of the last window posted so far; see _end_window).
-        self._flushed = 0
+        self.pins = PinTable(self._chunk_bytes)
+        self._mode = posting_mode(policy, window_chunks=self.config.window_chunks,
+                                  batch_chunks=self.config.batch_chunks)
+        self.pipeline = WritePipeline(endpoint, self.pins, batch_chunks=self._mode.batch_chunks,
+                                      timeout=self.config.timeout,
+                                      on_written=self._written, on_progress=self._progress)
         self._deregistering: list[Future[None]] = []
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rdmamig-unpin")
 
@@ -278,21 +146,29 @@ class Source:
             registering_before = self._registering_s
             self._send_dirty()
             self.session.exchange_send(wire.RegisterFinished())
-            elapsed = max(time.monotonic() - started, 1e-6)
             self.policy.iteration_ended(iteration=iteration)
             iteration += 1
-            bandwidth = max((self.result.bytes_written - before.bytes_written) / elapsed, 1.0)
+            round_ = convergence.RoundCounters(
+                written_bytes=self.result.bytes_written - before.bytes_written,
+                inline_pages=self.result.inline_pages - before.inline_pages,
+                zero_pages=self.result.zero_pages - before.zero_pages,
+                registrations=self.result.registrations - before.registrations,
+                registering_s=self._registering_s - registering_before,
+                elapsed_s=max(time.monotonic() - started, 1e-6))
             for tracker in self.trackers:
                 tracker.scan()
             remaining = self._dirty_bytes()
-            if self._downtime_estimate(remaining, before=before, elapsed=elapsed,
-                                       registering=self._registering_s - registering_before,
-                                       ) <= self.config.max_downtime:
+            if self.downtime_estimate(remaining, round_) <= self.config.max_downtime:
                 break
             if iteration >= self.config.max_iterations:
                 break
             if self.config.auto_converge and self.workload is not None:
-                self._auto_converge(dirty_rate=remaining / elapsed, bandwidth=bandwidth)
+                throttle = convergence.next_throttle(
+                    self.result.throttle, dirty_rate=remaining / round_.elapsed_s,
+                    bandwidth=max(round_.written_bytes / round_.elapsed_s, 1.0))
+                if throttle != self.result.throttle:
+                    self.result.throttle = throttle
+                    self.workload.throttle(throttle)
 
         stop = time.monotonic()
         if self.workload is not None:
@@ -315,46 +191,23 @@ class Source:
         if self.endpoint.capabilities & Capability.VERIFY:
             self._verify()
 
-    def _auto_converge(self, *, dirty_rate: float, bandwidth: float) -> None:
-        # QEMU's cpu-throttle: start at 20 %, add 10 % while dirtying outpaces half
-        # the link, at most 99 %.
-        assert self.workload is not None
-        if dirty_rate > bandwidth / 2:
-            throttle = 0.2 if self.result.throttle == 0 else self.result.throttle + 0.1
-            self.result.throttle = min(throttle, 0.99)
-            self.workload.throttle(self.result.throttle)
+    def downtime_estimate(self, remaining: int, round_: convergence.RoundCounters) -> float:
+        """Seconds a stop-and-copy round would take now, after ``round_``, with
+        ``remaining`` dirty bytes (:func:`.convergence.downtime_estimate`)."""
+        to_register = 0 if self.pin_all else self._chunks_to_register()
+        return convergence.downtime_estimate(remaining, round_, chunks_to_register=to_register)
 
     def _dirty_bytes(self) -> int:
         return sum(block.dirty_pages() for block in self.blocks) * PAGE_SIZE
-
-    def _downtime_estimate(self, remaining: int, *, before: SourceResult, elapsed: float,
-                           registering: float) -> float:
-        """Seconds the stop-and-copy round would take: ``remaining`` dirty bytes at
-        the rate the iteration just ended handled dirty pages (written, inline or
-        as COMPRESS), plus, at that iteration's cost per registration, one for every
-        dirty chunk that is not pinned and too dirty to go inline – the part a
-        capped policy adds, which a bytes-only estimate misses.
-
-        The rate is over the whole iteration: writes go on while registrations are
-        answered, so taking their time out overstated it (with a 5 ms target, lru
-        stopped after 3 iterations for 20 ms of downtime).
-        """
-        handled = (self.result.bytes_written - before.bytes_written
-                   + (self.result.inline_pages - before.inline_pages
-                      + self.result.zero_pages - before.zero_pages) * PAGE_SIZE)
-        estimate = remaining / max(handled / elapsed, 1.0)
-        registrations = self.result.registrations - before.registrations
-        if registrations and not self.pin_all:
-            estimate += self._chunks_to_register() * registering / registrations
-        return estimate
 
     def _chunks_to_register(self) -> int:
         count = 0
         for index, block in enumerate(self.blocks):
             dirty = masks.per_chunk(block.dirty_bitmap()).sum(axis=1)
             pinned = np.zeros(len(dirty), dtype=np.bool_)
-            pinned[[cid.index for cid in self._pins if cid.block == index]] = True
-            count += int(np.count_nonzero((dirty > self._inline_pages) & ~pinned))
+            pinned[[cid.index for cid in self.pins.chunks() if cid.block == index]] = True
+            count += convergence.chunks_to_register(dirty, pinned,
+                                                    inline_limit=self._inline_pages)
         return count
 
     # ------------------------------------------------------------ RAM blocks
@@ -395,11 +248,8 @@ class Source:
         if not settle:
             self._unpin(self._ask_policy(needed))
         cap = self.policy.pin_cap
-        pinned = sum(pin.region.length for pin in set(self._pins.values()))
-        if settle or (cap is not None and pinned + needed > cap):
-            self._flush_queued()
-            while self._outstanding:
-                self._complete_oldest()
+        if settle or (cap is not None and self.pins.pinned_bytes + needed > cap):
+            self.pipeline.complete_all()
             self._unpin(self._ask_policy(needed))
         self._settle_deregistrations()
 
@@ -410,14 +260,17 @@ class Source:
             dirty = block.take_dirty()
             chunks = np.flatnonzero(masks.any_per_chunk(dirty))
             ordered = self._pinned_first(index, chunks.tolist())
-            # Windows grow from one batch to window_chunks: the first writes start
-            # early, the later windows amortise their round trips.
-            size, at = min(self.config.batch_chunks, self._window_chunks), 0
+            # Windows grow from one batch to the mode's window: the first writes
+            # start early, the later windows amortise their round trips.
+            window = self._mode.window_chunks
+            size, at = min(self.config.batch_chunks, window), 0
             while at < len(ordered):
                 self._send_window(index, block, dirty, ordered[at:at + size])
                 at += size
-                size = min(2 * size, self._window_chunks)
-        self._drain()
+                size = min(2 * size, window)
+        self.pipeline.drain()
+        if not self.pin_all:
+            self._unpin(self._ask_policy(0))
 
     def _pinned_first(self, index: int, chunks: list[int]) -> list[int]:
         """Dirty chunks that are still registered go before those that must be
@@ -426,9 +279,9 @@ class Source:
         chunks it is about to write: a hot set larger than the cap keeps the part
         that fits pinned, where an address-order scan would evict each hot chunk
         just before its next write."""
-        if self.pin_all or not self._pins:
+        if self.pin_all or not self.pins:
             return chunks
-        pinned = [c for c in chunks if ChunkId(index, c) in self._pins]
+        pinned = [c for c in chunks if ChunkId(index, c) in self.pins]
         if not pinned:
             return chunks
         taken = set(pinned)
@@ -440,13 +293,16 @@ class Source:
         inline_pages: list[wire.InlinePage] = []
         writes: list[tuple[ChunkId, int, int]] = []
         to_register: list[ChunkId] = []
+        # Registered chunks this window is about to write: held, so that no unpin
+        # (of them or of a partner) happens before their writes are queued.
+        rewritten: list[ChunkId] = []
         base = self._remote[index].offset
         for first_chunk, end_chunk in masks.runs_of_consecutive(window):
             first = first_chunk * PAGES_PER_CHUNK
             pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
             nonzero = block.nonzero_pages(first, first + len(pages))
             chunks = [ChunkId(index, c) for c in range(first_chunk, end_chunk)]
-            registered = np.fromiter((self.pin_all or c in self._pins for c in chunks),
+            registered = np.fromiter((self.pin_all or c in self.pins for c in chunks),
                                      dtype=np.bool_, count=len(chunks))
             plan = masks.plan_span(pages, nonzero, registered, inline_limit=self._inline_pages,
                                    min_compress_run=MIN_COMPRESS_RUN,
@@ -468,16 +324,14 @@ class Source:
             if not self.pin_all:
                 for at in np.flatnonzero(registered & written).tolist():
                     # A pinned chunk written again: in flight until chunk_written.
-                    self._to_write.add(chunks[at])
+                    self.pins.hold(chunks[at])
+                    rewritten.append(chunks[at])
                     self.policy.chunk_dirtied(chunk=chunks[at])
             to_register += [chunks[at] for at in np.flatnonzero(~registered & written).tolist()]
         if to_register:
-            if self._interleaved:
-                # What the policy may choose from: the windows before the last one.
-                # (Waiting for writes, this is not timed as registering.)
-                self._complete_earlier_windows()
+            self._mode.before_register(self.pipeline)
             self._register(to_register)  # posts the window before while the peer pins
-        self._flush_queued()
+        self.pipeline.post()
         if compress:
             for part in self._batches(compress):
                 self.session.exchange_send(wire.Compress(entries=tuple(part)))
@@ -486,9 +340,12 @@ class Source:
                 inline_pages[at:at + wire.MAX_PAGES])))
         self.result.inline_pages += len(inline_pages)
         for cid, first_page, end_page in writes:
-            self._queue_write(cid, block, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
-        self._to_write.clear()
-        self._end_window()
+            self._queue_write(cid, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
+        for cid in rewritten:
+            self.pins.release(cid)
+        self._mode.end_window(self.pipeline)
+        if not self.pin_all:
+            self._unpin(self._ask_policy(0))
 
     def _batches(self, entries: Sequence[_T]) -> Iterator[Sequence[_T]]:
         """``entries`` split into array messages: up to 4096 each when BATCH was
@@ -502,22 +359,6 @@ class Source:
     def _chunk_bytes(self, cid: ChunkId) -> int:
         return min(CHUNK_SIZE, self.blocks[cid.block].length - cid.index * CHUNK_SIZE)
 
-    def _units(self, chunks: list[ChunkId]) -> list[tuple[int, int, int]]:
-        """(block, first chunk, count) to register. With an rdmamig peer (BATCH), an
-        even chunk and the next one are registered together: 2 MiB, aligned, so
-        pinning keeps the memory's transparent huge pages whole (a 1 MiB mlock
-        splits them, and costs 25x more) and writes merge over both."""
-        wanted = set(chunks)
-        units = []
-        for cid in sorted(wanted):
-            partner = ChunkId(cid.block, cid.index + 1)
-            if self.batch and cid.index % 2 == 0 and partner in wanted:
-                units.append((cid.block, cid.index, 2))
-                wanted.discard(partner)
-            elif cid in wanted:
-                units.append((cid.block, cid.index, 1))
-        return units
-
     def _register(self, chunks: list[ChunkId]) -> None:
         started = time.monotonic()
         try:
@@ -526,7 +367,7 @@ class Source:
             self._registering_s += time.monotonic() - started
 
     def _register_chunks(self, chunks: list[ChunkId]) -> None:
-        units = self._units(chunks)
+        units = registration_units(chunks, pairs=self.batch)
         self._make_room(sum(self._chunk_bytes(c) for c in chunks))
         regions: list[MemoryRegion] = []
         try:
@@ -538,7 +379,7 @@ class Source:
             self._bind(list(zip(units, regions, strict=True)))
         except BaseException:
             # Whatever the peer has not keyed yet is ours alone to release.
-            bound = {pin.region for pin in self._pins.values()}
+            bound = {pin.region for pin in self.pins.registrations()}
             for region in regions:
                 if region not in bound:
                     with contextlib.suppress(RdmamigError):
@@ -548,68 +389,56 @@ class Source:
     def _bind(self, units: list[tuple[tuple[int, int, int], MemoryRegion]]) -> None:
         """Ask the peer to register ``units`` (already pinned here) and record them."""
         for part in self._batches(units):
+            self.session.wait_ready()
+            self.session.send(wire.RegisterRequest(entries=tuple(
+                wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
+                              current_index=b, chunks=count)
+                for (b, first, count), _region in part)))
             # The queued writes of the window before go out once the request is on
             # its way: it is not ordered behind them, and they keep the link busy
             # while the peer pins.
-            reply = self.session.exchange_send(wire.RegisterRequest(entries=tuple(
-                wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
-                              current_index=b, chunks=count)
-                for (b, first, count), _region in part)), reply=wire.Command.REGISTER_RESULT,
-                meanwhile=self._flush_queued)
+            self.pipeline.post()
+            reply = self.session.recv_reply(wire.Command.REGISTER_RESULT)
             assert isinstance(reply, wire.RegisterResult)
             if len(reply.entries) != len(part):
                 raise MigrationError(f"REGISTER RESULT has {len(reply.entries)} keys for "
                                      f"{len(part)} requested registrations")
             for ((block_index, first, count), region), key in zip(part, reply.entries,
                                                                    strict=True):
-                pin = _Pin(block=block_index, first=first, count=count, region=region,
-                           rkey=key.rkey)
                 self._host_addr[block_index] = key.host_addr
-                for cid in pin.chunks():
-                    self._pins[cid] = pin
-                    self._pinned_sizes[cid] = self._chunk_bytes(cid)
+                pin = Pin(block=block_index, first=first, count=count, region=region,
+                          rkey=key.rkey)
+                for cid, nbytes, again in self.pins.add(pin):
                     self.result.registrations += 1
-                    if cid in self._ever_unpinned:
-                        self.result.reregistrations += 1
-                    self.policy.chunk_registered(chunk=cid, nbytes=self._chunk_bytes(cid))
-
-    def _in_flight(self, cid: ChunkId) -> bool:
-        return (self._last_ticket.get(cid, 0) > self._completed_ticket
-                or cid in self._queued_chunks or cid in self._to_write)
+                    self.result.reregistrations += again
+                    self.policy.chunk_registered(chunk=cid, nbytes=nbytes)
 
     def _ask_policy(self, needed: int) -> list[ChunkId]:
-        pinned: Mapping[ChunkId, int] = self._pinned_view
+        pinned: Mapping[ChunkId, int] = self.pins.sizes
         if self.policy.pin_cap is not None:
-            # A chunk registered together with a chunk in flight cannot go yet: a
-            # capped policy sees it as part of what must fit, not as a candidate, so
-            # that it picks others and the cap holds.
-            tied = {cid for cid in self._pinned_sizes
-                    if any(self._in_flight(c) for c in self._pins[cid].chunks())}
-            if tied:
-                needed += sum(self._pinned_sizes[cid] for cid in tied)
-                pinned = {cid: size for cid, size in self._pinned_sizes.items()
-                          if cid not in tied}
+            # A chunk registered together with a held chunk cannot go yet: a capped
+            # policy sees it as part of what must fit, not as a candidate, so that
+            # it picks others and the cap holds.
+            pinned, tied_bytes = self.pins.candidates()
+            needed += tied_bytes
         try:
             chosen = list(self.policy.select_unpin(pinned=pinned, needed_bytes=needed))
         except Exception as exc:
             raise MigrationError(f"unpin policy {self.policy.name!r} failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
         for cid in chosen:
-            if cid not in self._pins:
+            if cid not in self.pins:
                 raise MigrationError(f"unpin policy {self.policy.name!r} asked to unpin "
                                      f"chunk {cid.index} of block {cid.block}, which is not "
                                      f"pinned")
-            if self._in_flight(cid):
+            if self.pins.held(cid):
                 raise MigrationError(f"unpin policy {self.policy.name!r} asked to unpin "
                                      f"chunk {cid.index} of block {cid.block}, which has a "
                                      f"write in flight; refused")
         return chosen
 
     def _unpin(self, chunks: Iterable[ChunkId]) -> None:
-        # A chunk goes with its whole registration; one whose partner still has a
-        # write in flight stays until a later decision.
-        pins = [pin for pin in dict.fromkeys(self._pins[cid] for cid in chunks)
-                if not any(self._in_flight(cid) for cid in pin.chunks())]
+        pins = self.pins.unpinnable(chunks)
         if not pins:
             return
         if self.config.async_unregister:
@@ -622,17 +451,16 @@ class Source:
         else:
             requests = [[pin] for pin in pins]
         for part in requests:
-            self.session.exchange_send(wire.UnregisterRequest(entries=tuple(
+            self.session.wait_ready()
+            self.session.send(wire.UnregisterRequest(entries=tuple(
                 wire.Register(key=pin.first, current_index=pin.block, chunks=pin.count)
-                for pin in part)), reply=wire.Command.UNREGISTER_FINISHED,
-                meanwhile=self._flush_half if self._interleaved else None)
+                for pin in part)))
+            self._mode.after_unregister_sent(self.pipeline)
+            self.session.recv_reply(wire.Command.UNREGISTER_FINISHED)
             for pin in part:
                 if not self.config.async_unregister:
                     self.endpoint.deregister(region=pin.region)
-                for cid in pin.chunks():
-                    del self._pins[cid]
-                    del self._pinned_sizes[cid]
-                    self._ever_unpinned.add(cid)
+                for cid in self.pins.remove(pin):
                     self.result.unregistrations += 1
                     self.policy.chunk_unpinned(chunk=cid)
 
@@ -643,101 +471,20 @@ class Source:
 
     # ------------------------------------------------------------ writes
 
-    def _queue_write(self, cid: ChunkId, block: RamBlock, start: int, end: int) -> None:
+    def _queue_write(self, cid: ChunkId, start: int, end: int) -> None:
         if self.pin_all:
             region, local_offset = self._local_blocks[cid.block], start
             rkey = self._remote[cid.block].remote_rkey
         else:
-            pin = self._pins[cid]
+            pin = self.pins[cid]
             region, local_offset = pin.region, start - pin.first * CHUNK_SIZE
             rkey = pin.rkey
-        remote_addr = self._host_addr[cid.block] + start
         self.result.bytes_written += end - start
-        batch = self._queued[-1] if self._queued else None
-        if batch is None or (batch.chunks[-1] != cid
-                             and len(batch.chunks) == self._batch_chunks):
-            batch = _Batch()
-            self._queued.append(batch)
-        if not batch.chunks or batch.chunks[-1] != cid:
-            batch.chunks.append(cid)
-            self._queued_chunks.add(cid)
-        last = batch.writes[-1] if batch.writes else None
-        if (last is not None and last.region == region and last.rkey == rkey
-                and last.offset + last.length == local_offset
-                and last.remote_addr + last.length == remote_addr
-                and last.length + (end - start) <= MAX_WRITE):
-            last.length += end - start
-            return
-        batch.writes.append(_Pending(region, local_offset, end - start, remote_addr, rkey))
+        self.pipeline.queue(cid, region=region, offset=local_offset, length=end - start,
+                            remote_addr=self._host_addr[cid.block] + start, rkey=rkey)
 
-    def _flush_half(self) -> None:
-        """Post the first half of the queued batches (rounded up)."""
-        self._flush_queued(limit=-(-len(self._queued) // 2))
-
-    def _flush_queued(self, limit: int | None = None) -> None:
-        """Post the queued batches (the first ``limit`` of them), the last write of
-        each signalled."""
-        if not self._queued:
-            return
-        posting, self._queued = self._queued[:limit], self._queued[limit or len(self._queued):]
-        for batch in posting:
-            ticket = self.endpoint.post_writes(writes=[
-                RemoteWrite(region=p.region, offset=p.offset, length=p.length,
-                            remote_addr=p.remote_addr, rkey=p.rkey) for p in batch.writes])
-            for cid in batch.chunks:
-                self._last_ticket[cid] = ticket
-            self._outstanding.append((ticket, batch.chunks))
-            self._flushed += 1
-        self._queued_chunks = {cid for batch in self._queued for cid in batch.chunks}
-        self._progress()
-
-    def _end_window(self) -> None:
-        """Post a third of the window's writes (interleaved) or none (pipelined),
-        and let the policy unpin.
-
-        Pipelined, one window stays in flight: the writes of the windows before
-        complete here. Interleaved, two do, and the wait for the one before comes
-        before the next registration, so that the next window is scanned first;
-        ``_flushed`` then counts the batches of this window posted so far.
-        """
-        if self._interleaved:
-            # Every write of the window before is posted by now. Waiting here for
-            # those before it is a no-op when a registration has waited already;
-            # in a run of windows that register nothing, it keeps what is in
-            # flight to two windows (a send queue has a depth).
-            self._complete_earlier_windows()
-            self._flushed = 0
-            self._flush_queued(limit=-(-len(self._queued) // 3))
-        if not self._flushed:
-            self._progress()  # nothing posted in this step: sample anyway
-        if not self._interleaved:
-            self._complete_earlier_windows()
-            self._flushed = 0
-        if not self.pin_all:
-            self._unpin(self._ask_policy(0))
-
-    def _complete_earlier_windows(self) -> None:
-        """Wait for every posted batch but the ``_flushed`` latest: the writes of the
-        windows before the last one (interleaved) or before this one (pipelined)."""
-        while len(self._outstanding) > self._flushed:
-            self._complete_oldest()
-
-    def _complete_oldest(self) -> None:
-        ticket, chunks = self._outstanding.popleft()
-        self.endpoint.wait_writes(ticket=ticket, timeout=self.config.timeout)
-        self._completed_ticket = ticket
-        for cid in chunks:
-            self.policy.chunk_written(chunk=cid)
-
-    def _drain(self) -> None:
-        """End of a round: every write completes, then the policy has its say on the
-        chunks those completions freed."""
-        self._flush_queued()
-        while self._outstanding:
-            self._complete_oldest()
-        self._flushed = 0
-        if not self.pin_all:
-            self._unpin(self._ask_policy(0))
+    def _written(self, cid: ChunkId) -> None:
+        self.policy.chunk_written(chunk=cid)
 
     def _progress(self) -> None:
         locked = locked_bytes()
@@ -774,10 +521,7 @@ class Source:
             with contextlib.suppress(RdmamigError):
                 future.result()
         self._deregistering.clear()
-        regions = [pin.region for pin in set(self._pins.values())] + self._local_blocks
-        for region in regions:
+        for region in self.pins.clear() + self._local_blocks:
             with contextlib.suppress(RdmamigError):
                 self.endpoint.deregister(region=region)
-        self._pins.clear()
-        self._pinned_sizes.clear()
         self._local_blocks.clear()
