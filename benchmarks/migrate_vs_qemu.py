@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rdmamig.cli_migrate import parse_size
+from rdmamig.cli.options import parse_size
 
 
 class Qmp:

@@ -56,5 +56,5 @@ def test_units_cover_each_chunk_once_pairs_only_even_neighbours(
     units = registration_units(chunks, pairs=pairs)
     covered = [ChunkId(b, f + k) for b, f, count in units for k in range(count)]
     assert sorted(covered) == sorted(chunks)
-    for block, first, count in units:
+    for _block, first, count in units:
         assert count == 1 or (pairs and count == 2 and first % 2 == 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from rdmamig.caps import Capability
-from rdmamig.errors import UsageError
+from rdmamig.errors import ConfigurationError
 from rdmamig.plugins import load_registry
 from rdmamig.policy import CHUNK_SIZE as MiB
 from rdmamig.policy import ChunkId, Hint, PolicyOptions
@@ -47,9 +47,9 @@ def test_eager_unpins_exactly_the_written_chunks() -> None:
 
 
 def test_lru_needs_a_cap() -> None:
-    with pytest.raises(UsageError, match="policy 'lru' needs --pin-cap BYTES"):
+    with pytest.raises(ConfigurationError, match="policy 'lru' needs --pin-cap BYTES"):
         Lru(PolicyOptions())
-    with pytest.raises(UsageError, match="below two chunks"):
+    with pytest.raises(ConfigurationError, match="below two chunks"):
         Lru(PolicyOptions(pin_cap=MiB))
 
 
@@ -80,7 +80,7 @@ def test_memlock_under_a_tiny_limit_says_so(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(lru_module, "memlock_applies", lambda: True)
     monkeypatch.setattr(lru_module, "memlock_limit", lambda: 2 * MiB)
     monkeypatch.setattr(lru_module, "locked_bytes", lambda: 0)
-    with pytest.raises(UsageError, match="'memlock': a pin cap of 1048576 bytes"):
+    with pytest.raises(ConfigurationError, match="'memlock': a pin cap of 1048576 bytes"):
         Memlock(PolicyOptions())
 
 
@@ -108,7 +108,7 @@ def test_hints_added_at_run_time() -> None:
 
 def test_a_hint_on_an_unknown_block_is_a_clear_error() -> None:
     hints = Hints(PolicyOptions(hints=(Hint(kind="hot", block="nope", offset=0, length=1),)))
-    with pytest.raises(UsageError, match="hint names block 'nope'; blocks are ram0"):
+    with pytest.raises(ConfigurationError, match="hint names block 'nope'; blocks are ram0"):
         hints.set_block_names(("ram0",))
 
 

@@ -8,6 +8,7 @@ The names most users need are re-exported here; the modules hold the rest:
 
 from .caps import Capability
 from .errors import (
+    ConfigurationError,
     LocalProtocolError,
     MemlockLimitError,
     MigrationError,
@@ -18,13 +19,18 @@ from .errors import (
     RemoteProtocolError,
     TransportError,
     UnknownNameError,
+    UnreachableError,
     VerificationError,
 )
+from .hookspecs import hookimpl
+from .plugins import ENTRY_POINT_GROUP
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Capability",
+    "ConfigurationError",
     "LocalProtocolError",
     "MemlockLimitError",
     "MigrationError",
@@ -35,6 +41,8 @@ __all__ = [
     "RemoteProtocolError",
     "TransportError",
     "UnknownNameError",
+    "UnreachableError",
     "VerificationError",
     "__version__",
+    "hookimpl",
 ]

@@ -63,6 +63,15 @@ class MemlockLimitError(RegistrationError):
         self.locked = locked
 
 
+class ConfigurationError(RdmamigError):
+    """A backend or policy was given options it cannot take (a missing or too small
+    pin cap, a hint naming no block, an option the backend does not know)."""
+
+
+class UnreachableError(RdmamigError):
+    """The peer could not be reached (refused, unresolvable, timed out)."""
+
+
 class UnknownNameError(RdmamigError, LookupError):
     """A backend or policy was asked for by a name no plugin registered."""
 
@@ -79,5 +88,5 @@ class VerificationError(MigrationError):
     """After transfer, a block's hash on the destination differs from the source's."""
 
 
-class UsageError(RdmamigError, argparse.ArgumentTypeError):
+class UsageError(ConfigurationError, argparse.ArgumentTypeError):
     """A command-line argument is wrong (the CLI exits with status 2)."""

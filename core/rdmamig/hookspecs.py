@@ -28,6 +28,7 @@ import pluggy
 if TYPE_CHECKING:
     from .plugins import Registry
 
+#: The project name: pluggy's marker name and the entry-point group plugins use.
 PROJECT = "rdmamig"
 hookspec = pluggy.HookspecMarker(PROJECT)
 #: Marks a plugin's implementation of a hook below.

@@ -13,7 +13,7 @@ from .policy import UnpinPolicy
 from .transport import Backend
 
 #: The one entry-point group every plugin, built-in or not, is found through.
-ENTRY_POINT_GROUP = "rdmamig"
+ENTRY_POINT_GROUP = hookspecs.PROJECT
 #: Comma-separated entry-point names that must not be loaded.
 BLOCK_ENV = "RDMAMIG_BLOCK_PLUGINS"
 

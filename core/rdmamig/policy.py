@@ -70,6 +70,9 @@ class UnpinPolicy(abc.ABC):
     #: keeps windows of 64 chunks (half its cap at most), so that little is pinned
     #: beyond the policy's say.
     keeps_everything: ClassVar[bool] = False
+    #: True for a policy that keeps a pin cap (``--pin-cap``; the policy lab runs
+    #: it once per cap). Its :attr:`pin_cap` is then the cap.
+    takes_cap: ClassVar[bool] = False
 
     def __init__(self, options: PolicyOptions) -> None:
         self.options = options

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import DestinationResult, SourceResult
+from .errors import ConfigurationError
 
 
 def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceResult | None,
@@ -82,18 +83,30 @@ def summary_table(report: dict[str, Any]) -> Any:
     return table
 
 
-def plot_timeline(report: dict[str, Any], path: Path) -> None:
-    """Throughput, dirty bytes remaining and pinned bytes over time, as a PNG.
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (call it before any work that a plot
+    would follow, so that a missing matplotlib is found first).
 
     Raises:
-        RuntimeError: matplotlib is not installed (``pip install rdmamig[plot]``).
+        ConfigurationError: matplotlib is not installed (``pip install rdmamig[plot]``).
     """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'rdmamig[plot]'") from None
+        raise ConfigurationError("--plot needs matplotlib: pip install 'rdmamig[plot]'"
+                                 ) from None
+    return plt
+
+
+def plot_timeline(report: dict[str, Any], path: Path) -> None:
+    """Throughput, dirty bytes remaining and pinned bytes over time, as a PNG.
+
+    Raises:
+        ConfigurationError: matplotlib is not installed.
+    """
+    plt = require_matplotlib()
     samples = report["timeline"]["source"]
     t = [s["t"] for s in samples]
     written = [s["bytes_written"] for s in samples]

@@ -191,6 +191,9 @@ class Backend(abc.ABC):
     description: ClassVar[str] = ""
     #: Capabilities this transport can honour (PIN_ALL etc.).
     supported: ClassVar[Capability] = Capability(0)
+    #: Most connections a source can stripe its writes over (``channels=N`` as a
+    #: constructor option when it is more than 1).
+    max_channels: ClassVar[int] = 1
 
     @abc.abstractmethod
     def unavailable_reason(self) -> str | None:

@@ -1,9 +1,12 @@
-"""The synthetic guest of ``rdmamig migrate``: RAM content and a workload thread
-that dirties pages at a set rate (the ``stress --vm`` of the seed's measurements)."""
+"""Workloads the source stops for stop-and-copy: the synthetic guest of ``rdmamig
+migrate`` (RAM content and a thread that dirties pages at a set rate, the ``stress
+--vm`` of the seed's measurements) and another process paused with SIGSTOP."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -137,3 +140,36 @@ class SyntheticWorkload:
             block.mark_pages_dirty(mine)
             self.pages_written += len(mine)
         return carry
+
+
+class PausedProcess:
+    """Another process (a VM, a writer) that owns the memory: stopped with SIGSTOP
+    for stop-and-copy and resumed with SIGCONT. ``pid`` None: nothing to pause.
+
+    Args:
+        pid: the process to pause.
+        state: the non-RAM state sent after stop.
+    """
+
+    def __init__(self, pid: int | None, state: bytes = b"") -> None:
+        self.pid = pid
+        self._state = state
+
+    def _signal(self, sig: int) -> None:
+        if self.pid is not None:
+            os.kill(self.pid, sig)
+
+    def stop(self) -> None:
+        """SIGSTOP the process."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the process."""
+        self._signal(signal.SIGCONT)
+
+    def throttle(self, fraction: float) -> None:
+        """A paused-or-running process cannot be throttled: nothing happens."""
+
+    def state(self) -> bytes:
+        """The state given at construction."""
+        return self._state

@@ -7,10 +7,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-from rdmamig.errors import UsageError
+from rdmamig.errors import ConfigurationError
 from rdmamig.policy import CHUNK_SHIFT, ChunkId, Hint, PolicyOptions
 
-from .lru import Lru
+from .lru import NO_CAP, Lru
 
 
 class Hints(Lru):
@@ -23,7 +23,7 @@ class Hints(Lru):
 
     def __init__(self, options: PolicyOptions) -> None:
         # Without a cap only cold chunks are unpinned: a cap no RAM reaches.
-        super().__init__(options, cap=options.pin_cap or 2**62)
+        super().__init__(options, cap=options.pin_cap or NO_CAP)
         self._lock = threading.Lock()
         self._hot: set[ChunkId] = set()
         self._cold: set[ChunkId] = set()
@@ -45,7 +45,7 @@ class Hints(Lru):
     def _apply(self, hint: Hint) -> None:
         names = self.options.block_names
         if hint.block not in names:
-            raise UsageError(f"hint names block {hint.block!r}; blocks are "
+            raise ConfigurationError(f"hint names block {hint.block!r}; blocks are "
                              f"{', '.join(names)}")
         block = names.index(hint.block)
         first = hint.offset >> CHUNK_SHIFT

@@ -8,9 +8,12 @@ import itertools
 import resource
 from collections.abc import Iterable, Mapping
 
-from rdmamig.errors import UsageError
+from rdmamig.errors import ConfigurationError
 from rdmamig.pinning import locked_bytes, memlock_applies, memlock_limit
 from rdmamig.policy import CHUNK_SIZE, ChunkId, PolicyOptions, UnpinPolicy
+
+#: A cap no RAM reaches: capped bookkeeping without a limit.
+NO_CAP = 2**62
 
 
 class Lru(UnpinPolicy):
@@ -28,6 +31,7 @@ class Lru(UnpinPolicy):
     """
 
     name = "lru"
+    takes_cap = True
     description = "at most --pin-cap bytes pinned; least-recently-rewritten chunks go first"
 
     def __init__(self, options: PolicyOptions, *, cap: int | None = None) -> None:
@@ -36,7 +40,7 @@ class Lru(UnpinPolicy):
         super().__init__(options)
         cap = options.pin_cap if cap is None else cap
         if cap is None:
-            raise UsageError(f"policy {self.name!r} needs --pin-cap BYTES")
+            raise ConfigurationError(f"policy {self.name!r} needs --pin-cap BYTES")
         self.cap = self._checked_cap(cap)
         self._clock = itertools.count(1)
         # chunk -> (second-to-last write, last write), in ticks of _clock; 0 = never.
@@ -50,7 +54,7 @@ class Lru(UnpinPolicy):
 
     def _checked_cap(self, cap: int) -> int:
         if cap < 2 * CHUNK_SIZE:
-            raise UsageError(f"policy {self.name!r}: a pin cap of {cap} bytes is below "
+            raise ConfigurationError(f"policy {self.name!r}: a pin cap of {cap} bytes is below "
                              f"two chunks ({2 * CHUNK_SIZE} bytes)")
         return cap
 
@@ -98,7 +102,7 @@ class Memlock(Lru):
     def __init__(self, options: PolicyOptions) -> None:
         limit = memlock_limit()
         if limit == resource.RLIM_INFINITY or not memlock_applies():
-            cap = options.pin_cap if options.pin_cap is not None else 2**62
+            cap = options.pin_cap if options.pin_cap is not None else NO_CAP
         else:
             cap = limit - locked_bytes() - self.MARGIN
             if options.pin_cap is not None:

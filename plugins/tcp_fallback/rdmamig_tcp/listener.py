@@ -158,6 +158,7 @@ class TcpBackend(Backend):
     name: ClassVar[str] = "tcp"
     description: ClassVar[str] = "one-sided writes emulated over TCP sockets (any network)"
     supported: ClassVar[Capability] = caps.KNOWN_CAPABILITIES
+    max_channels: ClassVar[int] = MAX_LANES
 
     def __init__(self, *, channels: int = 1) -> None:
         """``channels``: TCP connections a source stripes its writes over (QEMU's

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rdmamig.hookspecs import hookimpl
+from rdmamig import hookimpl
 from rdmamig.plugins import Registry
 
 from .listener import TcpBackend

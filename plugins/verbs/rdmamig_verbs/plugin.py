@@ -6,7 +6,7 @@ Registered on every machine: where pyverbs or an RDMA device is missing,
 
 from __future__ import annotations
 
-from rdmamig.hookspecs import hookimpl
+from rdmamig import hookimpl
 from rdmamig.plugins import Registry
 
 from .backend import VerbsBackend

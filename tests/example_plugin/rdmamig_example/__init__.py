@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from rdmamig.hookspecs import hookimpl
+from rdmamig import hookimpl
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
 from rdmamig_tcp import TcpBackend
 

@@ -1,0 +1,242 @@
+"""What the verbs share: parsers of sizes, addresses and numbers, the options of
+every verb that connects or runs a source, the plan they resolve to, the live
+progress display and the end of a run (report, plot, summary, exit status)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..caps import SOURCE_DEFAULTS, Capability
+from ..engine import SourceConfig
+from ..engine.ramblock import PAGES_PER_CHUNK
+from ..errors import UsageError
+from ..migration import Plan
+from ..plugins import Registry
+from ..policy import Hint, PolicyOptions
+from ..report import plot_timeline, require_matplotlib, summary_table, write_report
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 1000, "kib": 2**10, "m": 2**20, "mb": 1000**2,
+          "mib": 2**20, "g": 2**30, "gb": 1000**3, "gib": 2**30, "t": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``512M``, ``4096`` -> bytes (K/M/G alone are binary, as in QEMU)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UsageError(f"cannot parse size {text!r} (examples: 1GiB, 512M, 4096)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``."""
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise UsageError(f"cannot parse address {text!r} (HOST:PORT or [IPV6]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise UsageError(f"port {port} in {text!r} is over 65535")
+    return host, port
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An option's parser: a whole number from ``low`` to ``high`` (or more, without
+    ``high``); argparse names the option in its message."""
+    def parse(text: str) -> int:
+        if (not text.strip().isdigit() or int(text) < low
+                or (high is not None and int(text) > high)):
+            raise UsageError(f"{text!r} is not a whole number {_bounds(low, high)}")
+        return int(text)
+    return parse
+
+
+def _bounds(low: int, high: int | None) -> str:
+    return f"from {low} to {high}" if high is not None else f"{low} or more"
+
+
+def parse_milliseconds(text: str) -> float:
+    """An option's parser: milliseconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{text!r} is not a number of milliseconds, 0 or more")
+    return value
+
+
+def parse_hint(text: str) -> Hint:
+    """``hot:BLOCK:OFFSET:LEN`` or ``cold:...`` (sizes as in :func:`parse_size`)."""
+    parts = text.split(":")
+    if len(parts) != 4 or parts[0] not in ("hot", "cold"):
+        raise UsageError(f"cannot parse hint {text!r} (hot|cold:BLOCK:OFFSET:LEN)")
+    return Hint(kind=parts[0], block=parts[1], offset=parse_size(parts[2]),  # type: ignore[arg-type]
+                length=parse_size(parts[3]))
+
+
+# ---------------------------------------------------------------- options
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every verb that connects: backend, device, report, timeout."""
+    parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
+    parser.add_argument("--device", metavar="NAME",
+                        help="RDMA device the address must be on (verbs; e.g. rxe0, mlx5_0)")
+    parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for the peer (default 60)")
+
+
+def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every verb that runs a source (``migrate``, ``send``, the policy
+    lab): how it uses the link and when it converges. Read by :func:`source_config`
+    and :func:`backend_options`."""
+    parser.add_argument("--channels", type=whole_number(1), default=1, metavar="N",
+                        help="connections to stripe the pages over, as QEMU's multifd "
+                             "(as many as the backend takes; default 1)")
+    parser.add_argument("--max-downtime", type=parse_milliseconds, default=300.0,
+                        metavar="MS", help="downtime to converge to, in ms (default 300)")
+    parser.add_argument("--max-iterations", type=whole_number(1),
+                        default=30, metavar="N",
+                        help="rounds before stop-and-copy at the latest (default 30)")
+    parser.add_argument("--inline-pages", type=whole_number(0, PAGES_PER_CHUNK),
+                        default=SourceConfig().inline_pages,
+                        metavar="N", help="send up to N dirty pages of an unregistered chunk "
+                                          "inside control messages instead of registering it "
+                                          "(rdmamig peers; default 16, 0: always register)")
+    parser.add_argument("--auto-converge", action="store_true",
+                        help="throttle the workload when dirtying outpaces the link")
+    parser.add_argument("--unregister", choices=("async", "inline"), default="async",
+                        help="unpin beside the writes (batched, worker thread) or inline, "
+                             "one chunk per request (default async)")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``migrate`` and ``send``: connection, tuning, policy, output."""
+    add_connection_arguments(parser)
+    add_tuning_arguments(parser)
+    parser.add_argument("--policy", default="pin-until-done",
+                        help="unpin policy (rdmamig policies)")
+    parser.add_argument("--pin-cap", type=parse_size, metavar="BYTES",
+                        help="most bytes pinned on each side, for capped policies")
+    parser.add_argument("--hint", type=parse_hint, action="append", default=[],
+                        metavar="hot|cold:BLOCK:OFFSET:LEN", help="hints for --policy hints")
+    parser.add_argument("--hints-file", type=Path, help="file of hints, one per line")
+    parser.add_argument("--pin-all", action="store_true",
+                        help="ask for PIN_ALL: register whole blocks up front")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw a timeline (needs matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no live progress display")
+
+
+def source_config(args: argparse.Namespace) -> SourceConfig:
+    """The source's tunables from :func:`add_tuning_arguments` and ``--timeout``."""
+    return SourceConfig(max_downtime=args.max_downtime / 1000,
+                        max_iterations=args.max_iterations,
+                        auto_converge=args.auto_converge, timeout=args.timeout,
+                        inline_pages=args.inline_pages,
+                        async_unregister=args.unregister == "async")
+
+
+def backend_options(args: argparse.Namespace, registry: Registry) -> dict[str, Any]:
+    """Keyword arguments for ``--backend`` from ``--device`` and ``--channels``,
+    checked against what the backend says it takes.
+
+    Raises:
+        UsageError: more channels than the backend stripes over.
+    """
+    backend = registry.backend(args.backend)
+    options: dict[str, Any] = {}
+    if args.device:
+        options["device"] = args.device
+    channels = getattr(args, "channels", 1)
+    if channels > backend.max_channels:
+        raise UsageError(f"argument --channels: '{channels}' is not a whole number "
+                         f"{_bounds(1, backend.max_channels)} (what backend "
+                         f"{backend.name!r} stripes over)")
+    if channels != 1:
+        options["channels"] = channels
+    return options
+
+
+def plan_from_args(args: argparse.Namespace, registry: Registry) -> Plan:
+    """The plan of a source verb (:func:`add_source_arguments`).
+
+    Raises:
+        UsageError: options that contradict each other or the policy.
+        UnknownNameError: an unknown backend or policy.
+    """
+    backend = registry.backend(args.backend)
+    policy = registry.policy(args.policy)
+    hints = list(args.hint)
+    if args.hints_file is not None:
+        try:
+            lines = [line.strip() for line in args.hints_file.read_text().splitlines()]
+        except OSError as exc:
+            raise UsageError(f"cannot read hints file: {exc}") from None
+        hints += [parse_hint(line) for line in lines if line and not line.startswith("#")]
+    options = PolicyOptions(pin_cap=args.pin_cap, hints=tuple(hints))
+    if args.pin_cap is not None and not policy.takes_cap:
+        capped = [name for name, cls in registry.policies.items() if cls.takes_cap]
+        raise UsageError(f"policy {policy.name!r} keeps no cap; --pin-cap is for "
+                         f"{', '.join(capped)}")
+    requested = SOURCE_DEFAULTS | policy.capabilities
+    if args.pin_all:
+        if not policy.keeps_everything:
+            raise UsageError(f"--pin-all registers whole blocks up front, and policy "
+                             f"{policy.name!r} unpins chunks: use one or the other")
+        requested |= Capability.PIN_ALL
+    if args.plot is not None:
+        require_matplotlib()
+    return Plan(backend=backend, backend_options=backend_options(args, registry),
+                policy=policy, options=options, requested=requested,
+                config=source_config(args))
+
+
+# ---------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def progress_display(quiet: bool, total: int) -> Iterator[Callable[[dict[str, float]], None]]:
+    """A live rich display fed by the source's samples: yields the callback."""
+    if quiet:
+        yield lambda sample: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    progress = Progress(TextColumn("[bold]migrating"), BarColumn(),
+                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=True)
+    task = progress.add_task("migrate", total=total, line="")
+    last = {"t": 0.0, "written": 0.0}
+
+    def update(sample: dict[str, float]) -> None:
+        dt = max(sample["t"] - last["t"], 1e-6)
+        rate = (sample["bytes_written"] - last["written"]) / dt / 1e9
+        last.update(t=sample["t"], written=sample["bytes_written"])
+        progress.update(task, completed=min(sample["bytes_written"], total), line=(
+            f"sent {sample['bytes_written'] / 2**20:,.0f} MiB  {rate:5.2f} GB/s  "
+            f"dirty {sample['dirty_bytes'] / 2**20:,.1f} MiB  "
+            f"pinned {sample['pinned_bytes'] / 2**20:,.0f} MiB"))
+    with progress:
+        yield update
+
+
+def finish(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    """Write the report and plot asked for, print the summary; the exit status."""
+    from rich.console import Console
+    if args.report is not None:
+        write_report(args.report, report)
+    if getattr(args, "plot", None) is not None:
+        plot_timeline(report, args.plot)
+    console = Console(stderr=True)
+    console.print(summary_table(report))
+    if not report["verified"]:
+        reason = report["error"] or "the migration was not verified"
+        console.print(f"rdmamig {args.verb}: failed: {reason}", markup=False, highlight=False,
+                      soft_wrap=True)
+        return 1
+    return 0

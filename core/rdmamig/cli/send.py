@@ -1,0 +1,64 @@
+"""``rdmamig send``: migrate file-backed blocks (a VM's RAM file, shared memory) to
+a listener, optionally live while another process writes them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..engine import ChecksumTracker, RamBlock
+from ..errors import UsageError
+from ..migration import run_source
+from ..plugins import load_registry
+from ..report import build_report
+from ..workload import PausedProcess
+from .options import add_source_arguments, finish, parse_address, plan_from_args, progress_display
+
+
+def _parse_block(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"cannot parse block {text!r} (NAME=PATH)")
+    return name, Path(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``rdmamig send``."""
+    plan = plan_from_args(args, load_registry())
+    host, port = parse_address(args.address)
+    if not args.block:
+        raise UsageError("give at least one --block NAME=PATH")
+    blocks = []
+    for name, path in map(_parse_block, args.block):
+        try:
+            blocks.append(RamBlock.from_file(name, path))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"block {name}={path}: {exc}") from None
+    trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
+    state = args.state.read_bytes() if args.state is not None else b""
+    workload = PausedProcess(args.pause_pid, state)
+    try:
+        with progress_display(args.quiet, sum(b.length for b in blocks)) as update:
+            source, error = run_source(plan, host, port, blocks, workload=workload,
+                                       trackers=trackers, on_progress=update)
+    finally:
+        workload.resume()
+    report = build_report(backend=args.backend, policy=args.policy,
+                          ram_bytes=sum(b.length for b in blocks), source=source,
+                          destination=None, error=error, channels=args.channels)
+    return finish(args, report)
+
+
+def add_verb(verbs: Any) -> None:
+    """Add ``send`` to the ``rdmamig`` parser."""
+    send = verbs.add_parser("send", help="migrate file-backed blocks to a listener")
+    send.add_argument("address", metavar="ADDR:PORT")
+    send.add_argument("--block", action="append", default=[], metavar="NAME=PATH")
+    send.add_argument("--live", action="store_true",
+                      help="track pages written by other processes (checksums per page)")
+    send.add_argument("--pause-pid", type=int, metavar="PID",
+                      help="SIGSTOP this process for stop-and-copy, SIGCONT after")
+    send.add_argument("--state", type=Path, help="file sent as the non-RAM state")
+    add_source_arguments(send)
+    send.set_defaults(run=run)

@@ -1,0 +1,118 @@
+"""A whole migration on one machine: a destination in a child process and a source
+in this one, over loopback, on a synthetic guest (what ``rdmamig migrate`` and the
+policy lab run)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import attrs
+
+from .engine import DestinationResult, RamBlock, SourceResult
+from .errors import ConfigurationError, MigrationError
+from .migration import Plan, receive, run_source
+from .plugins import load_registry
+from .report import build_report
+from .workload import SyntheticWorkload, fill_guest
+
+
+@attrs.frozen(kw_only=True)
+class Guest:
+    """The synthetic guest: its RAM, split into ``blocks``, and how it dirties it."""
+
+    ram: int
+    blocks: int = 1
+    zero_fraction: float = 0.0
+    dirty_rate: float = 0.0
+    pattern: str = "uniform"
+
+    def layout(self) -> list[tuple[str, int]]:
+        """(name, length) of each block; lengths are whole pages.
+
+        Raises:
+            ConfigurationError: the sizes do not make blocks.
+        """
+        if not 0 <= self.zero_fraction <= 1:
+            raise ConfigurationError(f"--zero-fraction {self.zero_fraction} is not between "
+                                     f"0 and 1")
+        if self.blocks < 1 or self.ram < self.blocks * 4096:
+            raise ConfigurationError(f"--ram {self.ram} cannot hold {self.blocks} block(s)")
+        per_block = (self.ram // self.blocks) // 4096 * 4096
+        return [(f"ram{i}", per_block) for i in range(self.blocks)]
+
+
+def _destination_child(backend_name: str, options: dict[str, Any], host: str,
+                       layout: list[tuple[str, int]], timeout: float,
+                       pipe: Connection) -> None:
+    """Body of the destination process: allocate and pre-fault the RAM (QEMU's
+    ``prealloc=on``), listen, report the port, receive, report the result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    try:
+        backend = load_registry().backend(backend_name)(**options)
+        blocks = [RamBlock.anonymous(name, length) for name, length in layout]
+        destination = receive(backend, host, 0, timeout=timeout, blocks=blocks,
+                              announce=lambda port: pipe.send(port))
+        pipe.send(attrs.asdict(destination.result))
+    except BaseException as exc:  # the parent must hear about anything
+        pipe.send(f"destination failed: {exc}")
+    finally:
+        pipe.close()
+
+
+def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
+                    on_progress: Callable[[dict[str, float]], None] | None = None,
+                    ) -> dict[str, Any]:
+    """Migrate a synthetic guest from this process to a destination child process on
+    ``host``; returns the report (``verified`` says whether it worked).
+
+    Raises:
+        ConfigurationError: the guest's sizes or the plan's backend are unusable.
+    """
+    layout = guest.layout()
+    ram_bytes = sum(length for _name, length in layout)
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    timeout = plan.config.timeout
+    process = context.Process(target=_destination_child, name="rdmamig-destination",
+                              args=(plan.backend.name, plan.backend_options, host, layout,
+                                    timeout, child))
+    process.start()
+    child.close()
+    blocks = [RamBlock.anonymous(name, length) for name, length in layout]
+    fill_guest(blocks, zero_fraction=guest.zero_fraction)
+    workload = SyntheticWorkload(blocks, rate=guest.dirty_rate, pattern=guest.pattern)
+    source: SourceResult | None = None
+    error = None
+    try:
+        if not parent.poll(timeout):
+            raise MigrationError("the destination process did not start listening")
+        port = parent.recv()
+        if isinstance(port, str):
+            raise MigrationError(port)
+        workload.start()
+        source, error = run_source(plan, host, port, blocks, workload=workload,
+                                   on_progress=on_progress)
+    except MigrationError as exc:
+        error = str(exc)
+    finally:
+        workload.close()
+    destination = None
+    if parent.poll(timeout):
+        received = parent.recv()
+        if isinstance(received, str):
+            error = error or received
+        else:
+            destination = DestinationResult(**received)
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+    return build_report(backend=plan.backend.name, policy=plan.policy.name,
+                        ram_bytes=ram_bytes, source=source, destination=destination,
+                        error=error, pattern=guest.pattern, dirty_rate=guest.dirty_rate,
+                        pin_cap=plan.options.pin_cap,
+                        channels=plan.backend_options.get("channels", 1),
+                        unregister="async" if plan.config.async_unregister else "inline")

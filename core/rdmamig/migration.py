@@ -1,0 +1,106 @@
+"""Running one side of a migration over a backend chosen by name: connect and
+migrate blocks (:func:`run_source`), or listen, accept one source and receive
+(:func:`receive`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from .caps import Capability
+from .engine import (
+    ChecksumTracker,
+    Destination,
+    RamBlock,
+    Source,
+    SourceConfig,
+    SourceResult,
+    Workload,
+)
+from .errors import ConfigurationError, MigrationError, RdmamigError, UnreachableError
+from .policy import PolicyOptions, UnpinPolicy
+from .transport import Backend
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """A source's choices, resolved against the plugin registry."""
+
+    backend: type[Backend]
+    #: Keyword options for the backend's constructor (``device``, ``channels``).
+    backend_options: dict[str, Any] = attrs.field(factory=dict)
+    policy: type[UnpinPolicy]
+    options: PolicyOptions
+    requested: Capability
+    config: SourceConfig
+
+
+def available_backend(backend: type[Backend], options: dict[str, Any] | None = None) -> Backend:
+    """An instance of ``backend`` with ``options``, checked to run here.
+
+    Raises:
+        ConfigurationError: it takes no such option, or cannot run on this machine.
+    """
+    try:
+        instance = backend(**(options or {}))
+    except TypeError:
+        raise ConfigurationError(f"backend {backend.name!r} takes no option "
+                                 f"{', '.join('--' + key for key in options or {})}") from None
+    reason = instance.unavailable_reason()
+    if reason is not None:
+        raise ConfigurationError(f"backend {backend.name!r} cannot run here: {reason}")
+    return instance
+
+
+def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
+               workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
+               on_progress: Callable[[dict[str, float]], None] | None = None,
+               ) -> tuple[SourceResult, str | None]:
+    """Connect and migrate ``blocks``: the source's result (what it did, also when it
+    failed) and the reason it failed, or None.
+
+    Raises:
+        ConfigurationError: the plan's backend cannot run here.
+        UnreachableError: the destination cannot be reached.
+    """
+    backend = available_backend(plan.backend, plan.backend_options)
+    started = time.monotonic()
+    try:
+        endpoint = backend.connect(host=host, port=port, requested=plan.requested,
+                                   timeout=plan.config.timeout)
+    except RdmamigError as exc:
+        raise UnreachableError(f"cannot reach the destination {host}:{port}: {exc}") from exc
+    with endpoint:
+        source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
+                        workload=workload, trackers=trackers, on_progress=on_progress,
+                        started_at=started)
+        try:
+            source.run()
+        except MigrationError as exc:
+            return source.result, str(exc)
+    return source.result, None
+
+
+def receive(backend: Backend, host: str, port: int, *, timeout: float,
+            blocks: Sequence[RamBlock] | None = None,
+            make_block: Callable[[str, int], RamBlock] | None = None,
+            announce: Callable[[int], None] = lambda port: None) -> Destination:
+    """Listen on ``host``:``port``, accept one source and receive its migration into
+    ``blocks`` (or blocks made by ``make_block``). ``announce`` hears the port bound.
+    The destination's ``result`` says how it ended (``error`` when it failed).
+
+    Raises:
+        TransportError: the address cannot be bound, or no source came in time.
+    """
+    listener = backend.listen(host=host, port=port, supported=backend.supported)
+    with listener:
+        announce(listener.address[1])
+        endpoint = listener.accept(timeout=timeout)
+    destination = Destination(endpoint, blocks=blocks, make_block=make_block, timeout=timeout)
+    with endpoint, contextlib.suppress(MigrationError):  # destination.result holds the reason
+        destination.run()
+    return destination
