@@ -87,6 +87,7 @@ def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str)
 
 
 def test_policy_lab_compares_policies_under_their_caps(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the lab's --plot needs matplotlib")
     report, plot = tmp_path / "lab.json", tmp_path / "lab.png"
     result = run("policies", "compare", "--ram", "16MiB", "--dirty-rate", "20MiB",
                  "--policies", "pin-until-done,eager,lru", "--caps", "4MiB,8MiB",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from rdmamig.control import ControlState, Role, State
+from rdmamig.control import INITIAL, TRANSITIONS, ControlState, Direction, Role, State
 from rdmamig.errors import LocalProtocolError, RemoteProtocolError
 from rdmamig.wire import Command as C
 
@@ -63,14 +63,36 @@ def test_destination_must_answer_before_ready() -> None:
         destination.send(C.READY)
 
 
-@pytest.mark.parametrize("role", list(Role))
-def test_error_ends_the_conversation_from_any_state(role: Role) -> None:
-    state = ControlState(role)
-    state.receive(C.ERROR)
-    assert state.state is State.ERROR
-    assert not state.may_send(C.ERROR)
-    with pytest.raises(RemoteProtocolError):
-        state.receive(C.READY)
-    sender = ControlState(role)
-    sender.send(C.ERROR)
-    assert sender.state is State.ERROR
+def paths_to_every_state(role: Role) -> dict[State, list[tuple[str, C]]]:
+    """The shortest way from the initial state to each state the table reaches."""
+    paths: dict[State, list[tuple[str, C]]] = {INITIAL[role]: []}
+    frontier = [INITIAL[role]]
+    while frontier:
+        state = frontier.pop(0)
+        for (who, at, direction, command), after in TRANSITIONS.items():
+            if who is role and at is state and after not in paths:
+                step = ("send" if direction is Direction.SEND else "recv", command)
+                paths[after] = [*paths[state], step]
+                frontier.append(after)
+    return paths
+
+
+def test_every_live_state_is_reached_by_some_role() -> None:
+    reached = {state for role in Role for state in paths_to_every_state(role)}
+    assert reached == set(State) - {State.ERROR}
+
+
+@pytest.mark.parametrize(("role", "state"), [
+    (role, state) for role in Role for state in paths_to_every_state(role)])
+def test_error_ends_the_conversation_from_any_state(role: Role, state: State) -> None:
+    path = paths_to_every_state(role)[state]
+    for direction in ("send", "recv"):
+        machine = ControlState(role)
+        drive(machine, path)
+        assert machine.state is state
+        assert machine.may_send(C.ERROR)
+        drive(machine, [(direction, C.ERROR)])
+        assert machine.state is State.ERROR
+        assert not machine.may_send(C.ERROR)
+        with pytest.raises(RemoteProtocolError):
+            machine.receive(C.READY)

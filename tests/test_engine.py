@@ -221,45 +221,6 @@ def test_a_broken_policy_cannot_corrupt_a_migration(migration: Migration, policy
     assert migration.pinned_after == (0, 0)
 
 
-def test_destination_refuses_a_compress_outside_its_block() -> None:
-    from rdmamig.engine import Destination
-    from rdmamig.errors import RemoteProtocolError
-
-    block = RamBlock.anonymous("ram0", 2 * MiB)
-    destination = Destination.__new__(Destination)
-    destination.blocks = [block]
-    destination._offsets = [0]  # type: ignore[attr-defined]
-    with pytest.raises(RemoteProtocolError, match="COMPRESS of 8192 bytes is outside"):
-        destination._compress(wire.CompressRange(  # type: ignore[attr-defined]
-            value=0, block_idx=0, offset=2 * MiB - 4096, length=8192))
-    with pytest.raises(RemoteProtocolError, match="block_idx=1: no such RAM block"):
-        destination._compress(wire.CompressRange(  # type: ignore[attr-defined]
-            value=0, block_idx=1, offset=0, length=4096))
-
-
-def test_destination_refuses_an_inline_page_that_is_not_a_page_of_its_block() -> None:
-    from rdmamig.engine import Destination, DestinationResult
-    from rdmamig.errors import RemoteProtocolError
-
-    block = RamBlock.anonymous("ram0", 2 * MiB)
-    destination = Destination.__new__(Destination)
-    destination.blocks = [block]
-    destination._offsets = [0]  # type: ignore[attr-defined]
-    destination.result = DestinationResult()
-    data = bytes([7]) * 4096
-    for offset in (2 * MiB, 4096 + 8, 2**63):  # past the end, not page-aligned, far off
-        with pytest.raises(RemoteProtocolError, match="PAGES entry is not a page of RAM"):
-            destination._inline_page(wire.InlinePage(  # type: ignore[attr-defined]
-                block_idx=0, offset=offset, data=data))
-    with pytest.raises(RemoteProtocolError, match="block_idx=1: no such RAM block"):
-        destination._inline_page(wire.InlinePage(  # type: ignore[attr-defined]
-            block_idx=1, offset=0, data=data))
-    assert block.reads_zero(0, 2 * MiB)  # nothing was written
-    destination._inline_page(wire.InlinePage(  # type: ignore[attr-defined]
-        block_idx=0, offset=4096, data=data))
-    assert block.array[4096:8192].tolist() == list(data)
-
-
 @pytest.mark.parametrize("name", ["pin-until-done", "pin-all", "eager", "lru", "memlock",
                                   "hints", "example-oldest-half"])
 def test_every_policy_migrates_a_live_guest(migration: Migration, name: str) -> None:
@@ -454,3 +415,47 @@ def test_the_downtime_estimate_counts_inline_pages_and_registrations(
     blocks[0].mark_dirty(0, 2 * MiB)  # two chunks, 256 dirty pages each
     blocks[0].mark_dirty(3 * MiB, 4 * 4096)  # a chunk with four: goes inline
     assert source.downtime_estimate(4 * MiB, round_) == pytest.approx(0.6 + 2 * 0.2 / 4)
+
+
+class _RecordsRepeats:
+    """Wraps an endpoint; records (command, repeat) of every control message sent."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.sent: list[tuple[wire.Command, int]] = []
+
+    def send_message(self, *, data: bytes) -> None:
+        _length, command, repeat, _pad = wire.HEADER.unpack_from(data)
+        self.sent.append((wire.Command(command), repeat))
+        self._inner.send_message(data=data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["BATCH", "no BATCH (as QEMU)"])
+def test_array_messages_carry_one_entry_each_unless_batch_was_negotiated(
+        migration: Migration, batch: bool) -> None:
+    # Zero runs (COMPRESS), many registrations (REGISTER) and an unpinning policy
+    # (UNREGISTER): every array message the source sends, more than one entry each.
+    blocks = guest(32 * MiB)
+    for chunk in range(16, 32, 2):  # zero chunks between chunks of data
+        blocks[0].array[chunk * MiB:(chunk + 1) * MiB] = 0
+    spies: list[_RecordsRepeats] = []
+
+    def spy(endpoint: Any) -> _RecordsRepeats:
+        spies.append(_RecordsRepeats(endpoint))
+        return spies[0]
+
+    from rdmamig_policies.simple import Eager
+    requested = DEFAULT_CAPS if batch else DEFAULT_CAPS & ~Capability.BATCH
+    migration.run(blocks, requested=requested, policy=Eager(PolicyOptions()), wrap_source=spy)
+    assert_succeeded(migration, blocks)
+    arrays = (wire.Command.REGISTER_REQUEST, wire.Command.UNREGISTER_REQUEST,
+              wire.Command.COMPRESS)
+    most = {command: max((r for c, r in spies[0].sent if c == command), default=0)
+            for command in arrays}
+    if batch:
+        assert all(count > 1 for count in most.values()), most
+    else:
+        assert most == dict.fromkeys(arrays, 1)

@@ -102,6 +102,15 @@ def memlock_error(requested: int, what: str = "pin") -> MemlockLimitError:
     )
 
 
+def pin_refused(code: int, length: int, what: str) -> RegistrationError:
+    """The error for a pin of ``length`` bytes refused with errno ``code`` by
+    ``what`` (``mlock``, ``ibv_reg_mr``): ENOMEM, EPERM and EAGAIN are how the
+    kernel refuses a pin under ``RLIMIT_MEMLOCK``."""
+    if code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+        return memlock_error(length)
+    return RegistrationError(f"{what} of {length} bytes failed: {os.strerror(code)}")
+
+
 def mlock(address: int, length: int) -> None:
     """Lock ``length`` bytes at ``address`` into RAM.
 
@@ -109,12 +118,8 @@ def mlock(address: int, length: int) -> None:
         MemlockLimitError: refused by ``RLIMIT_MEMLOCK`` (ENOMEM / EPERM / EAGAIN).
         RegistrationError: any other failure.
     """
-    if _lib_for(length).mlock(address, length) == 0:
-        return
-    code = ctypes.get_errno()
-    if code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
-        raise memlock_error(length)
-    raise RegistrationError(f"mlock of {length} bytes failed: {os.strerror(code)}")
+    if _lib_for(length).mlock(address, length) != 0:
+        raise pin_refused(ctypes.get_errno(), length, "mlock")
 
 
 def munlock(address: int, length: int) -> None:

@@ -1,12 +1,15 @@
-"""Bookkeeping every backend needs for its registrations: regions by lkey, the
-pinned-bytes accounting, and the check of a write's local range."""
+"""What every backend's endpoint shares: its registrations by lkey with the
+pinned-bytes accounting and the check of a write's local range (:class:`RegionTable`),
+and the argument checks every endpoint makes the same way (:class:`EndpointBase`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
+from . import wire
 from .errors import LocalProtocolError
-from .transport import MemoryRegion, RemoteWrite
+from .transport import Endpoint, MemoryRegion, RemoteWrite
 
 H = TypeVar("H")
 
@@ -65,3 +68,45 @@ class RegionTable(Generic[H]):
         self._by_lkey.clear()
         self.pinned = 0
         return every
+
+
+class EndpointBase(Endpoint, Generic[H]):
+    """A concrete base for a backend's endpoint: a :class:`RegionTable` of handles
+    ``H`` behind the pinned-bytes properties, and the checks of the interface's
+    arguments, so that every backend refuses the same misuse with the same words."""
+
+    def __init__(self) -> None:
+        self._regions: RegionTable[H] = RegionTable()
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self._regions.pinned
+
+    @property
+    def pinned_peak_bytes(self) -> int:
+        return self._regions.pinned_peak
+
+    @staticmethod
+    def byte_view(buffer: memoryview) -> memoryview:
+        """``buffer`` as one-dimensional bytes (what registration works on)."""
+        return buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+
+    @staticmethod
+    def check_message(data: bytes) -> None:
+        """Refuse a control message over the protocol's 512 KiB.
+
+        Raises:
+            LocalProtocolError: it is longer.
+        """
+        if len(data) > wire.MAX_MESSAGE:
+            raise LocalProtocolError(f"control message of {len(data)} bytes is over 512 KiB")
+
+    @staticmethod
+    def check_batch(writes: Sequence[RemoteWrite]) -> None:
+        """Refuse an empty batch of writes (it would have nothing to signal).
+
+        Raises:
+            LocalProtocolError: ``writes`` is empty.
+        """
+        if not writes:
+            raise LocalProtocolError("post_writes needs at least one write")

@@ -200,18 +200,27 @@ class Destination:
             for i, (block, offset, addr) in enumerate(
                 zip(self.blocks, self._offsets, self._addrs, strict=True)))))
 
-    def _block_at(self, index: int, field: str) -> RamBlock:
+    def _locate(self, index: int, address: int, length: int, *, field: str
+                ) -> tuple[RamBlock, int, bool]:
+        """The block ``index`` names, where ``address`` (in the offsets of RAM BLOCKS
+        RESULT) falls in it, and whether ``length`` bytes from there lie inside it.
+
+        Raises:
+            RemoteProtocolError: no block has that index (``field`` names it).
+        """
         if not 0 <= index < len(self.blocks):
             raise RemoteProtocolError(f"{field}={index}: no such RAM block "
                                       f"(there are {len(self.blocks)})")
-        return self.blocks[index]
+        block = self.blocks[index]
+        start = address - self._offsets[index]
+        return block, start, start >= 0 and start + length <= block.length
 
     # ------------------------------------------------------------ requests
 
     def _register(self, entry: wire.Register) -> wire.RegisterKey:
-        block = self._block_at(entry.current_index, "current_index")
-        start = entry.key - self._offsets[entry.current_index]
-        if not 0 <= start < block.length:
+        block, start, inside = self._locate(entry.current_index, entry.key, 1,
+                                            field="current_index")
+        if not inside:
             raise RemoteProtocolError(f"key={entry.key:#x}: outside RAM block "
                                       f"{entry.current_index} ({block.name})")
         first = start >> CHUNK_SHIFT
@@ -233,7 +242,7 @@ class Destination:
         return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
 
     def _unregister(self, entry: wire.Register) -> None:
-        self._block_at(entry.current_index, "current_index")
+        self._locate(entry.current_index, 0, 0, field="current_index")
         region = self._regions.pop((entry.current_index, entry.key), None)
         if region is None:
             raise RemoteProtocolError(f"key={entry.key}: chunk {entry.key} of block "
@@ -242,9 +251,9 @@ class Destination:
         self.result.unregistrations += _chunks_in(region)
 
     def _compress(self, entry: wire.CompressRange) -> None:
-        block = self._block_at(entry.block_idx, "block_idx")
-        start = entry.offset - self._offsets[entry.block_idx]
-        if start < 0 or start + entry.length > block.length:
+        block, start, inside = self._locate(entry.block_idx, entry.offset, entry.length,
+                                            field="block_idx")
+        if not inside:
             raise RemoteProtocolError(
                 f"offset={entry.offset:#x}: COMPRESS of {entry.length} bytes is outside "
                 f"RAM block {entry.block_idx} ({block.name}, {block.length} bytes)")
@@ -252,12 +261,12 @@ class Destination:
         # RAM, mostly) is only read, not written over.
         if entry.value != 0 or not block.reads_zero(start, entry.length):
             block.array[start:start + entry.length] = entry.value
-        self.result.zero_pages += entry.length // 4096 if entry.value == 0 else 0
+        self.result.zero_pages += entry.length // wire.PAGE_BYTES if entry.value == 0 else 0
 
     def _inline_page(self, page: wire.InlinePage) -> None:
-        block = self._block_at(page.block_idx, "block_idx")
-        start = page.offset - self._offsets[page.block_idx]
-        if start < 0 or start % wire.PAGE_BYTES or start + wire.PAGE_BYTES > block.length:
+        block, start, inside = self._locate(page.block_idx, page.offset, wire.PAGE_BYTES,
+                                            field="block_idx")
+        if not inside or start % wire.PAGE_BYTES:
             raise RemoteProtocolError(
                 f"offset={page.offset:#x}: PAGES entry is not a page of RAM block "
                 f"{page.block_idx} ({block.name}, {block.length} bytes)")

@@ -33,7 +33,7 @@ from ..errors import PeerAbortedError, TransportError
 from ..plugins import load_registry
 from ..session import ControlSession, QemuFileReader, QemuFileWriter
 from ..transport import Backend, Endpoint, MemoryRegion, RemoteWrite
-from .pairs import connected_pair, test_host
+from .pairs import connected_pair, default_host
 
 MiB = 1 << 20
 
@@ -86,7 +86,7 @@ class BackendConformance:
             assert src.capabilities == Capability(0) == dst.capabilities
 
     def test_connect_to_a_closed_port_fails_clearly(self, backend: Backend) -> None:
-        host = test_host()
+        host = default_host()
         listener = backend.listen(host=host, port=0, supported=Capability(0))
         port = listener.address[1]
         listener.close()

@@ -14,7 +14,7 @@ from ..transport import Backend, Endpoint
 HOST_ENV = "RDMAMIG_TEST_HOST"
 
 
-def test_host() -> str:
+def default_host() -> str:
     """The address tests listen on: ``$RDMAMIG_TEST_HOST`` or 127.0.0.1."""
     return os.environ.get(HOST_ENV, "127.0.0.1")
 
@@ -29,7 +29,7 @@ def connected_pair(
     timeout: float = 10.0,
 ) -> Iterator[tuple[Endpoint, Endpoint]]:
     """A (source, destination) pair connected over ``backend``; both closed on exit."""
-    host = host or test_host()
+    host = host or default_host()
     listener = backend.listen(host=host, port=0, supported=(
         backend.supported if supported is None else supported))
     accepted: list[Endpoint] = []

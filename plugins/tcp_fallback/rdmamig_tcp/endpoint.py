@@ -26,9 +26,9 @@ from collections.abc import Callable, Container, Sequence
 
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
-from rdmamig.errors import LocalProtocolError, RemoteProtocolError, TransportError
-from rdmamig.regions import RegionTable
-from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
+from rdmamig.errors import RemoteProtocolError, TransportError
+from rdmamig.regions import EndpointBase
+from rdmamig.transport import MemoryRegion, RemoteWrite
 
 from .frames import FENCE, FRAME, LANE_UNIT, MAX_REASON, SIGNALED, Kind, header, recv_exact
 from .lanes import Lane
@@ -45,11 +45,12 @@ class _Stopped(Exception):
     """The endpoint is in the error state: a receiver places nothing more."""
 
 
-class TcpEndpoint(Endpoint):
+class TcpEndpoint(EndpointBase[memoryview]):
     """A connected TCP endpoint over ``socks`` (lane 0 first). Made by
     :class:`~rdmamig_tcp.TcpBackend`."""
 
     def __init__(self, socks: Sequence[socket.socket], *, capabilities: Capability) -> None:
+        super().__init__()
         self.capabilities = capabilities
         # Guards the key tables. A receiver holds its lane's ``placing`` lock while it
         # places a write (and names the region in ``placing_into``); a deregistration
@@ -61,7 +62,6 @@ class TcpEndpoint(Endpoint):
         self._cond = threading.Condition()
         # Orders posting: tickets and fences match what the lanes' queues hold.
         self._posting = threading.Lock()
-        self._regions: RegionTable[memoryview] = RegionTable()
         # Remotely writable regions by rkey: what the peer's writes are checked against.
         self._by_rkey: dict[int, tuple[MemoryRegion, memoryview]] = {}
         self._key_pool: list[int] = []
@@ -86,8 +86,7 @@ class TcpEndpoint(Endpoint):
     # ------------------------------------------------------------ control channel
 
     def send_message(self, *, data: bytes) -> None:
-        if len(data) > wire.MAX_MESSAGE:
-            raise LocalProtocolError(f"control message of {len(data)} bytes is over 512 KiB")
+        self.check_message(data)
         self._check()
         with self._posting:
             fence = b"".join(FENCE.pack(lane.posted_writes) for lane in self._lanes)
@@ -107,7 +106,7 @@ class TcpEndpoint(Endpoint):
     # ------------------------------------------------------------ registration
 
     def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
-        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        view = self.byte_view(buffer)
         address = pinning.buffer_address(view)
         pinning.mlock(address, view.nbytes)
         with self._keys:
@@ -141,25 +140,12 @@ class TcpEndpoint(Endpoint):
         for lane in busy:
             with lane.placing:
                 pass
-        self._unpin(region)
-
-    def _unpin(self, region: MemoryRegion) -> None:
-        self._by_rkey.pop(region.rkey, None)
         pinning.munlock(region.addr, region.length)
-
-    @property
-    def pinned_bytes(self) -> int:
-        return self._regions.pinned
-
-    @property
-    def pinned_peak_bytes(self) -> int:
-        return self._regions.pinned_peak
 
     # ------------------------------------------------------------ one-sided writes
 
     def post_writes(self, *, writes: Sequence[RemoteWrite]) -> int:
-        if not writes:
-            raise LocalProtocolError("post_writes needs at least one write")
+        self.check_batch(writes)
         self._check()
         # Per lane: (remote address, rkey, local bytes), in posting order.
         pieces: list[list[tuple[int, int, memoryview]]] = [[] for _ in self._lanes]
@@ -342,8 +328,9 @@ class TcpEndpoint(Endpoint):
         for lane in self._lanes:
             lane.close()
         with self._keys:
+            self._by_rkey.clear()
             for region, _view in self._regions.drain():
-                self._unpin(region)
+                pinning.munlock(region.addr, region.length)
 
 
 def _write_frames(pieces: Sequence[tuple[int, int, memoryview]],

@@ -25,9 +25,9 @@ from typing import Any
 import attrs
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
-from rdmamig.errors import LocalProtocolError, RegistrationError, TransportError
-from rdmamig.regions import RegionTable
-from rdmamig.transport import Endpoint, MemoryRegion, RemoteWrite
+from rdmamig.errors import LocalProtocolError, TransportError
+from rdmamig.regions import EndpointBase
+from rdmamig.transport import MemoryRegion, RemoteWrite
 
 RECV_DEPTH = 4
 #: Send-queue slots: a few batches of writes in flight plus the control SENDs.
@@ -49,10 +49,8 @@ def control_buffer(pv: Any, pd: Any) -> Any:
     try:
         return pv.mr.MR(pd, wire.MAX_MESSAGE, pv.enums.IBV_ACCESS_LOCAL_WRITE)
     except pv.pyverbs_error.PyverbsRDMAError as exc:
-        if exc.error_code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
-            raise pinning.memlock_error(wire.MAX_MESSAGE, "register a control buffer of") \
-                from None
-        raise
+        raise pinning.pin_refused(exc.error_code, wire.MAX_MESSAGE, "ibv_reg_mr of a "
+                                  "control buffer") from None
 
 
 @attrs.frozen
@@ -63,11 +61,12 @@ class _Pinned:
     view: memoryview
 
 
-class VerbsEndpoint(Endpoint):
+class VerbsEndpoint(EndpointBase[_Pinned]):
     """A connected queue pair. Made by :class:`~rdmamig_verbs.VerbsBackend`."""
 
     def __init__(self, pv: Any, *, cmid: Any, events: Any, pd: Any, cq: Any, qp: Any,
                  recv_mrs: list[Any], capabilities: Capability) -> None:
+        super().__init__()
         self._pv = pv
         self.capabilities = capabilities
         self._cmid, self._events, self._pd, self._cq, self._qp = cmid, events, pd, cq, qp
@@ -76,7 +75,6 @@ class VerbsEndpoint(Endpoint):
         self._poll_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._keys = threading.Lock()
-        self._regions: RegionTable[_Pinned] = RegionTable()
         self._inbox: deque[bytes] = deque()
         self._send_done = True
         self._tickets = itertools.count(1)
@@ -152,8 +150,7 @@ class VerbsEndpoint(Endpoint):
     # ------------------------------------------------------------ control channel
 
     def send_message(self, *, data: bytes) -> None:
-        if len(data) > wire.MAX_MESSAGE:
-            raise LocalProtocolError(f"control message of {len(data)} bytes is over 512 KiB")
+        self.check_message(data)
         if self._error is not None:
             raise self._error
         pv = self._pv
@@ -174,7 +171,7 @@ class VerbsEndpoint(Endpoint):
 
     def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
         pv = self._pv
-        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        view = self.byte_view(buffer)
         address = pinning.buffer_address(view)
         access = pv.enums.IBV_ACCESS_LOCAL_WRITE
         if remote_write:
@@ -182,9 +179,7 @@ class VerbsEndpoint(Endpoint):
         try:
             mr = pv.mr.MR(self._pd, view.nbytes, access, address=address)
         except pv.pyverbs_error.PyverbsRDMAError as exc:
-            if exc.error_code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
-                raise pinning.memlock_error(view.nbytes, "register") from None
-            raise RegistrationError(f"ibv_reg_mr of {view.nbytes} bytes failed: {exc}") from None
+            raise pinning.pin_refused(exc.error_code, view.nbytes, "ibv_reg_mr") from None
         region = MemoryRegion(addr=address, length=view.nbytes, lkey=mr.lkey,
                               rkey=mr.rkey if remote_write else 0)
         with self._keys:
@@ -195,19 +190,10 @@ class VerbsEndpoint(Endpoint):
         with self._keys:
             self._regions.remove(region).mr.close()
 
-    @property
-    def pinned_bytes(self) -> int:
-        return self._regions.pinned
-
-    @property
-    def pinned_peak_bytes(self) -> int:
-        return self._regions.pinned_peak
-
     # ------------------------------------------------------------ one-sided writes
 
     def post_writes(self, *, writes: Sequence[RemoteWrite]) -> int:
-        if not writes:
-            raise LocalProtocolError("post_writes needs at least one write")
+        self.check_batch(writes)
         if self._error is not None:
             raise self._error
         room = SEND_DEPTH - CONTROL_SLOTS

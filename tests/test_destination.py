@@ -1,0 +1,144 @@
+"""The destination against a hand-driven source over a real TCP pair: every range
+a peer names is checked before memory is touched, and a refusal writes nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from rdmamig import wire
+from rdmamig.caps import SOURCE_DEFAULTS
+from rdmamig.control import Role
+from rdmamig.engine import Destination, RamBlock, stream
+from rdmamig.errors import MigrationError, PeerAbortedError
+from rdmamig.session import ControlSession, QemuFileWriter
+from rdmamig.testing import connected_pair
+from rdmamig_tcp import TcpBackend
+
+MiB = 1 << 20
+PAGE = wire.PAGE_BYTES
+
+
+class HandSource:
+    """The source's side of a control session, driven one message at a time."""
+
+    def __init__(self, session: ControlSession, blocks: list[RamBlock]) -> None:
+        self.session = session
+        writer = QemuFileWriter(session)
+        writer.write(stream.MAGIC)
+        stream.write_record(writer, stream.Tag.BLOCKS,
+                            stream.encode_blocks([(b.name, b.length) for b in blocks]))
+        writer.flush()
+        reply = session.exchange_send(wire.RamBlocksRequest(),
+                                      reply=wire.Command.RAM_BLOCKS_RESULT)
+        assert isinstance(reply, wire.RamBlocksResult)
+        self.remote = list(reply.blocks)
+
+    def send(self, message: wire.Message, reply: wire.Command | None = None) -> None:
+        self.session.exchange_send(message, reply=reply)
+
+
+@contextmanager
+def against_a_destination(*sizes: int) -> Iterator[tuple[HandSource, Destination,
+                                                         list[RamBlock]]]:
+    """A destination receiving into zeroed blocks of ``sizes`` in a thread, and a
+    hand source that has exchanged the blocks with it."""
+    blocks = [RamBlock.anonymous(f"ram{i}", size) for i, size in enumerate(sizes)]
+    with connected_pair(TcpBackend(), requested=SOURCE_DEFAULTS) as (src, dst):
+        destination = Destination(dst, blocks=blocks, timeout=10)
+        failures: list[MigrationError] = []
+
+        def receive() -> None:
+            try:
+                destination.run()
+            except MigrationError as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        session = ControlSession(src, role=Role.SOURCE, capabilities=src.capabilities,
+                                 timeout=10)
+        try:
+            yield HandSource(session, blocks), destination, blocks
+        finally:
+            src.close()
+            thread.join(20)
+        assert dst.pinned_bytes == 0
+
+
+def refused(destination: Destination, source: HandSource, message: wire.Message) -> str:
+    """Send ``message``; the destination must fail with a reason, which is returned."""
+    with pytest.raises(PeerAbortedError, match="destination sent ERROR"):
+        source.send(message)
+        source.session.wait_ready()  # the answer to a message that was taken
+    return str(destination.result.error)
+
+
+@pytest.mark.parametrize(("key_at", "chunks", "error"), [
+    (2 * MiB, 1, "outside RAM block 1 (ram1)"),  # just past the end
+    (-1, 1, "outside RAM block 1 (ram1)"),  # in the block before
+    (MiB, 2, "chunks=2: chunks 1..2 run past block ram1 (2 chunks)"),
+    (0, 3, "chunks=3: chunks 0..2 run past block ram1 (2 chunks)"),
+])
+def test_a_register_request_outside_its_block_is_refused(key_at: int, chunks: int,
+                                                         error: str) -> None:
+    with against_a_destination(MiB, 2 * MiB) as (source, destination, _blocks):
+        key = source.remote[1].offset + key_at
+        reason = refused(destination, source, wire.RegisterRequest(entries=(
+            wire.Register(key=key, current_index=1, chunks=chunks),)))
+        assert error in reason
+        assert destination.result.registrations == 0
+
+
+def test_a_register_request_inside_its_block_is_granted() -> None:
+    with against_a_destination(MiB, 2 * MiB) as (source, destination, _blocks):
+        source.session.wait_ready()
+        source.session.send(wire.RegisterRequest(entries=(wire.Register(
+            key=source.remote[1].offset + MiB, current_index=1, chunks=1),)))
+        reply = source.session.recv_reply(wire.Command.REGISTER_RESULT)
+        assert isinstance(reply, wire.RegisterResult) and reply.entries[0].rkey != 0
+        assert destination.result.registrations == 1
+
+
+@pytest.mark.parametrize(("offset", "length"), [
+    (2 * MiB - PAGE, 2 * PAGE),  # runs past the end
+    (-PAGE, PAGE),  # starts in the block before
+])
+def test_a_compress_outside_its_block_is_refused_and_writes_nothing(offset: int,
+                                                                     length: int) -> None:
+    with against_a_destination(MiB, 2 * MiB) as (source, destination, blocks):
+        blocks[0].array[:] = 1
+        blocks[1].array[:] = 1
+        reason = refused(destination, source, wire.Compress(entries=(wire.CompressRange(
+            value=0, block_idx=1, offset=source.remote[1].offset + offset, length=length),)))
+        assert f"COMPRESS of {length} bytes is outside RAM block 1" in reason
+        assert blocks[0].array.min() == 1 and blocks[1].array.min() == 1
+
+
+def test_a_compress_naming_no_block_is_refused() -> None:
+    with against_a_destination(MiB) as (source, destination, _blocks):
+        reason = refused(destination, source, wire.Compress(entries=(wire.CompressRange(
+            value=0, block_idx=1, offset=0, length=PAGE),)))
+        assert "block_idx=1: no such RAM block (there are 1)" in reason
+
+
+@pytest.mark.parametrize("offset", [2 * MiB, PAGE + 8, -PAGE, 2**63])
+def test_a_pages_entry_that_is_not_a_page_of_its_block_is_refused(offset: int) -> None:
+    with against_a_destination(MiB, 2 * MiB) as (source, destination, blocks):
+        reason = refused(destination, source, wire.Pages(entries=(wire.InlinePage(
+            block_idx=1, offset=(source.remote[1].offset + offset) % 2**64,
+            data=bytes([7]) * PAGE),)))
+        assert "PAGES entry is not a page of RAM block 1" in reason
+        assert blocks[0].reads_zero(0, MiB) and blocks[1].reads_zero(0, 2 * MiB)
+
+
+def test_a_pages_entry_inside_its_block_is_written() -> None:
+    with against_a_destination(MiB, 2 * MiB) as (source, destination, blocks):
+        source.send(wire.Pages(entries=(wire.InlinePage(
+            block_idx=1, offset=source.remote[1].offset + PAGE, data=bytes([7]) * PAGE),)))
+        source.session.wait_ready()
+        assert blocks[1].array[PAGE:2 * PAGE].tolist() == [7] * PAGE
+        assert blocks[1].reads_zero(0, PAGE) and blocks[0].reads_zero(0, MiB)
+        assert destination.result.inline_pages == 1
