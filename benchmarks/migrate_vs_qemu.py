@@ -9,6 +9,10 @@ total time from connect to the destination holding everything). QEMU: two
 (rdmamig with 1 and with ``--channels 4``);
 ``total-time`` from ``query-migrate``. Random content is written into the source's
 backing file before QEMU starts. Needs the package ``qemu-system-x86``.
+
+``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/base
+HEAD~1``) runs that tree's rdmamig too, interleaved with this one in every repeat,
+and prints the ratio of the two: how a change moved the speed, in one run.
 """
 
 from __future__ import annotations
@@ -128,23 +132,31 @@ def _qemu_migration_once(size: int, *, random: bool, multifd: int) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def rdmamig_migration(size: int, *, random: bool, extra: list[str] | None = None
-                      ) -> dict[str, Any]:
+def rdmamig_migration(size: int, *, random: bool, extra: list[str] | None = None,
+                      tree: Path | None = None) -> dict[str, Any]:
+    """``rdmamig migrate`` of this installation or, with ``tree``, of that checkout's
+    sources (its packages first on PYTHONPATH)."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join(str(tree / part) for part in (
+            "core", "plugins/tcp_fallback", "plugins/policies", "plugins/verbs"))
     with tempfile.NamedTemporaryFile(suffix=".json") as report:
         subprocess.run([sys.executable, "-m", "rdmamig", "migrate", "--ram", str(size),
                         "--zero-fraction", "0" if random else "1", "--quiet", "--report",
-                        report.name, *(extra or [])], check=True, capture_output=True)
+                        report.name, *(extra or [])], check=True, capture_output=True,
+                       env=env)
         return dict(json.loads(Path(report.name).read_text()))
 
 
-def _seconds(variant: str, size: int, *, random: bool, channels: int) -> float:
-    """One migration's total time: rdmamig with 1 or ``channels`` channels, QEMU plain
-    or multifd."""
-    if variant == "ours1":
-        return float(rdmamig_migration(size, random=random)["total_time_s"])
-    if variant == "oursN":
-        return float(rdmamig_migration(size, random=random, extra=[
-            "--channels", str(channels)])["total_time_s"])
+def _seconds(variant: str, size: int, *, random: bool, channels: int,
+             baseline: Path | None) -> float:
+    """One migration's total time: rdmamig (``ours``, or ``base`` from the baseline
+    tree) with 1 or ``channels`` channels, QEMU plain or multifd."""
+    if variant[:4] in ("ours", "base"):
+        extra = ["--channels", str(channels)] if variant.endswith("N") else []
+        tree = baseline if variant.startswith("base") else None
+        return float(rdmamig_migration(size, random=random, extra=extra,
+                                       tree=tree)["total_time_s"])
     return qemu_migration(size, random=random, multifd=channels if variant == "multi" else 0)
 
 
@@ -154,9 +166,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--channels", type=int, default=4,
                         help="rdmamig's --channels and QEMU's multifd-channels (default 4)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run the rdmamig of this checkout, for a same-run ratio")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU rows")
     args = parser.parse_args()
     channels = args.channels
-    have_qemu = shutil.which("qemu-system-x86_64") is not None
+    have_qemu = shutil.which("qemu-system-x86_64") is not None and not args.no_qemu
+    against: list[str] = []
     print(f"# {time.strftime('%Y-%m-%d')} on {os.uname().nodename}, {os.cpu_count()} cores, "
           f"loopback; medians of {args.repeat}, the four runs of a repeat back to back; "
           f"GB/s = bytes / total time / 1e9")
@@ -166,11 +182,13 @@ def main() -> None:
     for text in args.sizes.split(","):
         size = parse_size(text)
         for random in (True, False):
-            variants = ["ours1", "oursN", *(["plain", "multi"] if have_qemu else [])]
+            variants = ["ours1", "oursN", *(["plain", "multi"] if have_qemu else []),
+                        *(["base1", "baseN"] if args.baseline else [])]
             rates: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(args.repeat):
                 for name in variants:
-                    seconds = _seconds(name, size, random=random, channels=channels)
+                    seconds = _seconds(name, size, random=random, channels=channels,
+                                       baseline=args.baseline)
                     rates[name].append(size / seconds / 1e9)
             gbps = {name: statistics.median(values) for name, values in rates.items()}
             plain, multi = gbps.get("plain"), gbps.get("multi")
@@ -179,6 +197,18 @@ def main() -> None:
                   + f" | {gbps['oursN']:.2f} | "
                   + (f"{multi:.2f} | {gbps['oursN'] / multi:.2f}" if multi else "n/a | n/a")
                   + " |", flush=True)
+            if args.baseline:
+                against.append(
+                    f"| {text} | {'random' if random else 'zero'} | {gbps['ours1']:.2f} | "
+                    f"{gbps['base1']:.2f} | {gbps['ours1'] / gbps['base1']:.2f} | "
+                    f"{gbps['oursN']:.2f} | {gbps['baseN']:.2f} | "
+                    f"{gbps['oursN'] / gbps['baseN']:.2f} |")
+    if against:
+        print(f"\nagainst {args.baseline} (GB/s, medians, same repeats):")
+        print(f"| RAM | content | this, 1 channel | baseline | ratio | this, {channels} "
+              f"channels | baseline | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(against), flush=True)
     for extra in ([], ["--channels", str(channels)]):
         live = rdmamig_migration(1 << 30, random=True, extra=[
             "--dirty-rate", "100MiB", "--pattern", "hotspot", *extra])

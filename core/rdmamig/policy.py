@@ -65,10 +65,9 @@ class UnpinPolicy(abc.ABC):
     description: ClassVar[str] = ""
     #: Capabilities this policy asks to negotiate (``pin-all`` asks for PIN_ALL).
     capabilities: ClassVar[Capability] = Capability(0)
-    #: True for a policy that never unpins before the end. The engine then works in
-    #: large windows (which only save control round trips); for any other policy it
-    #: keeps windows of 64 chunks (half its cap at most), so that little is pinned
-    #: beyond the policy's say.
+    #: True for a policy that never unpins before the end: the engine may then
+    #: work in large windows (:mod:`rdmamig.engine.pipeline` says how windows
+    #: follow from this and from :attr:`pin_cap`).
     keeps_everything: ClassVar[bool] = False
     #: True for a policy that keeps a pin cap (``--pin-cap``; the policy lab runs
     #: it once per cap). Its :attr:`pin_cap` is then the cap.
@@ -82,10 +81,9 @@ class UnpinPolicy(abc.ABC):
         """The most bytes this policy keeps pinned on each side, or None when it
         enforces no cap (the default; capped policies override it).
 
-        With a cap, the engine works in windows of half of it (the window being
-        written and the one being registered fill it) and lets the writes of the
-        window before complete before asking the policy to make room, so that a
-        policy can keep its cap with chunks it has seen written.
+        The engine keeps what is in flight within the cap and lets writes complete
+        before it asks the policy to make room, so that a policy can keep its cap
+        with chunks it has seen written.
         """
         return None
 
