@@ -20,6 +20,7 @@ import xxhash
 from rdmamig.caps import Capability
 from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
 from rdmamig.errors import MigrationError
+from rdmamig.image import open_image
 from rdmamig.pinning import locked_bytes
 from rdmamig.policy import PolicyOptions
 from rdmamig_policies.pin_until_done import PinUntilDone
@@ -147,12 +148,14 @@ def test_listen_and_send_file_backed_blocks(tmp_path: Path) -> None:
                *[arg for name, path in files.items() for arg in ("--block", f"{name}={path}")])
     assert sent.returncode == 0, sent.stderr
     assert listener.wait(60) == 0
-    into = tmp_path / "into"
-    assert (into / "pc.ram").read_bytes() == files["pc.ram"].read_bytes()
-    assert (into / "rom@etc_acpi_tables").read_bytes() == files[
-        "/rom@etc/acpi/tables"].read_bytes()
-    assert (into / "state.bin").read_bytes() == b"device state"
+    image = open_image(tmp_path / "into")
+    assert [b.name for b in image.manifest.blocks] == list(files)
+    for index, path in enumerate(files.values()):
+        assert bytes(image.block(index).view) == path.read_bytes()
+    assert image.state() == b"device state"
+    assert image.manifest.origin == "rdmamig" and image.verify() == []
     assert json.loads((tmp_path / "dst.json").read_text())["verified"] is True
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_destination_killed_mid_bulk(tmp_path: Path) -> None:
@@ -177,7 +180,8 @@ def test_destination_killed_mid_bulk(tmp_path: Path) -> None:
         assert endpoint.pinned_bytes == 0
     assert locked_bytes() == locked_before
     assert blocks[0].digest() == before
-    assert not (tmp_path / "into" / "ram0").exists()
+    # Nothing under the image's name (SIGKILL leaves the listener's staging files).
+    assert not (tmp_path / "into").exists()
 
 
 def test_source_killed_mid_iteration(tmp_path: Path) -> None:

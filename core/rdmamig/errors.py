@@ -27,6 +27,19 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes or a message that break the protocol."""
 
 
+class TruncatedError(RemoteProtocolError):
+    """The bytes end inside a record: more may complete it (a stream read in parts),
+    or the stream was cut short.
+
+    Attributes:
+        offset: where the incomplete record starts.
+    """
+
+    def __init__(self, message: str, *, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
 class PeerAbortedError(ProtocolError):
     """The peer sent ERROR: it hit a fatal error and the migration is aborted."""
 

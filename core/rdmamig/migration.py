@@ -59,7 +59,7 @@ def available_backend(backend: type[Backend], options: dict[str, Any] | None = N
 def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
                on_progress: Callable[[dict[str, float]], None] | None = None,
-               ) -> tuple[SourceResult, str | None]:
+               origin: dict[str, Any] | None = None) -> tuple[SourceResult, str | None]:
     """Connect and migrate ``blocks``: the source's result (what it did, also when it
     failed) and the reason it failed, or None.
 
@@ -77,7 +77,7 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
     with endpoint:
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=on_progress,
-                        started_at=started)
+                        started_at=started, origin=origin)
         try:
             source.run()
         except MigrationError as exc:

@@ -1,5 +1,5 @@
 """The ``rdmamig`` command line: the parser and dispatch; each verb has its module
-here (``migrate``, ``listen``, ``send``, ``policies``, ``backends``), and
+here (``migrate``, ``listen``, ``send``, ``image``, ``policies``, ``backends``), and
 :mod:`.options` holds what they share.
 
 Bad arguments (unknown backend or policy, unparsable size, options a plugin cannot
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ConfigurationError, RdmamigError, UnknownNameError, UnreachableError
-from . import backends, listen, migrate, policies, send
+from . import backends, image, listen, migrate, policies, send
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rdmamig", description="Live migration of memory over RDMA, QEMU's protocol.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb in (backends, policies, migrate, listen, send):
+    for verb in (backends, policies, migrate, listen, send, image):
         verb.add_verb(verbs)
     return parser
 

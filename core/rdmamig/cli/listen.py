@@ -1,23 +1,17 @@
-"""``rdmamig listen``: receive one migration into files under a directory, exposed
-under the blocks' own names only once verified."""
+"""``rdmamig listen``: receive one migration into a new migration image, exposed
+under its name only once complete and verified (:mod:`rdmamig.image`)."""
 
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
-from ..engine import RamBlock
+from ..image import ImageWriter
 from ..migration import available_backend, receive
 from ..plugins import load_registry
 from ..report import build_report
 from .options import add_connection_arguments, backend_options, finish, parse_address
-
-
-def _safe_name(name: str) -> str:
-    # Block names may hold slashes (QEMU's "/rom@etc/acpi/tables").
-    return re.sub(r"[^A-Za-z0-9@._-]", "_", name.strip("/")) or "block"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,31 +20,20 @@ def run(args: argparse.Namespace) -> int:
     backend = available_backend(registry.backend(args.backend),
                                 backend_options(args, registry))
     host, port = parse_address(args.address)
-    into: Path = args.into
-    into.mkdir(parents=True, exist_ok=True)
-    partial: list[tuple[Path, Path]] = []
+    with ImageWriter(args.into) as writer:
 
-    def make_block(name: str, length: int) -> RamBlock:
-        final = into / _safe_name(name)
-        staging = into / f".{final.name}.partial"
-        partial.append((staging, final))
-        return RamBlock.from_file(name, staging, length=length, populate=True)
+        def announce(bound: int) -> None:
+            print(f"listening on {host}:{bound}", flush=True)
 
-    def announce(bound: int) -> None:
-        print(f"listening on {host}:{bound}", flush=True)
-
-    destination = receive(backend, host, port, timeout=args.timeout, make_block=make_block,
-                          announce=announce)
-    result = destination.result
-    ok = result.completed and result.verified
-    for staging, final in partial:
-        # Only a verified migration is exposed under the blocks' own names.
+        destination = receive(backend, host, port, timeout=args.timeout,
+                              make_block=lambda name, length: writer.add_block(name, length),
+                              announce=announce)
+        result = destination.result
+        ok = result.completed and result.verified
         if ok:
-            staging.replace(final)
-        else:
-            staging.unlink(missing_ok=True)
-    if result.state and ok:
-        (into / "state.bin").write_bytes(result.state)
+            writer.set_state(result.state)
+            writer.commit_from(result.origin, source={"backend": args.backend,
+                                                      "listen": args.address})
     report = build_report(backend=args.backend, policy="-", ram_bytes=sum(
         b.length for b in destination.blocks), source=None, destination=result,
         error=result.error)
@@ -60,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_verb(verbs: Any) -> None:
     """Add ``listen`` to the ``rdmamig`` parser."""
-    listen = verbs.add_parser("listen", help="receive a migration into files under DIR")
+    listen = verbs.add_parser("listen", help="receive a migration into a new image DIR")
     listen.add_argument("address", metavar="ADDR:PORT")
-    listen.add_argument("--into", type=Path, required=True, metavar="DIR")
+    listen.add_argument("--into", type=Path, required=True, metavar="DIR",
+                        help="the image to create (it must not exist)")
     add_connection_arguments(listen)
     listen.set_defaults(run=run)

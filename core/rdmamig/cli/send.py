@@ -1,5 +1,6 @@
-"""``rdmamig send``: migrate file-backed blocks (a VM's RAM file, shared memory) to
-a listener, optionally live while another process writes them."""
+"""``rdmamig send``: migrate file-backed blocks (a VM's RAM file, shared memory) or
+a migration image to a listener, optionally live while another process writes
+the blocks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from ..engine import ChecksumTracker, RamBlock
 from ..errors import UsageError
+from ..image import open_image
 from ..migration import run_source
 from ..plugins import load_registry
 from ..report import build_report
@@ -27,21 +29,29 @@ def run(args: argparse.Namespace) -> int:
     """Run ``rdmamig send``."""
     plan = plan_from_args(args, load_registry())
     host, port = parse_address(args.address)
-    if not args.block:
-        raise UsageError("give at least one --block NAME=PATH")
-    blocks = []
-    for name, path in map(_parse_block, args.block):
-        try:
-            blocks.append(RamBlock.from_file(name, path))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"block {name}={path}: {exc}") from None
+    origin = None
+    if args.image is not None:
+        if args.block or args.state is not None or args.live:
+            raise UsageError("--image sends a whole image: no --block, --state or --live "
+                             "with it")
+        image = open_image(args.image)
+        blocks, state, origin = image.blocks(), image.state(), image.origin()
+    elif not args.block:
+        raise UsageError("give at least one --block NAME=PATH, or --image DIR")
+    else:
+        blocks = []
+        for name, path in map(_parse_block, args.block):
+            try:
+                blocks.append(RamBlock.from_file(name, path))
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"block {name}={path}: {exc}") from None
+        state = args.state.read_bytes() if args.state is not None else b""
     trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
-    state = args.state.read_bytes() if args.state is not None else b""
     workload = PausedProcess(args.pause_pid, state)
     try:
         with progress_display(args.quiet, sum(b.length for b in blocks)) as update:
             source, error = run_source(plan, host, port, blocks, workload=workload,
-                                       trackers=trackers, on_progress=update)
+                                       trackers=trackers, on_progress=update, origin=origin)
     finally:
         workload.resume()
     report = build_report(backend=args.backend, policy=args.policy,
@@ -54,7 +64,10 @@ def add_verb(verbs: Any) -> None:
     """Add ``send`` to the ``rdmamig`` parser."""
     send = verbs.add_parser("send", help="migrate file-backed blocks to a listener")
     send.add_argument("address", metavar="ADDR:PORT")
-    send.add_argument("--block", action="append", default=[], metavar="NAME=PATH")
+    send.add_argument("--block", action="append", default=[], metavar="NAME=PATH",
+                      help="a block to send (repeat for each)")
+    send.add_argument("--image", type=Path, metavar="DIR",
+                      help="send a migration image (its blocks and state)")
     send.add_argument("--live", action="store_true",
                       help="track pages written by other processes (checksums per page)")
     send.add_argument("--pause-pid", type=int, metavar="PID",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 
@@ -56,6 +57,8 @@ class DestinationResult:
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
     mismatched_blocks: list[str] = attrs.Factory(list)
+    #: What the source said its blocks come from (an ORIGIN record), if it did.
+    origin: dict[str, Any] | None = None
     #: (seconds since start, pinned bytes) after every (un)registration.
     pinned_timeline: list[tuple[float, int]] = attrs.Factory(list)
 
@@ -124,6 +127,8 @@ class Destination:
             tag, payload = stream.read_record(reader)
             if tag is stream.Tag.STATE:
                 self.result.state = payload
+            elif tag is stream.Tag.ORIGIN:
+                self.result.origin = stream.decode_origin_untrusted(payload)
             elif tag is stream.Tag.END:
                 break
             else:

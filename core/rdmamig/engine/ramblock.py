@@ -51,6 +51,7 @@ class RamBlock:
         self.chunks = -(-self.length // CHUNK_SIZE)
         self.array = np.frombuffer(view, dtype=np.uint8)
         self._owner = owner  # keeps a mapping alive as long as the block
+        self._file_backed = False
         self._lock = threading.Lock()
         self._dirty = np.ones(self.pages, dtype=np.bool_)
 
@@ -86,7 +87,15 @@ class RamBlock:
             mapping = mmap.mmap(fd, size, flags=flags)
         finally:
             os.close(fd)
-        return cls(name, mapping, owner=mapping)
+        block = cls(name, mapping, owner=mapping)
+        block._file_backed = True
+        return block
+
+    def flush(self) -> None:
+        """Write a file-backed block's pages to its file and wait for the disk
+        (msync); nothing for anonymous memory."""
+        if self._file_backed and isinstance(self._owner, mmap.mmap):
+            self._owner.flush()
 
     # ------------------------------------------------------------ dirty tracking
 

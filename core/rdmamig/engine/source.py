@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
@@ -64,14 +64,18 @@ class Source:
             not write itself).
         on_progress: called after every batch with the latest timeline sample.
         started_at: ``time.monotonic()`` when the migration started (connect).
+        origin: where the blocks come from (a migration image's metadata), for the
+            destination to record.
     """
 
     def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
                  policy: UnpinPolicy, config: SourceConfig | None = None,
                  workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
                  on_progress: Callable[[dict[str, float]], None] | None = None,
-                 started_at: float | None = None) -> None:
+                 started_at: float | None = None,
+                 origin: Mapping[str, Any] | None = None) -> None:
         self.endpoint = endpoint
+        self.origin = origin
         self.blocks = list(blocks)
         self.policy = policy
         self.config = config or SourceConfig()
@@ -134,6 +138,9 @@ class Source:
         writer.write(stream.MAGIC)
         stream.write_record(writer, stream.Tag.BLOCKS,
                             stream.encode_blocks([(b.name, b.length) for b in self.blocks]))
+        if self.origin is not None:
+            stream.write_record(writer, stream.Tag.ORIGIN, stream.encode_origin(dict(
+                self.origin)))
         writer.flush()
         self._exchange_blocks()
 

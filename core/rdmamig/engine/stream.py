@@ -2,16 +2,19 @@
 
 The stream is opaque to the protocol; the engine uses it as QEMU uses its own: the
 block list first (names and lengths, so the destination can check or create its
-blocks before RAM BLOCKS REQUEST), the application's state after stop, then END.
-Each record is ``tag (u8), length (u32), payload``, after an 8-byte magic.
+blocks before RAM BLOCKS REQUEST), optionally where the blocks come from (ORIGIN: a
+migration image's QEMU metadata, so that the destination writes the same image),
+the application's state after stop, then END. Each record is ``tag (u8), length
+(u32), payload``, after an 8-byte magic.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import RemoteProtocolError
 
@@ -21,6 +24,8 @@ RECORD = struct.Struct("!BI")
 BLOCK_ENTRY = struct.Struct("!HQ")
 #: Largest record we accept (the application state may be large, but not unbounded).
 MAX_RECORD = 1 << 30
+#: Largest ORIGIN record.
+MAX_ORIGIN = 1 << 20
 
 
 class Tag(enum.IntEnum):
@@ -29,6 +34,7 @@ class Tag(enum.IntEnum):
     BLOCKS = 1
     STATE = 2
     END = 3
+    ORIGIN = 4
 
 
 class Readable(Protocol):
@@ -80,6 +86,29 @@ def decode_blocks_untrusted(payload: bytes) -> list[tuple[str, int]]:
     if at != len(payload):
         raise RemoteProtocolError(f"BLOCKS record has {len(payload) - at} trailing bytes")
     return blocks
+
+
+def encode_origin(origin: dict[str, Any]) -> bytes:
+    """Payload of an ORIGIN record: a JSON object."""
+    return json.dumps(origin, separators=(",", ":")).encode()
+
+
+def decode_origin_untrusted(payload: bytes) -> dict[str, Any]:
+    """The JSON object of an ORIGIN record.
+
+    Raises:
+        RemoteProtocolError: too long, not JSON or not an object.
+    """
+    if len(payload) > MAX_ORIGIN:
+        raise RemoteProtocolError(f"ORIGIN record of {len(payload)} bytes is over "
+                                  f"{MAX_ORIGIN}")
+    try:
+        origin = json.loads(payload)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"ORIGIN record is not JSON: {exc}") from None
+    if not isinstance(origin, dict):
+        raise RemoteProtocolError("ORIGIN record is not a JSON object")
+    return origin
 
 
 def read_magic(stream: Readable) -> None:

@@ -1,0 +1,402 @@
+"""Migration images: a migrated set of RAM blocks and the state that goes with them,
+on disk, in one format for native rdmamig migrations and for QEMU's.
+
+An image is a directory::
+
+    manifest.json     what the image holds (versioned; see :class:`Manifest`)
+    blocks/0000.ram   one file per RAM block, in the order of the manifest,
+    blocks/0001.ram   sparse where pages are zero
+    state.bin         the state after the RAM: QEMU's device sections, EOF and VM
+                      description as QEMU wrote them, or an rdmamig workload's state
+
+Block files are named by position, never by the (peer-supplied) block name. An image
+is written under a hidden staging name beside its final one and renamed into place
+only when it is complete and its digests are recorded; an existing path is never
+replaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import xxhash
+
+from .engine import RamBlock
+from .errors import ConfigurationError, RdmamigError, RemoteProtocolError
+
+FORMAT: Final = "rdmamig-image"
+#: The manifest's version; a reader refuses versions it does not know.
+VERSION: Final = 1
+MANIFEST: Final = "manifest.json"
+STATE: Final = "state.bin"
+BLOCKS: Final = "blocks"
+#: Largest manifest read (a few thousand blocks fit in far less).
+MAX_MANIFEST: Final = 16 << 20
+
+
+class ImageError(RdmamigError):
+    """An image is damaged: its manifest or files do not match what it says."""
+
+
+@attrs.frozen(kw_only=True)
+class ImageBlock:
+    """One RAM block of an image.
+
+    Attributes:
+        name: the block's name (QEMU's idstr, or the rdmamig source's name).
+        length: bytes.
+        file: its file, relative to the image.
+        digest: xxh3-128 of its content, hex.
+        addr: its guest-physical address, when the QEMU stream carried it.
+    """
+
+    name: str
+    length: int
+    file: str
+    digest: str
+    addr: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class QemuOrigin:
+    """What replaying an image as QEMU's migration stream needs.
+
+    Attributes:
+        machine: the machine type (QEMU's destination must run the same).
+        configuration: the configuration section's bytes, as QEMU sent them.
+        ram_section_id, ram_instance_id, ram_version_id: the ``ram`` section's entry.
+        footers: whether the stream's sections end with footers.
+        devices: the device sections the VM description lists.
+    """
+
+    machine: str
+    configuration: bytes
+    ram_section_id: int
+    ram_instance_id: int = 0
+    ram_version_id: int = 4
+    footers: bool = True
+    devices: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``qemu`` object."""
+        data = attrs.asdict(self)
+        data["configuration"] = base64.b64encode(self.configuration).decode()
+        data["devices"] = list(self.devices)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> QemuOrigin:
+        """Read a manifest's ``qemu`` object.
+
+        Raises:
+            ImageError: it is malformed.
+        """
+        try:
+            return cls(machine=str(data["machine"]),
+                       configuration=base64.b64decode(data["configuration"], validate=True),
+                       ram_section_id=int(data["ram_section_id"]),
+                       ram_instance_id=int(data.get("ram_instance_id", 0)),
+                       ram_version_id=int(data.get("ram_version_id", 4)),
+                       footers=bool(data.get("footers", True)),
+                       devices=tuple(str(d) for d in data.get("devices", ())))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ImageError(f"the manifest's qemu object is malformed: {exc!r}") from None
+
+
+@attrs.frozen(kw_only=True)
+class Manifest:
+    """``manifest.json``: what an image holds and where it came from.
+
+    Attributes:
+        origin: ``qemu`` (a QEMU migration stream) or ``rdmamig`` (a native one).
+        blocks: the RAM blocks, in the order the source listed them.
+        state_digest: xxh3-128 of ``state.bin``, hex.
+        state_bytes: its size.
+        created: when the image was completed (UTC, ISO 8601).
+        source: free-form facts about how it was made (the command, the peer).
+        qemu: for a QEMU image, what replaying it as QEMU's stream needs.
+    """
+
+    origin: str
+    blocks: tuple[ImageBlock, ...]
+    state_digest: str
+    state_bytes: int
+    created: str = ""
+    source: dict[str, Any] = attrs.Factory(dict)
+    qemu: QemuOrigin | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as written."""
+        return {"format": FORMAT, "version": VERSION, "origin": self.origin,
+                "created": self.created, "source": self.source,
+                "blocks": [attrs.asdict(b) for b in self.blocks],
+                "state": {"file": STATE, "bytes": self.state_bytes,
+                          "digest": self.state_digest},
+                "qemu": self.qemu.to_json() if self.qemu is not None else None}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        """Read a manifest.
+
+        Raises:
+            ImageError: not an rdmamig image manifest, another version, malformed.
+        """
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ImageError(f"{MANIFEST} is not an rdmamig image manifest")
+        if data.get("version") != VERSION:
+            raise ImageError(f"{MANIFEST} has version {data.get('version')!r}; this rdmamig "
+                             f"reads version {VERSION}")
+        try:
+            blocks = tuple(ImageBlock(name=str(b["name"]), length=int(b["length"]),
+                                      file=str(b["file"]), digest=str(b["digest"]),
+                                      addr=None if b.get("addr") is None else int(b["addr"]))
+                           for b in data["blocks"])
+            state = data["state"]
+            qemu = data.get("qemu")
+            return cls(origin=str(data["origin"]), blocks=blocks,
+                       state_digest=str(state["digest"]), state_bytes=int(state["bytes"]),
+                       created=str(data.get("created", "")), source=dict(data.get("source")
+                                                                         or {}),
+                       qemu=QemuOrigin.from_json(qemu) if qemu is not None else None)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ImageError(f"{MANIFEST} is malformed: {exc!r}") from None
+
+
+def block_file(index: int) -> str:
+    """The file of block ``index``, relative to the image."""
+    return f"{BLOCKS}/{index:04d}.ram"
+
+
+def digest_hex(data: bytes | memoryview) -> str:
+    """xxh3-128 of ``data``, hex (the digest rdmamig verifies blocks with)."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@attrs.frozen
+class Image:
+    """An image on disk (:func:`open_image`)."""
+
+    path: Path
+    manifest: Manifest
+
+    def block(self, index: int) -> RamBlock:
+        """Block ``index`` mapped from its file (shared: writes go to the image)."""
+        entry = self.manifest.blocks[index]
+        return RamBlock.from_file(entry.name, self.path / entry.file)
+
+    def blocks(self) -> list[RamBlock]:
+        """Every block, mapped."""
+        return [self.block(i) for i in range(len(self.manifest.blocks))]
+
+    def state(self) -> bytes:
+        """The state after the RAM."""
+        return (self.path / STATE).read_bytes()
+
+    def origin(self) -> dict[str, Any]:
+        """What a source sends ahead of this image's blocks (an ORIGIN record), so
+        that the destination writes the same image: :meth:`ImageWriter.commit_from`."""
+        return {"origin": self.manifest.origin,
+                "qemu": self.manifest.qemu.to_json() if self.manifest.qemu else None,
+                "addrs": [b.addr for b in self.manifest.blocks]}
+
+    def verify(self) -> list[str]:
+        """Names of the blocks (and ``state.bin``) whose content no longer matches
+        the manifest's digest."""
+        bad = [entry.name for index, entry in enumerate(self.manifest.blocks)
+               if self.block(index).digest().hex() != entry.digest]
+        if digest_hex(self.state()) != self.manifest.state_digest:
+            bad.append(STATE)
+        return bad
+
+
+def open_image(path: Path) -> Image:
+    """Open the image at ``path``, checking its files against the manifest.
+
+    Raises:
+        ConfigurationError: ``path`` is not an image (no directory, no manifest).
+        ImageError: the manifest is damaged or a file is missing or of another size.
+    """
+    manifest_path = path / MANIFEST
+    if not path.is_dir() or not manifest_path.is_file():
+        raise ConfigurationError(f"{path} is not an rdmamig image (no {MANIFEST})")
+    if manifest_path.stat().st_size > MAX_MANIFEST:
+        raise ImageError(f"{manifest_path} is over {MAX_MANIFEST} bytes")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{manifest_path} cannot be read: {exc}") from None
+    manifest = Manifest.from_json(data)
+    for index, entry in enumerate(manifest.blocks):
+        if entry.file != block_file(index):
+            raise ImageError(f"block {entry.name!r}: file {entry.file!r} is not "
+                             f"{block_file(index)!r}")
+        file = path / entry.file
+        if file.is_symlink() or not file.is_file() or file.stat().st_size != entry.length:
+            raise ImageError(f"block {entry.name!r}: {file} is missing or not "
+                             f"{entry.length} bytes")
+    state = path / STATE
+    if state.is_symlink() or not state.is_file() or state.stat().st_size != manifest.state_bytes:
+        raise ImageError(f"{state} is missing or not {manifest.state_bytes} bytes")
+    return Image(path, manifest)
+
+
+# ---------------------------------------------------------------- writing
+
+
+class ImageWriter:
+    """Writes an image: blocks are added sparse (all zero) under a staging name,
+    filled by the caller, and :meth:`commit` records their digests and renames the
+    image into place. Used as a context manager, anything not committed is removed.
+
+    Args:
+        path: where the image goes; it must not exist.
+        blocks: (name, length, guest address or None) of blocks to add now.
+
+    Raises:
+        ConfigurationError: ``path`` exists, or its parent does not.
+    """
+
+    def __init__(self, path: Path,
+                 blocks: Sequence[tuple[str, int, int | None]] = ()) -> None:
+        if path.exists() or path.is_symlink():
+            raise ConfigurationError(f"{path} exists; an image is never written over "
+                                     f"anything")
+        if not path.parent.is_dir():
+            raise ConfigurationError(f"{path.parent} is not a directory")
+        self.path = path
+        self.staging = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
+        self.blocks: list[RamBlock] = []
+        self._addrs: list[int | None] = []
+        self._state = b""
+        self._committed = False
+        os.mkdir(self.staging, 0o700)
+        try:
+            os.mkdir(self.staging / BLOCKS, 0o700)
+            for name, length, addr in blocks:
+                self.add_block(name, length, addr)
+        except BaseException:
+            self.abort()
+            raise
+
+    def add_block(self, name: str, length: int, addr: int | None = None) -> RamBlock:
+        """Create the next block's file, sparse, and map it."""
+        file = self.staging / block_file(len(self.blocks))
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
+        block = RamBlock.from_file(name, file)
+        self.blocks.append(block)
+        self._addrs.append(addr)
+        return block
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the image's staging files unless it was committed."""
+        if not self._committed:
+            self.abort()
+
+    def set_state(self, state: bytes) -> None:
+        """The state after the RAM."""
+        self._state = bytes(state)
+
+    def commit(self, *, origin: str, qemu: QemuOrigin | None = None,
+               source: dict[str, Any] | None = None) -> Image:
+        """Record the digests, write the manifest, flush everything to disk and
+        rename the image into place.
+
+        Raises:
+            ConfigurationError: something appeared at the final path meanwhile.
+            OSError: the disk refused.
+        """
+        entries = tuple(ImageBlock(name=block.name, length=block.length, file=block_file(i),
+                                   digest=block.digest().hex(), addr=addr)
+                        for i, (block, addr) in enumerate(
+                            zip(self.blocks, self._addrs, strict=True)))
+        manifest = Manifest(origin=origin, blocks=entries,
+                            state_digest=digest_hex(self._state),
+                            state_bytes=len(self._state),
+                            created=datetime.datetime.now(datetime.UTC).isoformat(
+                                timespec="seconds"),
+                            source=source or {}, qemu=qemu)
+        _write_new(self.staging / STATE, self._state)
+        _write_new(self.staging / MANIFEST,
+                   (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+        for block in self.blocks:
+            block.flush()
+        for directory in (self.staging / BLOCKS, self.staging):
+            _fsync_dir(directory)
+        if self.path.exists() or self.path.is_symlink():
+            raise ConfigurationError(f"{self.path} appeared while the image was written; "
+                                     f"it is left as it was")
+        os.rename(self.staging, self.path)
+        _fsync_dir(self.path.parent)
+        self._committed = True
+        return Image(self.path, manifest)
+
+    def commit_from(self, origin: dict[str, Any] | None, *,
+                    source: dict[str, Any] | None = None) -> Image:
+        """:meth:`commit` with what a source said of its image (:meth:`Image.origin`),
+        or as a native rdmamig migration when it said nothing.
+
+        Raises:
+            RemoteProtocolError: what it said is malformed.
+        """
+        if origin is None:
+            return self.commit(origin="rdmamig", source=source)
+        kind, addrs = origin.get("origin"), origin.get("addrs") or []
+        if kind not in ("qemu", "rdmamig"):
+            raise RemoteProtocolError(f"ORIGIN origin={kind!r}: neither 'qemu' nor 'rdmamig'")
+        if (not isinstance(addrs, list) or len(addrs) not in (0, len(self.blocks))
+                or not all(a is None or (isinstance(a, int) and 0 <= a < 2**64)
+                           for a in addrs)):
+            raise RemoteProtocolError(f"ORIGIN addrs: not one address or null per block "
+                                      f"({len(self.blocks)})")
+        try:
+            qemu = QemuOrigin.from_json(origin["qemu"]) if origin.get("qemu") else None
+        except ImageError as exc:
+            raise RemoteProtocolError(f"ORIGIN qemu: {exc}") from None
+        if addrs:
+            self._addrs = list(addrs)
+        return self.commit(origin=kind, qemu=qemu, source=source)
+
+    def abort(self) -> None:
+        """Remove the staging directory and everything in it."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

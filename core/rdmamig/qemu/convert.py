@@ -1,0 +1,179 @@
+"""A saved QEMU migration stream into a migration image (:func:`import_stream`) and
+an image back into a stream QEMU loads (:func:`export_image`)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import numpy.typing as npt
+
+from ..engine import RamBlock
+from ..errors import ConfigurationError, RemoteProtocolError
+from ..image import Image, ImageWriter, QemuOrigin
+from . import ram, stream
+from .decoder import PrecopyDecoder
+from .ram import PAGE_SIZE, RamBlockInfo
+from .stream import Kind, SectionHeader
+
+#: Bytes read at a time from a pipe.
+READ_SIZE = 8 << 20
+#: Pages encoded at a time on export.
+EXPORT_PAGES = 2048
+
+
+class ImageSink:
+    """Writes decoded pages into an image's blocks. A zero page only costs a write
+    where the block has had data: the rest of a new image is sparse already."""
+
+    def __init__(self) -> None:
+        self.writer: ImageWriter | None = None
+        self._pages: list[npt.NDArray[np.uint8]] = []
+        self._written: list[npt.NDArray[np.bool_]] = []
+
+    def open(self, writer: ImageWriter) -> None:
+        """Write into ``writer``'s blocks from now on."""
+        self.writer = writer
+        self._pages = [b.array.reshape(b.pages, PAGE_SIZE) for b in writer.blocks]
+        self._written = [np.zeros(b.pages, dtype=np.bool_) for b in writer.blocks]
+
+    def pages(self, block: int, numbers: npt.NDArray[np.uint64],
+              data: npt.NDArray[np.uint8]) -> None:
+        self._pages[block][numbers] = data
+        self._written[block][numbers] = True
+
+    def zero(self, block: int, numbers: npt.NDArray[np.uint64],
+             fills: npt.NDArray[np.uint8]) -> None:
+        touch = self._written[block][numbers] | (fills != 0)
+        if touch.any():
+            self._pages[block][numbers[touch]] = fills[touch, None]
+            self._written[block][numbers[fills != 0]] = True
+
+
+def import_stream(source: BinaryIO, path: Path, *, name: str = "-") -> Image:
+    """Read a QEMU migration stream (as ``migrate "exec:cat > FILE"`` saves it) from
+    ``source`` into a new image at ``path``. A regular file is mapped, a pipe read
+    in pieces; nothing is left under ``path`` unless the whole stream was good.
+
+    Raises:
+        RemoteProtocolError: the stream is malformed or truncated (the offset named).
+        ConfigurationError: ``path`` exists.
+    """
+    sink = ImageSink()
+    writers: list[ImageWriter] = []
+
+    def on_setup(blocks: list[RamBlockInfo]) -> None:
+        writers.append(ImageWriter(path, [(b.name, b.length, b.addr) for b in blocks]))
+        sink.open(writers[0])
+
+    decoder = PrecopyDecoder(sink, on_setup=on_setup)
+    if not os.path.exists(path.parent):
+        raise ConfigurationError(f"{path.parent} is not a directory")
+    if path.exists():
+        raise ConfigurationError(f"{path} exists; an image is never written over anything")
+    try:
+        _feed(decoder, source)
+        state = decoder.finish()
+        if not writers:
+            raise RemoteProtocolError("the stream has no ram section")
+        writer = writers[0]
+        writer.set_state(state.raw)
+        assert decoder.configuration is not None and decoder.ram_section is not None
+        section = decoder.ram_section
+        origin = QemuOrigin(machine=decoder.configuration.machine,
+                            configuration=decoder.configuration.raw,
+                            ram_section_id=section.section_id,
+                            ram_instance_id=section.instance_id,
+                            ram_version_id=section.version_id, footers=section.footers,
+                            devices=tuple(state.devices()))
+        return writer.commit(origin="qemu", qemu=origin, source={
+            "stream": name, "stream_bytes": decoder.offset, "iterations": decoder.parts})
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+def _feed(decoder: PrecopyDecoder, source: BinaryIO) -> None:
+    try:
+        fd = source.fileno()
+        regular = os.path.isfile(f"/proc/self/fd/{fd}") and os.fstat(fd).st_size > 0
+    except (OSError, ValueError):
+        regular = False
+    if regular:
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapping:
+            view = memoryview(mapping)
+            try:
+                decoder.feed(view)
+            finally:
+                view.release()
+        return
+    while chunk := source.read(READ_SIZE):
+        decoder.feed(chunk)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_image(image: Image, out: BinaryIO,
+                 on_block: Callable[[str], None] | None = None) -> int:
+    """Write ``image`` as QEMU's migration stream to ``out``: the header, the source's
+    configuration, the ram section's setup and every page (ZERO for zero pages), and
+    the device state as it came; returns the bytes written.
+
+    Raises:
+        ConfigurationError: the image did not come from QEMU (it has no device state
+            QEMU could load).
+    """
+    qemu = image.manifest.qemu
+    if qemu is None:
+        raise ConfigurationError(f"{image.path} holds an rdmamig migration, not a QEMU one: "
+                                 f"QEMU has no device state to load with it")
+    infos = [RamBlockInfo(name=b.name, length=b.length, addr=b.addr)
+             for b in image.manifest.blocks]
+    footer = stream.encode_footer(qemu.ram_section_id) if qemu.footers else b""
+    written = 0
+
+    def put(data: bytes) -> None:
+        nonlocal written
+        out.write(data)
+        written += len(data)
+
+    put(stream.encode_header() + qemu.configuration)
+    put(stream.encode_section_header(SectionHeader(
+        kind=Kind.SECTION_START, section_id=qemu.ram_section_id, idstr="ram",
+        instance_id=qemu.ram_instance_id, version_id=qemu.ram_version_id)))
+    put(ram.encode_setup(infos) + ram.encode_eos() + footer)
+    put(stream.encode_section_header(SectionHeader(kind=Kind.SECTION_END,
+                                                   section_id=qemu.ram_section_id)))
+    for index, info in enumerate(infos):
+        if on_block is not None:
+            on_block(info.name)
+        block = image.block(index)
+        for data in _block_records(info.name, block):
+            put(data)
+    put(ram.encode_eos() + footer)
+    put(image.state())
+    out.flush()
+    return written
+
+
+def _block_records(name: str, block: RamBlock) -> Iterator[bytes]:
+    """The records of one block, a few thousand pages at a time."""
+    pages = block.array.reshape(block.pages, PAGE_SIZE)
+    first = True
+    for start in range(0, block.pages, EXPORT_PAGES):
+        end = min(start + EXPORT_PAGES, block.pages)
+        nonzero = block.nonzero_pages(start, end)
+        numbers = np.arange(start, end, dtype=np.uint64)
+        data = numbers[nonzero]
+        if len(data):
+            yield ram.encode_pages(name, data, pages[data.astype(np.intp)], first=first)
+            first = False
+        zero = numbers[~nonzero]
+        if len(zero):
+            yield ram.encode_zero_pages(name, zero, first=first)
+            first = False

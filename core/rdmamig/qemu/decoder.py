@@ -1,0 +1,252 @@
+"""A precopy migration stream decoded as it arrives, sans IO: feed it bytes, it
+hands RAM to a sink a run of records at a time and keeps the rest.
+
+It follows what ``qemu_loadvm_state`` takes from a precopy source: the header, the
+configuration, the ``ram`` section's START (the block list), PARTs and END, then the
+device state to the end of the stream. What precopy RAM migration does not put
+there (postcopy and other commands, iterable sections other than ``ram``, device
+state before the RAM is done) is refused with the offset where it appears.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+
+import attrs
+
+from ..errors import RemoteProtocolError, TruncatedError
+from . import ram, stream
+from .ram import RamBlockInfo, RecordSink, Stop
+from .stream import Configuration, DeviceState, Kind, SectionHeader
+
+#: The iterable section rdmamig moves.
+RAM_IDSTR = "ram"
+#: Bytes kept before the caller is asked to feed again (a device state this large
+#: is not a precopy stream of a VM).
+MAX_DEVICE_STATE = 256 << 20
+
+
+class Phase(enum.Enum):
+    """Where the decoder is."""
+
+    HEADER = "header"
+    CONFIGURATION = "configuration"
+    SECTION = "section"
+    SETUP = "ram setup"
+    RECORDS = "ram records"
+    FOOTER = "section footer"
+    DEVICE_STATE = "device state"
+
+
+@attrs.frozen(kw_only=True)
+class RamSection:
+    """The ``ram`` section's entry: what a replay of the stream names it by."""
+
+    section_id: int
+    instance_id: int
+    version_id: int
+    #: Whether its sections end with a footer (machine types since 2.4 do).
+    footers: bool = True
+
+
+class PrecopyDecoder:
+    """Decodes one precopy stream.
+
+    Args:
+        sink: where pages go.
+        on_setup: called with the block list once the ram setup is read (a
+            destination allocates there).
+        on_hook: called at every ``HOOK`` record (over RDMA, where the
+            destination serves registrations).
+    """
+
+    def __init__(self, sink: RecordSink, *,
+                 on_setup: Callable[[list[RamBlockInfo]], None] | None = None,
+                 on_hook: Callable[[], None] | None = None) -> None:
+        self.sink = sink
+        self._on_setup = on_setup
+        self._on_hook = on_hook
+        self.phase = Phase.HEADER
+        self.configuration: Configuration | None = None
+        self.blocks: list[RamBlockInfo] = []
+        self.ram_section: RamSection | None = None
+        #: Iterations seen: the PART sections of ``ram``.
+        self.parts = 0
+        self.device_state: DeviceState | None = None
+        self._buffer = bytearray()
+        self._consumed = 0  # stream offset of the buffer's first byte
+        self._section: SectionHeader | None = None
+        self._current: int | None = None
+        self._tail = bytearray()
+        self._tail_at = 0
+        self._ended = False
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the stream taken so far."""
+        return self._consumed + len(self._buffer)
+
+    @property
+    def in_device_state(self) -> bool:
+        """Whether the RAM is done and the rest is device state."""
+        return self.phase is Phase.DEVICE_STATE
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next bytes of the stream.
+
+        Raises:
+            RemoteProtocolError: they break the stream (named by offset).
+        """
+        if self._ended:
+            raise RemoteProtocolError(f"{len(data)} bytes at offset {self.offset}: after "
+                                      f"the end of the stream")
+        if self.phase is Phase.DEVICE_STATE:
+            self._take_tail(data)
+            return
+        if self._buffer:
+            self._buffer += data
+            view = memoryview(self._buffer)
+        else:
+            view = memoryview(data).cast("B")
+        at = self._advance(view)
+        rest = view[at:]
+        if self.in_device_state:  # reached now
+            self._buffer = bytearray()
+            self._consumed += at
+            self._tail_at = self._consumed
+            self._take_tail(rest)
+            return
+        self._buffer = bytearray(rest)
+        self._consumed += at
+
+    def finish(self) -> DeviceState:
+        """The stream has ended: check it ended where a stream may; returns the
+        device state.
+
+        Raises:
+            TruncatedError: it ended early (names the phase and the offset).
+            RemoteProtocolError: the device state is malformed.
+        """
+        self._ended = True
+        if self.phase is not Phase.DEVICE_STATE:
+            raise TruncatedError(f"{self.phase.value} at offset {self._consumed}: the stream "
+                                 f"ends {len(self._buffer)} bytes into it, at offset "
+                                 f"{self.offset} (truncated)", offset=self._consumed)
+        self.device_state = stream.decode_device_state_untrusted(bytes(self._tail),
+                                                                 self._tail_at)
+        return self.device_state
+
+    def _take_tail(self, data: bytes | bytearray | memoryview) -> None:
+        if len(self._tail) + len(data) > MAX_DEVICE_STATE:
+            raise RemoteProtocolError(f"device state at offset {self._tail_at}: more than "
+                                      f"{MAX_DEVICE_STATE} bytes")
+        self._tail += data
+
+    # ------------------------------------------------------------ the walk
+
+    def _advance(self, buf: memoryview) -> int:
+        """Decode what ``buf`` holds whole; returns where the first incomplete
+        part starts."""
+        at = 0
+        try:
+            while self.phase is not Phase.DEVICE_STATE:
+                after = self._step(buf, at)
+                if after is None:
+                    return at
+                at = after
+        except TruncatedError as exc:
+            return exc.offset
+        except RemoteProtocolError as exc:
+            raise _shifted(exc, self._consumed) from None
+        return at
+
+    def _step(self, buf: memoryview, at: int) -> int | None:
+        phase = self.phase
+        if phase is Phase.HEADER:
+            at = stream.decode_header_untrusted(buf, at)
+            self.phase = Phase.CONFIGURATION
+            return at
+        if phase is Phase.CONFIGURATION:
+            if stream._kind_at(buf, at) is Kind.CONFIGURATION:
+                self.configuration, at = stream.decode_configuration_untrusted(buf, at)
+            self.phase = Phase.SECTION
+            return at
+        if phase is Phase.SECTION:
+            return self._section_start(buf, at)
+        if phase is Phase.SETUP:
+            ignore_shared = (self.configuration is not None
+                             and "x-ignore-shared" in self.configuration.capabilities)
+            self.blocks, at = ram.decode_setup_untrusted(buf, at, ignore_shared=ignore_shared)
+            if self._on_setup is not None:
+                self._on_setup(self.blocks)
+            self.phase = Phase.RECORDS
+            return at
+        if phase is Phase.RECORDS:
+            stop, at_after, self._current = ram.decode_records_untrusted(
+                buf, at, self.blocks, self.sink, current=self._current)
+            if stop is Stop.NEED_MORE:
+                return None if at_after == at else at_after
+            if stop is Stop.HOOK:
+                if self._on_hook is not None:
+                    self._on_hook()
+                return at_after
+            self.phase = Phase.FOOTER
+            return at_after
+        assert phase is Phase.FOOTER and self._section is not None
+        assert self.ram_section is not None
+        # After EOS comes a footer or the next section (0x7e is no section type).
+        footer = stream.has_footer(buf, at)
+        if self._section.kind is Kind.SECTION_START:
+            self.ram_section = attrs.evolve(self.ram_section, footers=footer)
+        if footer:
+            at = stream.decode_footer_untrusted(buf, at, self._section.section_id)
+        self.phase = (Phase.DEVICE_STATE if self._section.kind is Kind.SECTION_END
+                      else Phase.SECTION)
+        return at
+
+    def _section_start(self, buf: memoryview, at: int) -> int:
+        kind = stream._kind_at(buf, at)
+        if kind is Kind.COMMAND:
+            raise RemoteProtocolError(f"section type=0x08 at offset {at}: a QEMU_VM_COMMAND "
+                                      f"(postcopy, colo or another command), which precopy "
+                                      f"RAM migration does not send")
+        if kind is Kind.EOF:
+            raise RemoteProtocolError(f"section type=0x00 at offset {at}: EOF before the "
+                                      f"ram section ended")
+        header, after = stream.decode_section_header_untrusted(buf, at)
+        if header.kind is Kind.SECTION_FULL:
+            raise RemoteProtocolError(
+                f"section {header.idstr!r} at offset {at}: device state (FULL) before the "
+                f"ram section's END; rdmamig moves streams whose devices follow the RAM")
+        if header.kind is Kind.SECTION_START:
+            if header.idstr != RAM_IDSTR:
+                raise RemoteProtocolError(
+                    f"section {header.idstr!r} at offset {at}: an iterable section other "
+                    f"than 'ram' (block migration, dirty bitmaps, VFIO), not supported")
+            if self.ram_section is not None:
+                raise RemoteProtocolError(f"section 'ram' at offset {at}: started twice")
+            self.ram_section = RamSection(section_id=header.section_id,
+                                          instance_id=header.instance_id or 0,
+                                          version_id=header.version_id or 0)
+            self._section = header
+            self.phase = Phase.SETUP
+            return after
+        if self.ram_section is None or header.section_id != self.ram_section.section_id:
+            raise RemoteProtocolError(f"section_id={header.section_id} at offset {at + 1}: "
+                                      f"{header.kind.name} of a section that did not start")
+        self._section = header
+        self.parts += header.kind is Kind.SECTION_PART
+        self.phase = Phase.RECORDS
+        return after
+
+
+def _shifted(exc: RemoteProtocolError, by: int) -> RemoteProtocolError:
+    """``exc`` with its offsets counted from the start of the stream (a decoder sees
+    only the bytes kept since it was last fed)."""
+    if not by:
+        return exc
+    message = re.sub(r"at offset (\d+)", lambda m: f"at offset {int(m.group(1)) + by}",
+                     str(exc))
+    return RemoteProtocolError(message)

@@ -1,0 +1,325 @@
+"""The framing of QEMU's migration stream (``migration/savevm.c``), sans IO.
+
+What a precopy migration writes::
+
+    "QEVM" version(u32 = 3)
+    CONFIGURATION(0x07) len(u32) machine-type [subsections]
+    START(0x01) section_id(u32) idstr instance_id(u32) version_id(u32)  <ram setup>  FOOTER
+    PART(0x02) section_id(u32)  <ram records>  FOOTER        (once per iteration)
+    END(0x03) section_id(u32)  <ram records>  FOOTER
+    FULL(0x04) ... (each device's state) ... EOF(0x00)
+    VMDESCRIPTION(0x06) len(u32) JSON
+
+A footer is ``0x7e`` and the section id again (absent on old machine types). Names
+are a u8 length and that many bytes. The device sections carry no length: their
+content is defined by each device's VMState. rdmamig keeps everything from the
+first ``FULL`` after the ram section's ``END`` to the end of the stream – the device
+state – as opaque bytes, and only finds the VM description at its end.
+
+Decoders of peer bytes raise only :class:`~rdmamig.errors.RemoteProtocolError`
+(:class:`~rdmamig.errors.TruncatedError` when the bytes end inside a record), naming
+the field, its value and the offset.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from typing import Any, Final
+
+import attrs
+
+from ..errors import RemoteProtocolError, TruncatedError
+from .ram import _name, _need, encode_name
+
+MAGIC: Final = b"QEVM"
+#: QEMU_VM_FILE_VERSION (version 2 streams predate QEMU 1.2 and are refused).
+VERSION: Final = 3
+# magic (4 bytes), version (u32)
+HEADER = struct.Struct("!4sI")
+U32 = struct.Struct("!I")
+#: Longest machine type name accepted (QEMU's are under 40 bytes).
+MAX_MACHINE: Final = 256
+#: Most migration capabilities a configuration may list.
+MAX_CAPABILITIES: Final = 64
+#: Longest VM description accepted.
+MAX_DESCRIPTION: Final = 64 << 20
+
+
+class Kind(enum.IntEnum):
+    """The byte that starts each part of the stream (``QEMU_VM_*``)."""
+
+    EOF = 0x00
+    SECTION_START = 0x01
+    SECTION_PART = 0x02
+    SECTION_END = 0x03
+    SECTION_FULL = 0x04
+    SUBSECTION = 0x05
+    VMDESCRIPTION = 0x06
+    CONFIGURATION = 0x07
+    COMMAND = 0x08
+    SECTION_FOOTER = 0x7E
+
+
+def _kind_at(buf: memoryview, at: int) -> Kind:
+    _need(buf, at, 1, "section type", at)
+    try:
+        return Kind(buf[at])
+    except ValueError:
+        raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: unknown") from None
+
+
+# ---------------------------------------------------------------- header
+
+
+def decode_header_untrusted(buf: memoryview, at: int = 0) -> int:
+    """Check the stream's header; returns the offset after it.
+
+    Raises:
+        RemoteProtocolError: not a QEMU migration stream, or another version.
+    """
+    _need(buf, at, HEADER.size, "stream header", at)
+    magic, version = HEADER.unpack_from(buf, at)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"magic={bytes(magic)!r} at offset {at}: not a QEMU "
+                                  f"migration stream (QEVM)")
+    if version != VERSION:
+        raise RemoteProtocolError(f"version={version} at offset {at + 4}: rdmamig reads "
+                                  f"version {VERSION} streams")
+    return at + HEADER.size
+
+
+def encode_header() -> bytes:
+    """The stream's header."""
+    return HEADER.pack(MAGIC, VERSION)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@attrs.frozen(kw_only=True)
+class Configuration:
+    """The configuration section: the machine type and what must match.
+
+    Attributes:
+        machine: the source's machine type (``pc-i440fx-7.2``).
+        capabilities: migration capabilities the destination must also have on.
+        target_page_bits: sent only where the page size varies by machine.
+        uuid: the VM's UUID (``validate-uuid``).
+        raw: the section's bytes, replayed as they came.
+    """
+
+    machine: str
+    capabilities: tuple[str, ...] = ()
+    target_page_bits: int | None = None
+    uuid: bytes | None = None
+    raw: bytes = b""
+
+
+def decode_configuration_untrusted(buf: memoryview, at: int) -> tuple[Configuration, int]:
+    """The configuration section at ``at``; returns it and the offset after it.
+
+    Raises:
+        TruncatedError: the bytes end inside it.
+        RemoteProtocolError: malformed, or a subsection rdmamig does not know.
+    """
+    start = at
+    if _kind_at(buf, at) is not Kind.CONFIGURATION:
+        raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: expected "
+                                  f"the configuration (0x07)")
+    _need(buf, at + 1, U32.size, "machine type length", start)
+    (size,) = U32.unpack_from(buf, at + 1)
+    if not 0 < size <= MAX_MACHINE:
+        raise RemoteProtocolError(f"len={size} at offset {at + 1}: a machine type of 1 to "
+                                  f"{MAX_MACHINE} bytes expected")
+    at += 1 + U32.size
+    _need(buf, at, size, "machine type", start)
+    machine = bytes(buf[at:at + size]).decode("ascii", "replace")
+    at += size
+    fields: dict[str, Any] = {}
+    while _kind_at(buf, at) is Kind.SUBSECTION:
+        name, at = _name(buf, at + 1, "configuration subsection name", start)
+        _need(buf, at, U32.size, f"version of {name!r}", start)
+        at += U32.size
+        at = _subsection(buf, at, name, fields, start)
+    return Configuration(machine=machine, raw=bytes(buf[start:at]), **fields), at
+
+
+def _subsection(buf: memoryview, at: int, name: str, fields: dict[str, Any],
+                start: int) -> int:
+    if name == "configuration/target-page-bits":
+        _need(buf, at, U32.size, name, start)
+        (fields["target_page_bits"],) = U32.unpack_from(buf, at)
+        return at + U32.size
+    if name == "configuration/capabilities":
+        _need(buf, at, U32.size, "capability count", start)
+        (count,) = U32.unpack_from(buf, at)
+        if count > MAX_CAPABILITIES:
+            raise RemoteProtocolError(f"caps_count={count} at offset {at}: more than "
+                                      f"{MAX_CAPABILITIES}")
+        at += U32.size
+        capabilities = []
+        for _ in range(count):
+            capability, at = _name(buf, at, "capability", start)
+            capabilities.append(capability)
+        fields["capabilities"] = tuple(capabilities)
+        return at
+    if name == "configuration/uuid":
+        _need(buf, at, 16, name, start)
+        fields["uuid"] = bytes(buf[at:at + 16])
+        return at + 16
+    raise RemoteProtocolError(f"subsection {name!r} at offset {at}: a configuration "
+                              f"subsection rdmamig does not know")
+
+
+def encode_configuration(machine: str) -> bytes:
+    """A configuration section naming only the machine type."""
+    raw = machine.encode("ascii")
+    return bytes([Kind.CONFIGURATION]) + U32.pack(len(raw)) + raw
+
+
+# ---------------------------------------------------------------- sections
+
+
+@attrs.frozen(kw_only=True)
+class SectionHeader:
+    """The head of a section. START and FULL name their entry; PART and END only
+    repeat the section id."""
+
+    kind: Kind
+    section_id: int
+    idstr: str | None = None
+    instance_id: int | None = None
+    version_id: int | None = None
+
+
+def decode_section_header_untrusted(buf: memoryview, at: int) -> tuple[SectionHeader, int]:
+    """A START, PART, END or FULL section header at ``at``.
+
+    Raises:
+        TruncatedError: the bytes end inside it.
+        RemoteProtocolError: another kind of record is there.
+    """
+    start = at
+    kind = _kind_at(buf, at)
+    if kind not in (Kind.SECTION_START, Kind.SECTION_PART, Kind.SECTION_END,
+                    Kind.SECTION_FULL):
+        raise RemoteProtocolError(f"section type={int(kind):#x} at offset {at}: "
+                                  f"{kind.name}, where a section was expected")
+    _need(buf, at + 1, U32.size, "section id", start)
+    (section_id,) = U32.unpack_from(buf, at + 1)
+    at += 1 + U32.size
+    if kind in (Kind.SECTION_PART, Kind.SECTION_END):
+        return SectionHeader(kind=kind, section_id=section_id), at
+    idstr, at = _name(buf, at, "section idstr", start)
+    _need(buf, at, 2 * U32.size, f"instance and version of section {idstr!r}", start)
+    instance_id, version_id = struct.unpack_from("!II", buf, at)
+    return SectionHeader(kind=kind, section_id=section_id, idstr=idstr,
+                         instance_id=instance_id, version_id=version_id), at + 2 * U32.size
+
+
+def encode_section_header(header: SectionHeader) -> bytes:
+    """The bytes of ``header``."""
+    head = bytes([header.kind]) + U32.pack(header.section_id)
+    if header.kind in (Kind.SECTION_PART, Kind.SECTION_END):
+        return head
+    assert header.idstr is not None
+    return (head + encode_name(header.idstr)
+            + struct.pack("!II", header.instance_id or 0, header.version_id or 0))
+
+
+def decode_footer_untrusted(buf: memoryview, at: int, section_id: int) -> int:
+    """The footer of section ``section_id`` at ``at``.
+
+    Raises:
+        TruncatedError, RemoteProtocolError: it is not there, or names another section.
+    """
+    _need(buf, at, 1 + U32.size, "section footer", at)
+    if buf[at] != Kind.SECTION_FOOTER:
+        raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: expected the "
+                                  f"footer of section {section_id}")
+    (found,) = U32.unpack_from(buf, at + 1)
+    if found != section_id:
+        raise RemoteProtocolError(f"section_id={found} at offset {at + 1}: the footer of "
+                                  f"section {section_id} expected")
+    return at + 1 + U32.size
+
+
+def has_footer(buf: memoryview, at: int) -> bool:
+    """Whether a footer starts at ``at`` (machine types before 2.4 send none).
+
+    Raises:
+        TruncatedError: the stream ends there.
+    """
+    _need(buf, at, 1, "section footer or next section", at)
+    return buf[at] == Kind.SECTION_FOOTER
+
+
+def encode_footer(section_id: int) -> bytes:
+    """The footer of section ``section_id``."""
+    return bytes([Kind.SECTION_FOOTER]) + U32.pack(section_id)
+
+
+# ---------------------------------------------------------------- the end
+
+
+@attrs.frozen(kw_only=True)
+class DeviceState:
+    """The stream after the last RAM: device sections, EOF and the VM description,
+    kept as they came.
+
+    Attributes:
+        raw: the bytes, from the first device section to the end of the stream.
+        description: the VM description's JSON (``scripts/analyze-migration.py``
+            reads it), or None when the machine suppresses it.
+    """
+
+    raw: bytes
+    description: dict[str, Any] | None
+
+    def devices(self) -> list[str]:
+        """The device sections the description lists (``name`` / ``instance_id``)."""
+        if self.description is None:
+            return []
+        return [f"{d.get('name')}/{d.get('instance_id', 0)}"
+                for d in self.description.get("devices", []) if isinstance(d, dict)]
+
+
+def decode_device_state_untrusted(raw: bytes, offset: int = 0) -> DeviceState:
+    """Check that ``raw`` – the rest of a stream from its first device section –
+    ends as QEMU ends a stream: EOF, then the VM description (or nothing);
+    ``offset`` is where ``raw`` starts in the stream, for messages.
+
+    Raises:
+        TruncatedError: it does not end with EOF or a whole VM description.
+        RemoteProtocolError: the description is not JSON.
+    """
+    if not raw or raw[0] != Kind.SECTION_FULL:
+        kind = f"{raw[0]:#x}" if raw else "nothing"
+        raise RemoteProtocolError(f"section type={kind} at offset {offset}: the device "
+                                  f"state starts with a FULL section (0x04)")
+    at = len(raw)
+    while True:
+        at = raw.rfind(bytes([Kind.VMDESCRIPTION]), 0, at)
+        if at < 1:
+            break
+        (size,) = U32.unpack_from(raw, at + 1) if len(raw) - at >= 5 else (-1,)
+        if size == len(raw) - at - 5 and raw[at - 1] == Kind.EOF:
+            if size > MAX_DESCRIPTION:
+                raise RemoteProtocolError(f"len={size} at offset {offset + at + 1}: a VM "
+                                          f"description over {MAX_DESCRIPTION} bytes")
+            try:
+                description = json.loads(raw[at + 5:])
+            except ValueError as exc:
+                raise RemoteProtocolError(f"VM description at offset {offset + at + 5}: "
+                                          f"not JSON ({exc})") from None
+            if not isinstance(description, dict):
+                raise RemoteProtocolError(f"VM description at offset {offset + at + 5}: "
+                                          f"not a JSON object")
+            return DeviceState(raw=raw, description=description)
+    if raw[-1] == Kind.EOF:
+        return DeviceState(raw=raw, description=None)
+    raise TruncatedError(f"device state at offset {offset}: the stream ends after "
+                         f"{len(raw)} bytes without EOF and the VM description",
+                         offset=offset)
