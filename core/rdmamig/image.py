@@ -191,10 +191,11 @@ class Image:
     path: Path
     manifest: Manifest
 
-    def block(self, index: int) -> RamBlock:
-        """Block ``index`` mapped from its file (shared: writes go to the image)."""
+    def block(self, index: int, *, populate: bool = False) -> RamBlock:
+        """Block ``index`` mapped from its file (shared: writes go to the image);
+        ``populate`` maps it all at once (for a reader of every page)."""
         entry = self.manifest.blocks[index]
-        return RamBlock.from_file(entry.name, self.path / entry.file)
+        return RamBlock.from_file(entry.name, self.path / entry.file, populate=populate)
 
     def blocks(self) -> list[RamBlock]:
         """Every block, mapped."""

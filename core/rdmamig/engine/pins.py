@@ -139,6 +139,21 @@ class PinTable:
         return ({cid: size for cid, size in self._sizes.items() if cid not in tied},
                 sum(self._sizes[cid] for cid in tied))
 
+    def pinned_first(self, block: int, chunks: list[int]) -> list[int]:
+        """Dirty chunks of ``block`` that are still registered go before those that
+        must be registered (each group in address order). Under a cap, the
+        registrations of the round then evict chunks this round has already written,
+        not registered chunks it is about to write: a hot set larger than the cap
+        keeps the part that fits pinned, where an address-order scan would evict each
+        hot chunk just before its next write."""
+        if not self._pins:
+            return chunks
+        pinned = [c for c in chunks if ChunkId(block, c) in self._pins]
+        if not pinned:
+            return chunks
+        taken = set(pinned)
+        return pinned + [c for c in chunks if c not in taken]
+
     def unpinnable(self, chunks: Iterable[ChunkId]) -> list[Pin]:
         """The registrations of ``chunks`` that may go now, each once; one tied to
         a held chunk stays for a later decision."""

@@ -208,14 +208,12 @@ class Source:
         return sum(block.dirty_pages() for block in self.blocks) * PAGE_SIZE
 
     def _chunks_to_register(self) -> int:
-        count = 0
-        for index, block in enumerate(self.blocks):
-            dirty = masks.per_chunk(block.dirty_bitmap()).sum(axis=1)
-            pinned = np.zeros(len(dirty), dtype=np.bool_)
-            pinned[[cid.index for cid in self.pins.chunks() if cid.block == index]] = True
-            count += convergence.chunks_to_register(dirty, pinned,
-                                                    inline_limit=self._inline_pages)
-        return count
+        pinned = [[cid.index for cid in self.pins.chunks() if cid.block == index]
+                  for index in range(len(self.blocks))]
+        return sum(convergence.chunks_to_register(
+            masks.per_chunk(block.dirty_bitmap()).sum(axis=1), np.isin(
+                np.arange(block.chunks), indices), inline_limit=self._inline_pages)
+            for block, indices in zip(self.blocks, pinned, strict=True))
 
     # ------------------------------------------------------------ RAM blocks
 
@@ -266,7 +264,8 @@ class Source:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
             chunks = np.flatnonzero(masks.any_per_chunk(dirty))
-            ordered = self._pinned_first(index, chunks.tolist())
+            ordered = (chunks.tolist() if self.pin_all
+                       else self.pins.pinned_first(index, chunks.tolist()))
             # Windows grow from one batch to the mode's window: the first writes
             # start early, the later windows amortise their round trips.
             window = self._mode.window_chunks
@@ -278,21 +277,6 @@ class Source:
         self.pipeline.drain()
         if not self.pin_all:
             self._unpin(self._ask_policy(0))
-
-    def _pinned_first(self, index: int, chunks: list[int]) -> list[int]:
-        """Dirty chunks that are still registered go before those that must be
-        registered (each group in address order). Under a cap, the registrations of
-        the round then evict chunks this round has already written, not registered
-        chunks it is about to write: a hot set larger than the cap keeps the part
-        that fits pinned, where an address-order scan would evict each hot chunk
-        just before its next write."""
-        if self.pin_all or not self.pins:
-            return chunks
-        pinned = [c for c in chunks if ChunkId(index, c) in self.pins]
-        if not pinned:
-            return chunks
-        taken = set(pinned)
-        return pinned + [c for c in chunks if c not in taken]
 
     def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
                      window: list[int]) -> None:

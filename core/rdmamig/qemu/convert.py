@@ -43,7 +43,15 @@ class ImageSink:
 
     def pages(self, block: int, numbers: npt.NDArray[np.uint64],
               data: npt.NDArray[np.uint8]) -> None:
-        self._pages[block][numbers] = data
+        first = int(numbers[0])
+        if len(numbers) > 1 and bool((np.diff(numbers) == 1).all()):
+            # Consecutive pages (a bulk round is in address order): fault the span in
+            # at once and copy it as one slice.
+            assert self.writer is not None
+            self.writer.blocks[block].prefault(first * PAGE_SIZE, len(numbers) * PAGE_SIZE)
+            self._pages[block][first:first + len(numbers)] = data
+        else:
+            self._pages[block][numbers] = data
         self._written[block][numbers] = True
 
     def zero(self, block: int, numbers: npt.NDArray[np.uint64],
@@ -137,7 +145,7 @@ def export_image(image: Image, out: BinaryIO,
     footer = stream.encode_footer(qemu.ram_section_id) if qemu.footers else b""
     written = 0
 
-    def put(data: bytes) -> None:
+    def put(data: bytes | memoryview) -> None:
         nonlocal written
         out.write(data)
         written += len(data)
@@ -152,7 +160,7 @@ def export_image(image: Image, out: BinaryIO,
     for index, info in enumerate(infos):
         if on_block is not None:
             on_block(info.name)
-        block = image.block(index)
+        block = image.block(index, populate=True)
         for data in _block_records(info.name, block):
             put(data)
     put(ram.encode_eos() + footer)
@@ -161,7 +169,7 @@ def export_image(image: Image, out: BinaryIO,
     return written
 
 
-def _block_records(name: str, block: RamBlock) -> Iterator[bytes]:
+def _block_records(name: str, block: RamBlock) -> Iterator[bytes | memoryview]:
     """The records of one block, a few thousand pages at a time."""
     pages = block.array.reshape(block.pages, PAGE_SIZE)
     first = True
@@ -171,9 +179,12 @@ def _block_records(name: str, block: RamBlock) -> Iterator[bytes]:
         numbers = np.arange(start, end, dtype=np.uint64)
         data = numbers[nonzero]
         if len(data):
-            yield ram.encode_pages(name, data, pages[data.astype(np.intp)], first=first)
+            # All data (random or used RAM): the pages as a view, not a gathered copy.
+            rows = pages[start:end] if len(data) == end - start else pages[data.astype(np.intp)]
+            yield from ram.page_records(name, data, rows, ram.RamFlag.PAGE, first=first)
             first = False
         zero = numbers[~nonzero]
         if len(zero):
-            yield ram.encode_zero_pages(name, zero, first=first)
+            yield from ram.page_records(name, zero, np.zeros((len(zero), 1), np.uint8),
+                                        ram.RamFlag.ZERO, first=first)
             first = False

@@ -320,28 +320,31 @@ def encode_pages(name: str, numbers: npt.NDArray[np.integer], data: npt.NDArray[
                  *, first: bool) -> bytes:
     """``PAGE`` records for pages ``numbers`` of block ``name`` holding ``data`` (one
     row each); with ``first`` the first record names the block."""
-    return _encode(name, numbers, data, RamFlag.PAGE, first=first)
+    return b"".join(page_records(name, numbers, data, RamFlag.PAGE, first=first))
 
 
 def encode_zero_pages(name: str, numbers: npt.NDArray[np.integer], *, first: bool) -> bytes:
     """``ZERO`` records (fill 0) for pages ``numbers`` of block ``name``."""
-    return _encode(name, numbers, np.zeros((len(numbers), 1), np.uint8), RamFlag.ZERO,
-                   first=first)
+    return b"".join(page_records(name, numbers, np.zeros((len(numbers), 1), np.uint8),
+                                 RamFlag.ZERO, first=first))
 
 
-def _encode(name: str, numbers: npt.NDArray[np.integer], data: npt.NDArray[np.uint8],
-            flag: RamFlag, *, first: bool) -> bytes:
+def page_records(name: str, numbers: npt.NDArray[np.integer], data: npt.NDArray[np.uint8],
+                 flag: RamFlag, *, first: bool) -> list[bytes | memoryview]:
+    """``flag`` records (PAGE: ``data`` holds the pages; ZERO: the fill bytes) as
+    pieces to write one after the other, built in one numpy buffer; with ``first``
+    the first record names the block."""
     count = len(numbers)
     if not count:
-        return b""
+        return []
     width = data.shape[1]
     records = np.empty((count, RECORD_HEADER.size + width), dtype=np.uint8)
     words = (np.asarray(numbers, dtype=np.uint64) * np.uint64(PAGE_SIZE)
              | np.uint64(flag | RamFlag.CONTINUE))
     records[:, :RECORD_HEADER.size] = words.astype(">u8").view(np.uint8).reshape(count, -1)
     records[:, RECORD_HEADER.size:] = data
-    out = records.tobytes()
+    out = records.data.cast("B")
     if not first:
-        return out
+        return [out]
     head = RECORD_HEADER.pack(int(numbers[0]) * PAGE_SIZE | flag) + encode_name(name)
-    return head + out[RECORD_HEADER.size:]
+    return [head, out[RECORD_HEADER.size:]]
