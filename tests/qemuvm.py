@@ -50,6 +50,7 @@ class Guest:
         self.console = workdir / f"{name}.console"
         self.qmp_path = workdir / f"{name}.qmp"
         self.ram = ram
+        self.qmp_path.unlink(missing_ok=True)  # a stale socket would look like QEMU's
         if random_ram:
             with self.ram_path.open("wb") as out:
                 rng = np.random.default_rng(7)
@@ -70,15 +71,19 @@ class Guest:
         if incoming is not None:
             args += ["-incoming", incoming]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not self.qmp_path.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                assert self.process.stderr is not None
-                raise RuntimeError(f"{name}: QEMU did not start: "
-                                   f"{self.process.stderr.read().decode()}")
-            time.sleep(0.05)
         self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        self.qmp.connect()
+        try:
+            deadline = time.monotonic() + 30
+            while not self.qmp_path.exists():
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    assert self.process.stderr is not None
+                    raise RuntimeError(f"{name}: QEMU did not start: "
+                                       f"{self.process.stderr.read().decode()}")
+                time.sleep(0.05)
+            self.qmp.connect()
+        except BaseException:
+            self.close()
+            raise
 
     def cmd(self, command: str, **arguments: Any) -> Any:
         """A QMP command's return value (raising on its error)."""

@@ -85,6 +85,10 @@ class UnreachableError(RdmamigError):
     """The peer could not be reached (refused, unresolvable, timed out)."""
 
 
+class ImageError(RdmamigError):
+    """A migration image is damaged: its manifest or files do not match what it says."""
+
+
 class UnknownNameError(RdmamigError, LookupError):
     """A backend or policy was asked for by a name no plugin registered."""
 

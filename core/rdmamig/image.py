@@ -17,7 +17,6 @@ replaced.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import os
@@ -31,7 +30,8 @@ import attrs
 import xxhash
 
 from .engine import RamBlock
-from .errors import ConfigurationError, RdmamigError, RemoteProtocolError
+from .errors import ConfigurationError, ImageError, RemoteProtocolError
+from .qemu.origin import QemuOrigin
 
 FORMAT: Final = "rdmamig-image"
 #: The manifest's version; a reader refuses versions it does not know.
@@ -41,10 +41,6 @@ STATE: Final = "state.bin"
 BLOCKS: Final = "blocks"
 #: Largest manifest read (a few thousand blocks fit in far less).
 MAX_MANIFEST: Final = 16 << 20
-
-
-class ImageError(RdmamigError):
-    """An image is damaged: its manifest or files do not match what it says."""
 
 
 @attrs.frozen(kw_only=True)
@@ -64,52 +60,6 @@ class ImageBlock:
     file: str
     digest: str
     addr: int | None = None
-
-
-@attrs.frozen(kw_only=True)
-class QemuOrigin:
-    """What replaying an image as QEMU's migration stream needs.
-
-    Attributes:
-        machine: the machine type (QEMU's destination must run the same).
-        configuration: the configuration section's bytes, as QEMU sent them.
-        ram_section_id, ram_instance_id, ram_version_id: the ``ram`` section's entry.
-        footers: whether the stream's sections end with footers.
-        devices: the device sections the VM description lists.
-    """
-
-    machine: str
-    configuration: bytes
-    ram_section_id: int
-    ram_instance_id: int = 0
-    ram_version_id: int = 4
-    footers: bool = True
-    devices: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest's ``qemu`` object."""
-        data = attrs.asdict(self)
-        data["configuration"] = base64.b64encode(self.configuration).decode()
-        data["devices"] = list(self.devices)
-        return data
-
-    @classmethod
-    def from_json(cls, data: Any) -> QemuOrigin:
-        """Read a manifest's ``qemu`` object.
-
-        Raises:
-            ImageError: it is malformed.
-        """
-        try:
-            return cls(machine=str(data["machine"]),
-                       configuration=base64.b64decode(data["configuration"], validate=True),
-                       ram_section_id=int(data["ram_section_id"]),
-                       ram_instance_id=int(data.get("ram_instance_id", 0)),
-                       ram_version_id=int(data.get("ram_version_id", 4)),
-                       footers=bool(data.get("footers", True)),
-                       devices=tuple(str(d) for d in data.get("devices", ())))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ImageError(f"the manifest's qemu object is malformed: {exc!r}") from None
 
 
 @attrs.frozen(kw_only=True)
@@ -208,9 +158,10 @@ class Image:
     def origin(self) -> dict[str, Any]:
         """What a source sends ahead of this image's blocks (an ORIGIN record), so
         that the destination writes the same image: :meth:`ImageWriter.commit_from`."""
-        return {"origin": self.manifest.origin,
-                "qemu": self.manifest.qemu.to_json() if self.manifest.qemu else None,
-                "addrs": [b.addr for b in self.manifest.blocks]}
+        addrs = [b.addr for b in self.manifest.blocks]
+        if self.manifest.qemu is not None:
+            return self.manifest.qemu.record(addrs)
+        return {"origin": self.manifest.origin, "qemu": None, "addrs": addrs}
 
     def verify(self) -> list[str]:
         """Names of the blocks (and ``state.bin``) whose content no longer matches

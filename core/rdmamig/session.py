@@ -181,6 +181,12 @@ class QemuFileReader(io.RawIOBase):
         del self._buffer[:count]
         return count
 
+    def take_buffered(self) -> bytes:
+        """The bytes received and not read yet (to hand the stream to another
+        reader)."""
+        out, self._buffer = bytes(self._buffer), bytearray()
+        return out
+
     def read_exact(self, size: int) -> bytes:
         """Exactly ``size`` bytes of the stream (refilling as often as needed)."""
         out = bytearray()

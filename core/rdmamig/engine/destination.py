@@ -16,12 +16,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from .. import wire
 from ..caps import Capability
 from ..control import Role
-from ..errors import MigrationError, RdmamigError, RemoteProtocolError, VerificationError
+from ..errors import (
+    MigrationError,
+    RdmamigError,
+    RemoteProtocolError,
+    TransportError,
+    VerificationError,
+)
 from ..pinning import buffer_address, locked_bytes
+from ..qemu import stream as qemu_stream
+from ..qemu.decoder import PrecopyDecoder
+from ..qemu.origin import QemuOrigin
 from ..session import ControlSession, QemuFileReader
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
@@ -57,8 +68,11 @@ class DestinationResult:
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
     mismatched_blocks: list[str] = attrs.Factory(list)
-    #: What the source said its blocks come from (an ORIGIN record), if it did.
+    #: What the source said its blocks come from (an ORIGIN record), if it did; for a
+    #: QEMU source, what its stream said.
     origin: dict[str, Any] | None = None
+    #: ``rdmamig``, or ``qemu`` for a QEMU source (which offers no verification).
+    peer: str = "rdmamig"
     #: (seconds since start, pinned bytes) after every (un)registration.
     pinned_timeline: list[tuple[float, int]] = attrs.Factory(list)
 
@@ -118,7 +132,11 @@ class Destination:
 
     def _receive(self) -> None:
         reader = QemuFileReader(self._fill)
-        stream.read_magic(reader)
+        head = reader.read_exact(len(qemu_stream.MAGIC))
+        if head == qemu_stream.MAGIC:
+            self._receive_qemu(head + reader.take_buffered())
+            return
+        stream.read_magic(reader, head)
         tag, payload = stream.read_record(reader)
         if tag is not stream.Tag.BLOCKS:
             raise RemoteProtocolError(f"stream starts with record {tag.name}, not BLOCKS")
@@ -137,6 +155,35 @@ class Destination:
         self.result.completed = True
         # This READY tells the source that everything before END is in place.
         self.session.send(wire.Ready())
+
+    def _receive_qemu(self, start: bytes) -> None:
+        """Take a QEMU source's migration stream (QEMU's RDMA migration): its ram
+        setup lists the blocks before RAM BLOCKS REQUEST, registrations and COMPRESS
+        arrive between stream pieces as with an rdmamig source, and it ends with the
+        device state, after which QEMU disconnects."""
+        self.result.peer = "qemu"
+        decoder = PrecopyDecoder(_StreamPages(self), on_setup=lambda infos: (
+            self._set_up_blocks([(b.name, b.length) for b in infos])))
+        decoder.feed(start)
+        while not decoder.stream_complete():
+            try:
+                data = self._fill()
+            except TransportError:
+                if decoder.in_device_state:  # QEMU ends a stream by disconnecting
+                    break
+                raise
+            decoder.feed(data)
+        state = decoder.finish()
+        assert decoder.configuration is not None and decoder.ram_section is not None
+        section = decoder.ram_section
+        self.result.state = state.raw
+        self.result.origin = QemuOrigin(
+            machine=decoder.configuration.machine, configuration=decoder.configuration.raw,
+            ram_section_id=section.section_id, ram_instance_id=section.instance_id,
+            ram_version_id=section.version_id, footers=section.footers,
+            devices=tuple(state.devices())).record([b.addr for b in decoder.blocks])
+        self.result.total_time_s = time.monotonic() - self._start
+        self.result.completed = True
 
     def _fill(self) -> bytes:
         while True:
@@ -309,3 +356,23 @@ class Destination:
                 self.endpoint.deregister(region=region)
         self._regions.clear()
         self._block_regions.clear()
+
+
+class _StreamPages:
+    """Pages a QEMU source put in the stream itself (over RDMA it writes them, but a
+    stream may carry some): written into the destination's blocks."""
+
+    def __init__(self, destination: Destination) -> None:
+        self._destination = destination
+
+    def _pages(self, block: int) -> npt.NDArray[np.uint8]:
+        ram = self._destination.blocks[block]
+        return ram.array.reshape(ram.pages, wire.PAGE_BYTES)
+
+    def pages(self, block: int, numbers: npt.NDArray[np.uint64],
+              data: npt.NDArray[np.uint8]) -> None:
+        self._pages(block)[numbers] = data
+
+    def zero(self, block: int, numbers: npt.NDArray[np.uint64],
+             fills: npt.NDArray[np.uint8]) -> None:
+        self._pages(block)[numbers] = fills[:, None]

@@ -111,13 +111,14 @@ def decode_origin_untrusted(payload: bytes) -> dict[str, Any]:
     return origin
 
 
-def read_magic(stream: Readable) -> None:
-    """Check the stream starts like rdmamig's.
+def read_magic(stream: Readable, start: bytes = b"") -> None:
+    """Check the stream starts like rdmamig's (``start``: its first bytes, read
+    already).
 
     Raises:
         RemoteProtocolError: it does not (a QEMU stream starts with ``QEVM``).
     """
-    magic = stream.read_exact(len(MAGIC))
+    magic = start + stream.read_exact(len(MAGIC) - len(start))
     if magic != MAGIC:
         raise RemoteProtocolError(f"stream magic={magic!r} at offset 0: not an rdmamig "
                                   f"migration stream")

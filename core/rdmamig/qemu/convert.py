@@ -14,9 +14,10 @@ import numpy.typing as npt
 
 from ..engine import RamBlock
 from ..errors import ConfigurationError, RemoteProtocolError
-from ..image import Image, ImageWriter, QemuOrigin
+from ..image import Image, ImageWriter
 from . import ram, stream
 from .decoder import PrecopyDecoder
+from .origin import QemuOrigin
 from .ram import PAGE_SIZE, RamBlockInfo
 from .stream import Kind, SectionHeader
 

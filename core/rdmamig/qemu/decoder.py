@@ -93,6 +93,18 @@ class PrecopyDecoder:
         """Whether the RAM is done and the rest is device state."""
         return self.phase is Phase.DEVICE_STATE
 
+    def stream_complete(self) -> bool:
+        """Whether the stream has ended as QEMU ends one: the device state is done
+        and ends with the VM description (a stream without one ends only where its
+        channel does)."""
+        if self.phase is not Phase.DEVICE_STATE or not self._tail.endswith(b"}"):
+            return False
+        try:
+            state = stream.decode_device_state_untrusted(bytes(self._tail), self._tail_at)
+        except RemoteProtocolError:
+            return False
+        return state.description is not None
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next bytes of the stream.
 
