@@ -459,3 +459,31 @@ def test_array_messages_carry_one_entry_each_unless_batch_was_negotiated(
         assert all(count > 1 for count in most.values()), most
     else:
         assert most == dict.fromkeys(arrays, 1)
+
+
+def test_qemus_stream_between_a_source_and_a_destination(migration: Migration) -> None:
+    # The framing QEMU's RDMA migration puts around the rounds (HOOK, EOS, footers,
+    # the device state at the end), here between rdmamig's own two ends; against
+    # an unmodified QEMU it runs in the soft-RoCE guest (tests/rxe).
+    from rdmamig.engine.outgoing import QemuStream
+    from rdmamig.qemu.origin import QemuOrigin
+    from rdmamig.qemu.stream import encode_configuration
+    from test_qemu_stream import device_state
+
+    blocks = guest(4 * MiB, 128 * 1024, zero_fraction=0.3)
+    origin = QemuOrigin(machine="pc-i440fx-7.2", configuration=encode_configuration(
+        "pc-i440fx-7.2"), ram_section_id=2, devices=("timer/0",))
+    state = device_state({"devices": [{"name": "timer", "instance_id": 0}]})
+
+    class Device:
+        def stop(self) -> None: ...
+        def resume(self) -> None: ...
+        def throttle(self, fraction: float) -> None: ...
+        def state(self) -> bytes:
+            return state
+
+    migration.run(blocks, stream=QemuStream(origin), workload=Device())
+    assert_succeeded(migration, blocks)
+    result = migration.destination.result  # type: ignore[union-attr]
+    assert result.peer == "qemu" and result.state == state
+    assert result.origin == origin.record([None, None])

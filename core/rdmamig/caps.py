@@ -40,6 +40,13 @@ KNOWN_CAPABILITIES = (Capability.PIN_ALL | Capability.BATCH | Capability.VERIFY
 SOURCE_DEFAULTS = Capability.BATCH | Capability.VERIFY | Capability.INLINE
 
 
+def is_qemu(*, requested: Capability, granted: Capability) -> bool:
+    """Whether a destination that granted ``granted`` when asked for ``requested``
+    is an unmodified QEMU: asked for rdmamig's extensions, an rdmamig destination
+    grants them, and QEMU knows only PIN_ALL."""
+    return bool(requested & SOURCE_DEFAULTS) and not granted & SOURCE_DEFAULTS
+
+
 @attrs.frozen
 class PrivateData:
     """The connect request / accept reply block: ``version`` and ``flags``."""

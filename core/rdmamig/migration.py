@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .caps import Capability
+from .caps import Capability, is_qemu
 from .engine import (
     ChecksumTracker,
     Destination,
@@ -21,6 +21,7 @@ from .engine import (
     SourceResult,
     Workload,
 )
+from .engine.outgoing import outgoing_for
 from .errors import ConfigurationError, MigrationError, RdmamigError, UnreachableError
 from .policy import PolicyOptions, UnpinPolicy
 from .transport import Backend
@@ -63,8 +64,12 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
     """Connect and migrate ``blocks``: the source's result (what it did, also when it
     failed) and the reason it failed, or None.
 
+    A destination that grants none of rdmamig's extensions is an unmodified QEMU:
+    it gets QEMU's own stream, which needs ``origin`` to be a QEMU image's.
+
     Raises:
-        ConfigurationError: the plan's backend cannot run here.
+        ConfigurationError: the plan's backend cannot run here, or a QEMU
+            destination and no QEMU image.
         UnreachableError: the destination cannot be reached.
     """
     backend = available_backend(plan.backend, plan.backend_options)
@@ -75,9 +80,12 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
     except RdmamigError as exc:
         raise UnreachableError(f"cannot reach the destination {host}:{port}: {exc}") from exc
     with endpoint:
+        qemu_peer = is_qemu(requested=plan.requested, granted=endpoint.capabilities)
+        outgoing = outgoing_for(origin, qemu_peer=qemu_peer)
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=on_progress,
-                        started_at=started, origin=origin)
+                        started_at=started, stream=outgoing)
+        source.result.peer = "qemu" if qemu_peer else "rdmamig"
         try:
             source.run()
         except MigrationError as exc:

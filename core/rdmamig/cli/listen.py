@@ -29,15 +29,16 @@ def run(args: argparse.Namespace) -> int:
                               make_block=lambda name, length: writer.add_block(name, length),
                               announce=announce)
         result = destination.result
-        ok = result.completed and result.verified
-        if ok:
+        report = build_report(backend=args.backend, policy="-", ram_bytes=sum(
+            b.length for b in destination.blocks), source=None, destination=result,
+            error=result.error)
+        # Only a complete migration, verified unless its peer cannot verify (QEMU),
+        # is exposed as an image.
+        if report["succeeded"]:
             writer.set_state(result.state)
-            writer.commit_from(result.origin, source={"backend": args.backend,
-                                                      "listen": args.address})
-    report = build_report(backend=args.backend, policy="-", ram_bytes=sum(
-        b.length for b in destination.blocks), source=None, destination=result,
-        error=result.error)
-    report["verified"] = ok
+            writer.commit_from(result.origin, source={
+                "backend": args.backend, "listen": args.address, "peer": result.peer,
+                "verification": report["verification"]})
     return finish(args, report)
 
 

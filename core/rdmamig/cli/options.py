@@ -234,7 +234,7 @@ def finish(args: argparse.Namespace, report: dict[str, Any]) -> int:
         plot_timeline(report, args.plot)
     console = Console(stderr=True)
     console.print(summary_table(report))
-    if not report["verified"]:
+    if not report["succeeded"]:
         reason = report["error"] or "the migration was not verified"
         console.print(f"rdmamig {args.verb}: failed: {reason}", markup=False, highlight=False,
                       soft_wrap=True)

@@ -71,5 +71,7 @@ class SourceResult:
     verify_time_s: float = 0.0
     throttle: float = 0.0
     capabilities: int = 0
+    #: ``rdmamig``, or ``qemu`` for a QEMU destination (which offers no verification).
+    peer: str = "rdmamig"
     #: One sample per batch: seconds, bytes written, dirty bytes left, pinned bytes.
     timeline: list[dict[str, float]] = attrs.Factory(list)

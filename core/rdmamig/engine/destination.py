@@ -184,6 +184,10 @@ class Destination:
             devices=tuple(state.devices())).record([b.addr for b in decoder.blocks])
         self.result.total_time_s = time.monotonic() - self._start
         self.result.completed = True
+        if self.endpoint.capabilities & Capability.VERIFY:
+            # An rdmamig source sending QEMU's stream: as after END, this READY says
+            # everything is in place, and the hashes come next.
+            self.session.send(wire.Ready())
 
     def _fill(self) -> bytes:
         while True:

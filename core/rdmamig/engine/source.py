@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import numpy as np
@@ -35,9 +35,10 @@ from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SIZE
-from . import convergence, stream
+from . import convergence
 from . import pages as masks
 from .config import SourceConfig, SourceResult, Workload
+from .outgoing import NativeStream, OutgoingStream
 from .pins import Pin, PinTable, registration_units
 from .pipeline import WritePipeline, posting_mode
 from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
@@ -64,8 +65,9 @@ class Source:
             not write itself).
         on_progress: called after every batch with the latest timeline sample.
         started_at: ``time.monotonic()`` when the migration started (connect).
-        origin: where the blocks come from (a migration image's metadata), for the
-            destination to record.
+        stream: what goes into the QEMU FILE stream around the rounds (rdmamig's
+            own records by default; :class:`.outgoing.QemuStream` for a QEMU
+            destination).
     """
 
     def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
@@ -73,9 +75,9 @@ class Source:
                  workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
                  on_progress: Callable[[dict[str, float]], None] | None = None,
                  started_at: float | None = None,
-                 origin: Mapping[str, Any] | None = None) -> None:
+                 stream: OutgoingStream | None = None) -> None:
         self.endpoint = endpoint
-        self.origin = origin
+        self.stream = stream or NativeStream()
         self.blocks = list(blocks)
         self.policy = policy
         self.config = config or SourceConfig()
@@ -135,14 +137,9 @@ class Source:
     def _migrate(self) -> None:
         self.policy.set_block_names(tuple(b.name for b in self.blocks))
         writer = QemuFileWriter(self.session)
-        writer.write(stream.MAGIC)
-        stream.write_record(writer, stream.Tag.BLOCKS,
-                            stream.encode_blocks([(b.name, b.length) for b in self.blocks]))
-        if self.origin is not None:
-            stream.write_record(writer, stream.Tag.ORIGIN, stream.encode_origin(dict(
-                self.origin)))
-        writer.flush()
+        self.stream.start(writer, self.blocks)
         self._exchange_blocks()
+        self.stream.after_blocks(writer, self.session)
 
         iteration = 0
         while True:
@@ -151,8 +148,10 @@ class Source:
             started = time.monotonic()
             before = attrs.evolve(self.result)
             registering_before = self._registering_s
+            self.stream.begin_round(writer, last=False)
             self._send_dirty()
             self.session.exchange_send(wire.RegisterFinished())
+            self.stream.end_round(writer, last=False)
             self.policy.iteration_ended(iteration=iteration)
             iteration += 1
             round_ = convergence.RoundCounters(
@@ -183,14 +182,15 @@ class Source:
             self._stopped = True
         for tracker in self.trackers:
             tracker.scan()
+        self.stream.begin_round(writer, last=True)
         self._send_dirty()
         self.session.exchange_send(wire.RegisterFinished())
-        state = self.workload.state() if self.workload is not None else b""
-        stream.write_record(writer, stream.Tag.STATE, state)
-        stream.write_record(writer, stream.Tag.END)
-        writer.flush()
-        # The destination's next READY means it has processed END: all is in place.
-        self.session.wait_ready()
+        self.stream.end_round(writer, last=True)
+        self.stream.finish(writer, self.workload.state() if self.workload is not None else b"")
+        if self.stream.final_ready or self.endpoint.capabilities & Capability.VERIFY:
+            # The destination's next READY means it has processed the end: all is in
+            # place (a QEMU destination sends none: it offers no verification either).
+            self.session.wait_ready()
         done = time.monotonic()
         self.result.iterations = iteration + 1
         self.result.downtime_s = done - stop
