@@ -41,6 +41,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
     report = str(RESULTS / "migrate-{}.json")
     migrate = [python, "-m", "rdmamig", "migrate", "--backend", "verbs", "--host", host,
                "--quiet", "--timeout", "120"]
+    qemu = ["tests/rxe/qemu_check.py"]
     return {
         "devices": ["ibv_devices"],
         "backends": [python, "-m", "rdmamig", "backends", "--json"],
@@ -61,6 +62,12 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         "migrate-memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
                             "prlimit", "--memlock=8388608:8388608", *migrate, "--ram", "32MiB",
                             "--policy", "memlock", "--report", report.format("memlock")],
+        # An unmodified QEMU over RDMA into rdmamig and out of it (qemu_check.py).
+        "qemu-to-rdmamig": [python, *qemu, "to-rdmamig", host],
+        "qemu-to-rdmamig-pin-all": [python, *qemu, "to-rdmamig", "--pin-all", host],
+        "rdmamig-to-qemu": [python, *qemu, "to-qemu", host],
+        "rdmamig-to-qemu-pin-all": [python, *qemu, "to-qemu", "--pin-all", host],
+        "qemu-round-trip": [python, *qemu, "round-trip", host],
         "speed": [python, "tests/rxe/speed.py", "--host", host],
     }
 

@@ -1,0 +1,215 @@
+"""An unmodified QEMU (Debian's qemu-system-x86_64, TCG) migrating over real RDMA
+into rdmamig and out of it, inside the soft-RoCE guest (run by harness.py).
+
+    python tests/rxe/qemu_check.py to-rdmamig [--pin-all] HOST
+    python tests/rxe/qemu_check.py to-qemu [--pin-all] HOST
+    python tests/rxe/qemu_check.py round-trip HOST
+
+``to-rdmamig``: a paused 64 MiB guest with random RAM migrates (``migrate
+rdma:HOST:PORT``) into ``rdmamig listen --backend verbs``; QEMU reports completed
+and the image's blocks are byte-identical to the source's RAM. ``to-qemu``: that
+guest saved to a file and imported is sent with ``rdmamig send --image --backend
+verbs`` into a QEMU started with ``-incoming rdma:HOST:PORT``; QEMU reports completed
+and its RAM is byte-identical. ``round-trip``: a running guest (SeaBIOS with no boot
+device) migrates live A -> rdmamig -> B; B runs after ``cont``. Exits non-zero with
+the reason on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qemuvm import Guest  # noqa: E402  (tests/qemuvm.py)
+
+MiB = 1 << 20
+RAM = 64 * MiB
+PORT = 4455
+RDMAMIG = [sys.executable, "-m", "rdmamig"]
+
+
+STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    """A progress line with the seconds since start (the guest is slow: say where)."""
+    print(f"[{time.monotonic() - STARTED:7.1f} s] {message}", flush=True)
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise SystemExit(f"FAILED: {message}")
+
+
+def listen(into: Path, host: str) -> tuple[subprocess.Popen[str], float]:
+    """``rdmamig listen`` on verbs, once it says it listens."""
+    started = time.monotonic()
+    errors = into.parent / f"{into.name}.stderr"
+    with errors.open("w") as stderr:  # a file: a full pipe would stall the listener
+        process = subprocess.Popen([*RDMAMIG, "listen", f"{host}:{PORT}", "--into",
+                                    str(into), "--backend", "verbs", "--timeout", "600",
+                                    "--report", str(into.parent / "listen.json")],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+    process.errors = errors  # type: ignore[attr-defined]
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    check(line.startswith("listening on"), f"rdmamig listen did not start: {line!r} "
+                                           f"{errors.read_text()[-3000:]}")
+    log(f"rdmamig {line.strip()}")
+    return process, time.monotonic() - started
+
+
+def stderr_of(process: subprocess.Popen[str]) -> str:
+    if process.poll() is None:
+        process.kill()
+        process.wait(30)
+    return str(process.errors.read_text()[-3000:])  # type: ignore[attr-defined]
+
+
+def image_block(image: Path, name: str) -> bytes:
+    from rdmamig.image import open_image
+    opened = open_image(image)
+    index = [b.name for b in opened.manifest.blocks].index(name)
+    return bytes(opened.block(index).view)
+
+
+def migrate(source: Guest, uri: str, *, pin_all: bool) -> dict[str, object]:
+    source.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
+    if pin_all:
+        source.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "rdma-pin-all", "state": True}])
+    started = time.monotonic()
+    source.cmd("migrate", uri=uri)
+    info = source.wait_migration(timeout=600)
+    info["wall_s"] = time.monotonic() - started
+    return info
+
+
+def to_rdmamig(work: Path, host: str, pin_all: bool) -> None:
+    image = work / "image"
+    source = Guest(work, "src", ram=RAM, paused=True, random_ram=True)
+    log("source QEMU started")
+    listener, startup = listen(image, host)
+    try:
+        try:
+            info = migrate(source, f"rdma:{host}:{PORT}", pin_all=pin_all)
+        except RuntimeError as exc:
+            raise SystemExit(f"FAILED: {exc}; rdmamig listen: {stderr_of(listener)}") from None
+        log(f"QEMU: {info['status']}")
+        if info["status"] != "completed":
+            raise SystemExit(f"FAILED: QEMU's migration into rdmamig: {info}; rdmamig "
+                             f"listen: {stderr_of(listener)}")
+        code = listener.wait(120)
+        if code != 0:
+            raise SystemExit(f"FAILED: rdmamig listen exited {code}: {stderr_of(listener)}")
+        check(image_block(image, "mem") == source.ram_bytes(),
+              "the image's mem differs from the source's RAM")
+        check(source.cmd("query-status")["status"] == "postmigrate",
+              "the source is not in postmigrate")
+        print(f"qemu -> rdmamig{' (pin-all)' if pin_all else ''}: completed in "
+              f"{info['wall_s']:.2f} s (QEMU total-time {info.get('total-time')} ms), "
+              f"rdmamig started in {startup:.0f} s; image byte-identical")
+    finally:
+        source.close()
+        if listener.poll() is None:
+            listener.kill()
+
+
+def saved_image(work: Path) -> tuple[Path, bytes]:
+    """A paused random guest saved through exec:cat and imported: (image, its RAM)."""
+    a = Guest(work, "saved", ram=RAM, paused=True, random_ram=True)
+    try:
+        stream = work / "saved.mig"
+        a.cmd("migrate", uri=f"exec:cat > {stream}")
+        check(a.wait_migration()["status"] == "completed", "QEMU could not save the guest")
+        image = work / "saved-image"
+        done = subprocess.run([*RDMAMIG, "image", "import", str(stream), str(image)],
+                              capture_output=True, text=True)
+        check(done.returncode == 0, f"image import: {done.stderr}")
+        return image, a.ram_bytes()
+    finally:
+        a.close()
+
+
+def to_qemu(work: Path, host: str, pin_all: bool) -> None:
+    image, ram = saved_image(work)
+    destination = Guest(work, "dst", ram=RAM, incoming=f"rdma:{host}:{PORT}")
+    try:
+        time.sleep(1)  # QEMU listens once its incoming side is set up
+        started = time.monotonic()
+        sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
+                               "--backend", "verbs", "--quiet", "--timeout", "600",
+                               *(["--pin-all"] if pin_all else [])],
+                              capture_output=True, text=True, timeout=900)
+        wall = time.monotonic() - started
+        check(sent.returncode == 0, f"rdmamig send into QEMU: {sent.stderr[-3000:]}")
+        info = destination.wait_migration(timeout=120)
+        check(info["status"] == "completed", f"QEMU's incoming migration: {info}")
+        check(destination.ram_bytes() == ram, "QEMU's RAM differs from the image")
+        destination.cmd("cont")
+        check(destination.cmd("query-status")["status"] == "running", "QEMU does not run")
+        print(f"rdmamig -> qemu{' (pin-all)' if pin_all else ''}: completed, send took "
+              f"{wall:.1f} s with rdmamig's start-up; RAM byte-identical; cont: running")
+    finally:
+        destination.close()
+
+
+def round_trip(work: Path, host: str) -> None:
+    image = work / "image"
+    listener, _startup = listen(image, host)
+    a = Guest(work, "a", ram=RAM)  # runs SeaBIOS, which finds nothing to boot
+    try:
+        time.sleep(2)
+        info = migrate(a, f"rdma:{host}:{PORT}", pin_all=False)
+        check(info["status"] == "completed", f"A -> rdmamig: {info}")
+        check(listener.wait(120) == 0, "rdmamig listen failed")
+        ram_a = a.ram_bytes()
+        check(image_block(image, "mem") == ram_a, "the image differs from A's RAM")
+    finally:
+        a.close()
+        if listener.poll() is None:
+            listener.kill()
+    # -S: A ran, so B would start running as soon as it has loaded (before its RAM
+    # could be compared); with -S it waits for cont.
+    b = Guest(work, "b", ram=RAM, incoming=f"rdma:{host}:{PORT}", paused=True)
+    try:
+        time.sleep(1)
+        sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
+                               "--backend", "verbs", "--quiet", "--timeout", "600"],
+                              capture_output=True, text=True, timeout=900)
+        check(sent.returncode == 0, f"rdmamig -> B: {sent.stderr[-3000:]}")
+        check(b.wait_migration(timeout=120)["status"] == "completed", "B did not complete")
+        check(b.ram_bytes() == ram_a, "B's RAM differs from A's")
+        b.cmd("cont")
+        time.sleep(2)
+        check(b.cmd("query-status")["status"] == "running", "B does not run after cont")
+        print("qemu A -> rdmamig -> qemu B: completed both ways, RAM byte-identical, "
+              "B running")
+    finally:
+        b.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("check", choices=("to-rdmamig", "to-qemu", "round-trip"))
+    parser.add_argument("host")
+    parser.add_argument("--pin-all", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        work = Path(tmp)
+        if args.check == "to-rdmamig":
+            to_rdmamig(work, args.host, args.pin_all)
+        elif args.check == "to-qemu":
+            to_qemu(work, args.host, args.pin_all)
+        else:
+            round_trip(work, args.host)
+
+
+if __name__ == "__main__":
+    main()
