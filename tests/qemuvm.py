@@ -4,10 +4,12 @@ project's own client (``qemu.qmp``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,14 @@ class Guest:
         incoming: ``-incoming`` URI (a destination), or None.
         paused: start with ``-S``.
         kernel, initrd: boot this Linux instead of the firmware's nothing.
+        command: how to run QEMU (another release: ``chroot ROOT qemu-system-x86_64``,
+            see :func:`qemu_root`); every path it is given must be visible there.
     """
 
     def __init__(self, workdir: Path, name: str, *, ram: int, incoming: str | None = None,
                  paused: bool = False, kernel: Path | None = None,
                  initrd: Path | None = None, random_ram: bool = False,
-                 ram_dir: Path = Path("/dev/shm")) -> None:
+                 ram_dir: Path = Path("/dev/shm"), command: Sequence[str] = (QEMU,)) -> None:
         self.ram_path = ram_dir / f"rdmamig-test-{os.getpid()}-{name}.ram"
         self.console = workdir / f"{name}.console"
         self.qmp_path = workdir / f"{name}.qmp"
@@ -56,7 +60,7 @@ class Guest:
                 rng = np.random.default_rng(7)
                 for _ in range(ram // (16 << 20)):
                     out.write(rng.bytes(16 << 20))
-        args = [QEMU, "-accel", "tcg", "-nodefaults", "-display", "none",
+        args = [*command, "-accel", "tcg", "-nodefaults", "-display", "none",
                 "-machine", "pc,memory-backend=mem", "-m", f"{ram >> 20}",
                 "-object", f"memory-backend-file,id=mem,size={ram},mem-path={self.ram_path},"
                            f"share=on",
@@ -133,3 +137,22 @@ class Guest:
             if stream is not None:
                 stream.close()
         self.ram_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def qemu_root(root: Path) -> Iterator[list[str]]:
+    """Run the QEMU of another root file system (Debian 13's, made by debootstrap):
+    yields the command, with /dev, /proc, /sys and /dev/shm (where the guests' RAM,
+    sockets and consoles go) of this system mounted inside it meanwhile."""
+    mounted: list[Path] = []
+    try:
+        for source, target, kind in (("/dev", "dev", "bind"), ("proc", "proc", "proc"),
+                                     ("/sys", "sys", "bind"), ("/dev/shm", "dev/shm", "bind")):
+            where = root / target
+            options = ["--bind", source] if kind == "bind" else ["-t", kind, source]
+            subprocess.run(["mount", *options, str(where)], check=True, capture_output=True)
+            mounted.append(where)
+        yield ["chroot", str(root), QEMU]
+    finally:
+        for where in reversed(mounted):
+            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)

@@ -165,6 +165,17 @@ def test_configuration_subsections() -> None:
 # ---------------------------------------------------------------- the decoder
 
 
+def test_qemu_10_announces_the_switchover_before_the_end() -> None:
+    # QEMU 10.0 sends MIG_CMD_SWITCHOVER_START (11, no data) before the END section.
+    assert stream.encode_command(stream.Command.SWITCHOVER_START) == b"\x08\x00\x0b\x00\x00"
+    data = small_stream()
+    end = data.index(stream.encode_section_header(SectionHeader(kind=Kind.SECTION_END,
+                                                                section_id=2)))
+    decoder, _sink = decode(data[:end] + b"\x08\x00\x0b\x00\x00" + data[end:])
+    assert decoder.switchover_start
+    assert not decode(data)[0].switchover_start
+
+
 def test_a_stream_decodes_with_the_last_write_of_each_page() -> None:
     decoder, sink = decode(small_stream())
     mem, rom = sink.memory
@@ -230,7 +241,9 @@ def test_what_precopy_ram_migration_does_not_send_is_refused_by_offset() -> None
              "offset=0x4000000 at offset 198: outside RAM block 'mem'")
     _refused(head + end + struct.pack("!Q", 0x0C),
              r"flags=0xc at offset 198: an unknown combination")
-    _refused(head + b"\x08\x00\x01", "section type=0x08 at offset 193: a QEMU_VM_COMMAND")
+    _refused(head + stream.encode_command(stream.Command.POSTCOPY_ADVISE, bytes(16)),
+             "command=3 at offset 194: POSTCOPY_ADVISE, a QEMU_VM_COMMAND that precopy")
+    _refused(head + b"\x08\x00\x63\x00\x00", "command=99 at offset 194: an unknown")
     _refused(head + b"\x01\x00\x00\x00\x03\x05block" + bytes(8),
              "section 'block' at offset 193: an iterable section other than 'ram'")
     _refused(head + b"\x04\x00\x00\x00\x03\x05timer" + bytes(8),

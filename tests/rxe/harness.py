@@ -34,6 +34,10 @@ MODULES = ["crc32_generic", "virtio_pci", "virtio_net", "9pnet_virtio", "9p", "r
 
 
 RESULTS = REPO / ".rxe-results"
+#: Where the harness caches what it fetches (a kernel, Debian 13's root).
+CACHE = Path("/var/tmp/rdmamig-rxe")
+#: Debian 13 (QEMU 10) by debootstrap, run in the guest by chroot.
+QEMU_ROOT = str(CACHE / "trixie")
 
 
 def steps(python: str, host: str) -> dict[str, list[str]]:
@@ -68,6 +72,13 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         "rdmamig-to-qemu": [python, *qemu, "to-qemu", host],
         "rdmamig-to-qemu-pin-all": [python, *qemu, "to-qemu", "--pin-all", host],
         "qemu-round-trip": [python, *qemu, "round-trip", host],
+        # The same against the newest QEMU the registries have (Debian 13's, in the
+        # debootstrap root the harness builds), as QEMU's migration-compat jobs do.
+        "qemu10-to-rdmamig": [python, *qemu, "to-rdmamig", "--qemu-root", QEMU_ROOT, host],
+        "rdmamig-to-qemu10": [python, *qemu, "to-qemu", "--qemu-root", QEMU_ROOT, host],
+        # A benchmark line, not a pass/fail check: QEMU -> QEMU, QEMU -> rdmamig and
+        # rdmamig -> QEMU for the same guest, in this run.
+        "qemu-speed": [python, *qemu, "speed", host],
         "speed": [python, "tests/rxe/speed.py", "--host", host],
     }
 
@@ -76,6 +87,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
 
 #: What the harness and the guest need, and the Debian package that has it.
 NEEDS = {"qemu-system-x86_64": "qemu-system-x86", "busybox": "busybox-static",
+         "debootstrap": "debootstrap",
          "cpio": "cpio", "depmod": "kmod", "modprobe": "kmod", "rdma": "iproute2",
          "ibv_devices": "ibverbs-utils", "ib_write_bw": "perftest",
          "/usr/lib/python3/dist-packages/pyverbs": "python3-pyverbs",
@@ -128,6 +140,19 @@ def fetch_kernel(cache: Path) -> tuple[Path, Path, str]:
         deb.unlink()
     version = next((unpacked / "lib" / "modules").iterdir()).name
     return next((unpacked / "boot").glob("vmlinuz-*")), unpacked, version
+
+
+def build_qemu_root(root: Path) -> None:
+    """Debian 13 with its qemu-system-x86 (and the verbs providers its QEMU needs for
+    rxe) under ``root``, by debootstrap from Debian's registry; kept once built."""
+    if (root / "usr" / "bin" / "qemu-system-x86_64").exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    _run("debootstrap", "--variant=minbase", "--include=qemu-system-x86,ibverbs-providers",
+         "trixie", str(partial), "http://deb.debian.org/debian")
+    partial.rename(root)
 
 
 def module_order(root: Path, version: str) -> list[Path]:
@@ -235,7 +260,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("steps", nargs="*", help="steps to run (default: all)")
-    parser.add_argument("--cache", type=Path, default=Path("/var/tmp/rdmamig-rxe"))
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--keep-going", action="store_true", help="run every step")
     parser.add_argument("--timeout", type=float, default=3000, help="seconds for the guest")
     parser.add_argument("--command", help="run this shell command as the only step (debugging)")
@@ -263,6 +288,8 @@ def main() -> int:
         ensure_prerequisites()
         args.cache.mkdir(parents=True, exist_ok=True)
         kernel, root, version = fetch_kernel(args.cache)
+        if any(name.startswith(("qemu10", "rdmamig-to-qemu10")) for name in selected):
+            build_qemu_root(Path(QEMU_ROOT))
         initrd = build_initramfs(args.cache, module_order(root, version), script.name)
         console = boot(args.cache, kernel, initrd, args.timeout)
         if "rdmamig-guest-done" not in console:

@@ -4,6 +4,10 @@ into rdmamig and out of it, inside the soft-RoCE guest (run by harness.py).
     python tests/rxe/qemu_check.py to-rdmamig [--pin-all] HOST
     python tests/rxe/qemu_check.py to-qemu [--pin-all] HOST
     python tests/rxe/qemu_check.py round-trip HOST
+    python tests/rxe/qemu_check.py speed HOST
+
+``--qemu-root DIR`` runs another QEMU release (Debian 13's, by chroot) instead of the
+system's.
 
 ``to-rdmamig``: a paused 64 MiB guest with random RAM migrates (``migrate
 rdma:HOST:PORT``) into ``rdmamig listen --backend verbs``; QEMU reports completed
@@ -18,6 +22,7 @@ the reason on any failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -25,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qemuvm import Guest  # noqa: E402  (tests/qemuvm.py)
+from qemuvm import Guest, qemu_root
 
 MiB = 1 << 20
 RAM = 64 * MiB
@@ -90,9 +95,13 @@ def migrate(source: Guest, uri: str, *, pin_all: bool) -> dict[str, object]:
     return info
 
 
+#: How QEMU runs (``--qemu-root`` replaces it).
+COMMAND: list[str] = ["qemu-system-x86_64"]
+
+
 def to_rdmamig(work: Path, host: str, pin_all: bool) -> None:
     image = work / "image"
-    source = Guest(work, "src", ram=RAM, paused=True, random_ram=True)
+    source = Guest(work, "src", ram=RAM, paused=True, random_ram=True, command=COMMAND)
     log("source QEMU started")
     listener, startup = listen(image, host)
     try:
@@ -111,7 +120,7 @@ def to_rdmamig(work: Path, host: str, pin_all: bool) -> None:
               "the image's mem differs from the source's RAM")
         check(source.cmd("query-status")["status"] == "postmigrate",
               "the source is not in postmigrate")
-        print(f"qemu -> rdmamig{' (pin-all)' if pin_all else ''}: completed in "
+        print(f"{version()} -> rdmamig{' (pin-all)' if pin_all else ''}: completed in "
               f"{info['wall_s']:.2f} s (QEMU total-time {info.get('total-time')} ms), "
               f"rdmamig started in {startup:.0f} s; image byte-identical")
     finally:
@@ -122,7 +131,7 @@ def to_rdmamig(work: Path, host: str, pin_all: bool) -> None:
 
 def saved_image(work: Path) -> tuple[Path, bytes]:
     """A paused random guest saved through exec:cat and imported: (image, its RAM)."""
-    a = Guest(work, "saved", ram=RAM, paused=True, random_ram=True)
+    a = Guest(work, "saved", ram=RAM, paused=True, random_ram=True, command=COMMAND)
     try:
         stream = work / "saved.mig"
         a.cmd("migrate", uri=f"exec:cat > {stream}")
@@ -138,7 +147,8 @@ def saved_image(work: Path) -> tuple[Path, bytes]:
 
 def to_qemu(work: Path, host: str, pin_all: bool) -> None:
     image, ram = saved_image(work)
-    destination = Guest(work, "dst", ram=RAM, incoming=f"rdma:{host}:{PORT}")
+    destination = Guest(work, "dst", ram=RAM, incoming=f"rdma:{host}:{PORT}",
+                        command=COMMAND)
     try:
         time.sleep(1)  # QEMU listens once its incoming side is set up
         started = time.monotonic()
@@ -153,7 +163,7 @@ def to_qemu(work: Path, host: str, pin_all: bool) -> None:
         check(destination.ram_bytes() == ram, "QEMU's RAM differs from the image")
         destination.cmd("cont")
         check(destination.cmd("query-status")["status"] == "running", "QEMU does not run")
-        print(f"rdmamig -> qemu{' (pin-all)' if pin_all else ''}: completed, send took "
+        print(f"rdmamig -> {version()}{' (pin-all)' if pin_all else ''}: completed, send took "
               f"{wall:.1f} s with rdmamig's start-up; RAM byte-identical; cont: running")
     finally:
         destination.close()
@@ -194,21 +204,73 @@ def round_trip(work: Path, host: str) -> None:
         b.close()
 
 
+def version() -> str:
+    """``QEMU 7.2.x`` or ``QEMU 10.0.x``: the release these checks ran against."""
+    out = subprocess.run([*COMMAND, "--version"], capture_output=True, text=True).stdout
+    return "QEMU " + out.split("version", 1)[1].split()[0] if "version" in out else "QEMU"
+
+
+def speed(work: Path, host: str) -> None:
+    """One migration of the same paused random guest each way, timed as QEMU times
+    its own (``total-time``; rdmamig: its report's connect-to-done time)."""
+    import json
+    times: dict[str, float] = {}
+    a = Guest(work, "a", ram=RAM, paused=True, random_ram=True, command=COMMAND)
+    b = Guest(work, "b", ram=RAM, incoming=f"rdma:{host}:{PORT}", command=COMMAND)
+    try:
+        time.sleep(1)
+        info = migrate(a, f"rdma:{host}:{PORT}", pin_all=False)
+        check(info["status"] == "completed", f"QEMU -> QEMU: {info}")
+        times["QEMU -> QEMU"] = float(info["total-time"]) / 1000  # type: ignore[arg-type]
+    finally:
+        a.close()
+        b.close()
+    image = work / "image"
+    listener, _ = listen(image, host)
+    a = Guest(work, "a2", ram=RAM, paused=True, random_ram=True, command=COMMAND)
+    try:
+        info = migrate(a, f"rdma:{host}:{PORT}", pin_all=False)
+        check(info["status"] == "completed" and listener.wait(120) == 0, "QEMU -> rdmamig")
+        times["QEMU -> rdmamig"] = float(info["total-time"]) / 1000  # type: ignore[arg-type]
+    finally:
+        a.close()
+    b = Guest(work, "b2", ram=RAM, incoming=f"rdma:{host}:{PORT}", command=COMMAND)
+    try:
+        time.sleep(1)
+        report = work / "send.json"
+        sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
+                               "--backend", "verbs", "--quiet", "--report", str(report)],
+                              capture_output=True, text=True, timeout=900)
+        check(sent.returncode == 0, f"rdmamig -> QEMU: {sent.stderr[-2000:]}")
+        times["rdmamig -> QEMU"] = json.loads(report.read_text())["total_time_s"]
+    finally:
+        b.close()
+    base = times["QEMU -> QEMU"]
+    print("speed, 64 MiB random guest, " + version() + ": " + ", ".join(
+        f"{name} {seconds:.2f} s ({seconds / base:.2f}x)" for name, seconds in times.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("check", choices=("to-rdmamig", "to-qemu", "round-trip"))
+    parser.add_argument("check", choices=("to-rdmamig", "to-qemu", "round-trip", "speed"))
     parser.add_argument("host")
     parser.add_argument("--pin-all", action="store_true")
+    parser.add_argument("--qemu-root", type=Path, metavar="DIR",
+                        help="run the QEMU of this root file system, by chroot")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.qemu_root is not None:
+            COMMAND[:] = stack.enter_context(qemu_root(args.qemu_root))
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(dir="/dev/shm")))
         if args.check == "to-rdmamig":
             to_rdmamig(work, args.host, args.pin_all)
         elif args.check == "to-qemu":
             to_qemu(work, args.host, args.pin_all)
-        else:
+        elif args.check == "round-trip":
             round_trip(work, args.host)
+        else:
+            speed(work, args.host)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ class Destination:
             machine=decoder.configuration.machine, configuration=decoder.configuration.raw,
             ram_section_id=section.section_id, ram_instance_id=section.instance_id,
             ram_version_id=section.version_id, footers=section.footers,
-            devices=tuple(state.devices())).record([b.addr for b in decoder.blocks])
+            devices=tuple(state.devices()),
+            switchover_start=decoder.switchover_start).record([b.addr for b in decoder.blocks])
         self.result.total_time_s = time.monotonic() - self._start
         self.result.completed = True
         if self.endpoint.capabilities & Capability.VERIFY:

@@ -117,6 +117,8 @@ class QemuStream:
         writer.write(qemu_ram.encode_eos() + self._footer)
 
     def begin_round(self, writer: QemuFileWriter, *, last: bool) -> None:
+        if last and self.origin.switchover_start:
+            writer.write(qemu_stream.encode_command(qemu_stream.Command.SWITCHOVER_START))
         kind = Kind.SECTION_END if last else Kind.SECTION_PART
         writer.write(qemu_stream.encode_section_header(SectionHeader(
             kind=kind, section_id=self.origin.ram_section_id)))

@@ -3,6 +3,7 @@ an image back into a stream QEMU loads (:func:`export_image`)."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -98,7 +99,8 @@ def import_stream(source: BinaryIO, path: Path, *, name: str = "-") -> Image:
                             ram_section_id=section.section_id,
                             ram_instance_id=section.instance_id,
                             ram_version_id=section.version_id, footers=section.footers,
-                            devices=tuple(state.devices()))
+                            devices=tuple(state.devices()),
+                            switchover_start=decoder.switchover_start)
         return writer.commit(origin="qemu", qemu=origin, source={
             "stream": name, "stream_bytes": decoder.offset, "iterations": decoder.parts})
     finally:
@@ -113,12 +115,16 @@ def _feed(decoder: PrecopyDecoder, source: BinaryIO) -> None:
     except (OSError, ValueError):
         regular = False
     if regular:
-        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapping:
-            view = memoryview(mapping)
-            try:
-                decoder.feed(view)
-            finally:
+        mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        view = memoryview(mapping)
+        try:
+            decoder.feed(view)
+        finally:
+            # A decoding error's traceback may still hold views into the mapping:
+            # then it closes once they are gone.
+            with contextlib.suppress(BufferError):
                 view.release()
+                mapping.close()
         return
     while chunk := source.read(READ_SIZE):
         decoder.feed(chunk)
@@ -156,6 +162,8 @@ def export_image(image: Image, out: BinaryIO,
         kind=Kind.SECTION_START, section_id=qemu.ram_section_id, idstr="ram",
         instance_id=qemu.ram_instance_id, version_id=qemu.ram_version_id)))
     put(ram.encode_setup(infos) + ram.encode_eos() + footer)
+    if qemu.switchover_start:
+        put(stream.encode_command(stream.Command.SWITCHOVER_START))
     put(stream.encode_section_header(SectionHeader(kind=Kind.SECTION_END,
                                                    section_id=qemu.ram_section_id)))
     for index, info in enumerate(infos):

@@ -74,6 +74,8 @@ class PrecopyDecoder:
         self.ram_section: RamSection | None = None
         #: Iterations seen: the PART sections of ``ram``.
         self.parts = 0
+        #: Whether the source sent MIG_CMD_SWITCHOVER_START before the END (QEMU 10).
+        self.switchover_start = False
         self.device_state: DeviceState | None = None
         self._buffer = bytearray()
         self._consumed = 0  # stream offset of the buffer's first byte
@@ -221,9 +223,14 @@ class PrecopyDecoder:
     def _section_start(self, buf: memoryview, at: int) -> int:
         kind = stream._kind_at(buf, at)
         if kind is Kind.COMMAND:
-            raise RemoteProtocolError(f"section type=0x08 at offset {at}: a QEMU_VM_COMMAND "
-                                      f"(postcopy, colo or another command), which precopy "
-                                      f"RAM migration does not send")
+            command, data, after = stream.decode_command_untrusted(buf, at)
+            if command is not stream.Command.SWITCHOVER_START or data:
+                raise RemoteProtocolError(
+                    f"command={int(command)} at offset {at + 1}: {command.name}, a "
+                    f"QEMU_VM_COMMAND that precopy RAM migration does not send (postcopy, "
+                    f"COLO, return path)")
+            self.switchover_start = True
+            return after
         if kind is Kind.EOF:
             raise RemoteProtocolError(f"section type=0x00 at offset {at}: EOF before the "
                                       f"ram section ended")

@@ -30,6 +30,8 @@ class QemuOrigin:
     ram_version_id: int = 4
     footers: bool = True
     devices: tuple[str, ...] = ()
+    #: Whether the source announced the switchover (QEMU 10's MIG_CMD_SWITCHOVER_START).
+    switchover_start: bool = False
 
     def record(self, addrs: list[int | None]) -> dict[str, Any]:
         """What a source says of an image of this origin (an ORIGIN record), and what
@@ -57,6 +59,7 @@ class QemuOrigin:
                        ram_instance_id=int(data.get("ram_instance_id", 0)),
                        ram_version_id=int(data.get("ram_version_id", 4)),
                        footers=bool(data.get("footers", True)),
-                       devices=tuple(str(d) for d in data.get("devices", ())))
+                       devices=tuple(str(d) for d in data.get("devices", ())),
+                       switchover_start=bool(data.get("switchover_start", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageError(f"the manifest's qemu object is malformed: {exc!r}") from None

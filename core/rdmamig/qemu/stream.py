@@ -10,7 +10,11 @@ What a precopy migration writes::
     FULL(0x04) ... (each device's state) ... EOF(0x00)
     VMDESCRIPTION(0x06) len(u32) JSON
 
-A footer is ``0x7e`` and the section id again (absent on old machine types). Names
+QEMU 10 also sends a ``COMMAND(0x08) cmd(u16) len(u16) data`` right before the END
+section: MIG_CMD_SWITCHOVER_START (11, no data), the only command of a precopy
+migration; rdmamig keeps that it came and refuses every other command (postcopy,
+COLO, return path). A footer is ``0x7e`` and the section id again (absent on old
+machine types). Names
 are a u8 length and that many bytes. The device sections carry no length: their
 content is defined by each device's VMState. rdmamig keeps everything from the
 first ``FULL`` after the ram section's ``END`` to the end of the stream – the device
@@ -259,6 +263,52 @@ def has_footer(buf: memoryview, at: int) -> bool:
 def encode_footer(section_id: int) -> bytes:
     """The footer of section ``section_id``."""
     return bytes([Kind.SECTION_FOOTER]) + U32.pack(section_id)
+
+
+# ---------------------------------------------------------------- commands
+
+# command (u16), length (u16)
+COMMAND = struct.Struct("!HH")
+
+
+class Command(enum.IntEnum):
+    """QEMU_VM_COMMAND's sub-commands (``enum qemu_vm_cmd`` of ``savevm.c``)."""
+
+    OPEN_RETURN_PATH = 1
+    PING = 2
+    POSTCOPY_ADVISE = 3
+    POSTCOPY_LISTEN = 4
+    POSTCOPY_RUN = 5
+    POSTCOPY_RAM_DISCARD = 6
+    POSTCOPY_RESUME = 7
+    PACKAGED = 8
+    RECV_BITMAP = 9
+    ENABLE_COLO = 10
+    SWITCHOVER_START = 11
+
+
+def decode_command_untrusted(buf: memoryview, at: int) -> tuple[Command, bytes, int]:
+    """A QEMU_VM_COMMAND at ``at``: the command, its data and the offset after it.
+
+    Raises:
+        TruncatedError: the bytes end inside it.
+        RemoteProtocolError: an unknown command.
+    """
+    _need(buf, at, 1 + COMMAND.size, "command", at)
+    number, size = COMMAND.unpack_from(buf, at + 1)
+    _need(buf, at + 1 + COMMAND.size, size, "command data", at)
+    try:
+        command = Command(number)
+    except ValueError:
+        raise RemoteProtocolError(f"command={number} at offset {at + 1}: an unknown "
+                                  f"QEMU_VM_COMMAND") from None
+    end = at + 1 + COMMAND.size + size
+    return command, bytes(buf[at + 1 + COMMAND.size:end]), end
+
+
+def encode_command(command: Command, data: bytes = b"") -> bytes:
+    """A QEMU_VM_COMMAND record."""
+    return bytes([Kind.COMMAND]) + COMMAND.pack(command, len(data)) + data
 
 
 # ---------------------------------------------------------------- the end
