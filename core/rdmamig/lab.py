@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from .caps import SOURCE_DEFAULTS
+from .engine import SourceConfig
 from .errors import ConfigurationError
 from .loopback import Guest, migrate_locally
 from .migration import Plan
@@ -53,7 +54,8 @@ def lab_runs(registry: Registry, *, policies: Sequence[str], caps: Sequence[int]
 
 
 def run_lab(registry: Registry, runs: Iterable[LabRun], *, backend: type[Backend],
-            backend_options: dict[str, Any], config: Any, ram: int, dirty_rate: float,
+            backend_options: dict[str, Any], config: SourceConfig, ram: int,
+            dirty_rate: float,
             before_each: Callable[[LabRun], None] = lambda run: None) -> list[dict[str, Any]]:
     """Migrate a guest of ``ram`` bytes dirtying ``dirty_rate`` bytes/s once per run;
     the reports, in order. The hotspot's hot set (the first tenth of the RAM) is

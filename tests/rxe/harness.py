@@ -69,6 +69,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         # An unmodified QEMU over RDMA into rdmamig and out of it (qemu_check.py).
         "qemu-to-rdmamig": [python, *qemu, "to-rdmamig", host],
         "qemu-to-rdmamig-pin-all": [python, *qemu, "to-rdmamig", "--pin-all", host],
+        "qemu-to-failing-rdmamig": [python, *qemu, "to-rdmamig-refused", host],
         "rdmamig-to-qemu": [python, *qemu, "to-qemu", host],
         "rdmamig-to-qemu-pin-all": [python, *qemu, "to-qemu", "--pin-all", host],
         "qemu-round-trip": [python, *qemu, "round-trip", host],
