@@ -183,7 +183,7 @@ class PrecopyDecoder:
             self.phase = Phase.CONFIGURATION
             return at
         if phase is Phase.CONFIGURATION:
-            if stream._kind_at(buf, at) is Kind.CONFIGURATION:
+            if stream.kind_at_untrusted(buf, at) is Kind.CONFIGURATION:
                 self.configuration, at = stream.decode_configuration_untrusted(buf, at)
             self.phase = Phase.SECTION
             return at
@@ -221,7 +221,7 @@ class PrecopyDecoder:
         return at
 
     def _section_start(self, buf: memoryview, at: int) -> int:
-        kind = stream._kind_at(buf, at)
+        kind = stream.kind_at_untrusted(buf, at)
         if kind is Kind.COMMAND:
             command, data, after = stream.decode_command_untrusted(buf, at)
             if command is not stream.Command.SWITCHOVER_START or data:

@@ -109,17 +109,24 @@ class Stop(enum.Enum):
     NEED_MORE = "need-more"
 
 
-def _need(buf: memoryview, at: int, size: int, what: str, start: int) -> None:
+def need_bytes(buf: memoryview, at: int, size: int, what: str, start: int) -> None:
+    """Raise :class:`TruncatedError` (for the record at ``start``) unless ``buf``
+    holds ``size`` bytes from ``at``."""
     if len(buf) - at < size:
         raise TruncatedError(f"{what} at offset {at}: the stream ends after "
                              f"{max(len(buf) - at, 0)} of its {size} bytes", offset=start)
 
 
-def _name(buf: memoryview, at: int, what: str, start: int) -> tuple[str, int]:
-    """A u8-length-prefixed name (an idstr)."""
-    _need(buf, at, 1, f"{what} length", start)
+def decode_name_untrusted(buf: memoryview, at: int, what: str, start: int) -> tuple[str, int]:
+    """A u8-length-prefixed name (an idstr) at ``at``; ``what`` names it in errors.
+
+    Raises:
+        TruncatedError: the bytes end inside it.
+        RemoteProtocolError: empty or not UTF-8.
+    """
+    need_bytes(buf, at, 1, f"{what} length", start)
     size = buf[at]
-    _need(buf, at + 1, size, what, start)
+    need_bytes(buf, at + 1, size, what, start)
     raw = bytes(buf[at + 1:at + 1 + size])
     if not size:
         raise RemoteProtocolError(f"{what} at offset {at}: empty")
@@ -150,7 +157,7 @@ def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = Fa
         RemoteProtocolError: not a setup, or the lengths do not add up.
     """
     start = at
-    _need(buf, at, RECORD_HEADER.size, "ram setup", start)
+    need_bytes(buf, at, RECORD_HEADER.size, "ram setup", start)
     (word,) = RECORD_HEADER.unpack_from(buf, at)
     if word & _FLAG_BITS != RamFlag.MEM_SIZE:
         raise RemoteProtocolError(f"flags={word & _FLAG_BITS:#x} at offset {at}: the ram "
@@ -160,8 +167,8 @@ def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = Fa
     blocks: list[RamBlockInfo] = []
     names: set[str] = set()
     while left:
-        name, at = _name(buf, at, "RAM block name", start)
-        _need(buf, at, U64.size, f"length of RAM block {name!r}", start)
+        name, at = decode_name_untrusted(buf, at, "RAM block name", start)
+        need_bytes(buf, at, U64.size, f"length of RAM block {name!r}", start)
         (length,) = U64.unpack_from(buf, at)
         if not length or length % PAGE_SIZE or length > left:
             raise RemoteProtocolError(
@@ -172,7 +179,7 @@ def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = Fa
         at += U64.size
         addr = None
         if ignore_shared:
-            _need(buf, at, U64.size, f"address of RAM block {name!r}", start)
+            need_bytes(buf, at, U64.size, f"address of RAM block {name!r}", start)
             (addr,) = U64.unpack_from(buf, at)
             at += U64.size
         names.add(name)
@@ -250,7 +257,7 @@ def _record(buf: memoryview, at: int, word: int, blocks: Sequence[RamBlockInfo],
             raise RemoteProtocolError(f"flags={flags:#x} at offset {start}: CONTINUE "
                                       f"before any record named a RAM block")
     else:
-        name, at = _name(buf, at, "RAM block name", start)
+        name, at = decode_name_untrusted(buf, at, "RAM block name", start)
         if name not in names:
             raise RemoteProtocolError(f"RAM block name {name!r} at offset {start + 8}: "
                                       f"not in the setup's list")
@@ -262,10 +269,10 @@ def _record(buf: memoryview, at: int, word: int, blocks: Sequence[RamBlockInfo],
                                   f"block {block.name!r} ({block.length} bytes)")
     number = np.array([offset // PAGE_SIZE], dtype=np.uint64)
     if kind == RamFlag.ZERO:
-        _need(buf, at, 1, "fill byte of a ZERO record", start)
+        need_bytes(buf, at, 1, "fill byte of a ZERO record", start)
         sink.zero(current, number, np.frombuffer(buf, np.uint8, 1, at))
         return at + 1, current, None
-    _need(buf, at, PAGE_SIZE, "page of a PAGE record", start)
+    need_bytes(buf, at, PAGE_SIZE, "page of a PAGE record", start)
     sink.pages(current, number, np.frombuffer(buf, np.uint8, PAGE_SIZE, at).reshape(1, -1))
     return at + PAGE_SIZE, current, None
 

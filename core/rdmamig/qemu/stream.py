@@ -35,7 +35,7 @@ from typing import Any, Final
 import attrs
 
 from ..errors import RemoteProtocolError, TruncatedError
-from .ram import _name, _need, encode_name
+from .ram import decode_name_untrusted, encode_name, need_bytes
 
 MAGIC: Final = b"QEVM"
 #: QEMU_VM_FILE_VERSION (version 2 streams predate QEMU 1.2 and are refused).
@@ -66,8 +66,14 @@ class Kind(enum.IntEnum):
     SECTION_FOOTER = 0x7E
 
 
-def _kind_at(buf: memoryview, at: int) -> Kind:
-    _need(buf, at, 1, "section type", at)
+def kind_at_untrusted(buf: memoryview, at: int) -> Kind:
+    """The record type at ``at``.
+
+    Raises:
+        TruncatedError: the bytes end there.
+        RemoteProtocolError: an unknown type.
+    """
+    need_bytes(buf, at, 1, "section type", at)
     try:
         return Kind(buf[at])
     except ValueError:
@@ -83,7 +89,7 @@ def decode_header_untrusted(buf: memoryview, at: int = 0) -> int:
     Raises:
         RemoteProtocolError: not a QEMU migration stream, or another version.
     """
-    _need(buf, at, HEADER.size, "stream header", at)
+    need_bytes(buf, at, HEADER.size, "stream header", at)
     magic, version = HEADER.unpack_from(buf, at)
     if magic != MAGIC:
         raise RemoteProtocolError(f"magic={bytes(magic)!r} at offset {at}: not a QEMU "
@@ -129,22 +135,22 @@ def decode_configuration_untrusted(buf: memoryview, at: int) -> tuple[Configurat
         RemoteProtocolError: malformed, or a subsection rdmamig does not know.
     """
     start = at
-    if _kind_at(buf, at) is not Kind.CONFIGURATION:
+    if kind_at_untrusted(buf, at) is not Kind.CONFIGURATION:
         raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: expected "
                                   f"the configuration (0x07)")
-    _need(buf, at + 1, U32.size, "machine type length", start)
+    need_bytes(buf, at + 1, U32.size, "machine type length", start)
     (size,) = U32.unpack_from(buf, at + 1)
     if not 0 < size <= MAX_MACHINE:
         raise RemoteProtocolError(f"len={size} at offset {at + 1}: a machine type of 1 to "
                                   f"{MAX_MACHINE} bytes expected")
     at += 1 + U32.size
-    _need(buf, at, size, "machine type", start)
+    need_bytes(buf, at, size, "machine type", start)
     machine = bytes(buf[at:at + size]).decode("ascii", "replace")
     at += size
     fields: dict[str, Any] = {}
-    while _kind_at(buf, at) is Kind.SUBSECTION:
-        name, at = _name(buf, at + 1, "configuration subsection name", start)
-        _need(buf, at, U32.size, f"version of {name!r}", start)
+    while kind_at_untrusted(buf, at) is Kind.SUBSECTION:
+        name, at = decode_name_untrusted(buf, at + 1, "configuration subsection name", start)
+        need_bytes(buf, at, U32.size, f"version of {name!r}", start)
         at += U32.size
         at = _subsection(buf, at, name, fields, start)
     return Configuration(machine=machine, raw=bytes(buf[start:at]), **fields), at
@@ -153,11 +159,11 @@ def decode_configuration_untrusted(buf: memoryview, at: int) -> tuple[Configurat
 def _subsection(buf: memoryview, at: int, name: str, fields: dict[str, Any],
                 start: int) -> int:
     if name == "configuration/target-page-bits":
-        _need(buf, at, U32.size, name, start)
+        need_bytes(buf, at, U32.size, name, start)
         (fields["target_page_bits"],) = U32.unpack_from(buf, at)
         return at + U32.size
     if name == "configuration/capabilities":
-        _need(buf, at, U32.size, "capability count", start)
+        need_bytes(buf, at, U32.size, "capability count", start)
         (count,) = U32.unpack_from(buf, at)
         if count > MAX_CAPABILITIES:
             raise RemoteProtocolError(f"caps_count={count} at offset {at}: more than "
@@ -165,12 +171,12 @@ def _subsection(buf: memoryview, at: int, name: str, fields: dict[str, Any],
         at += U32.size
         capabilities = []
         for _ in range(count):
-            capability, at = _name(buf, at, "capability", start)
+            capability, at = decode_name_untrusted(buf, at, "capability", start)
             capabilities.append(capability)
         fields["capabilities"] = tuple(capabilities)
         return at
     if name == "configuration/uuid":
-        _need(buf, at, 16, name, start)
+        need_bytes(buf, at, 16, name, start)
         fields["uuid"] = bytes(buf[at:at + 16])
         return at + 16
     raise RemoteProtocolError(f"subsection {name!r} at offset {at}: a configuration "
@@ -206,18 +212,18 @@ def decode_section_header_untrusted(buf: memoryview, at: int) -> tuple[SectionHe
         RemoteProtocolError: another kind of record is there.
     """
     start = at
-    kind = _kind_at(buf, at)
+    kind = kind_at_untrusted(buf, at)
     if kind not in (Kind.SECTION_START, Kind.SECTION_PART, Kind.SECTION_END,
                     Kind.SECTION_FULL):
         raise RemoteProtocolError(f"section type={int(kind):#x} at offset {at}: "
                                   f"{kind.name}, where a section was expected")
-    _need(buf, at + 1, U32.size, "section id", start)
+    need_bytes(buf, at + 1, U32.size, "section id", start)
     (section_id,) = U32.unpack_from(buf, at + 1)
     at += 1 + U32.size
     if kind in (Kind.SECTION_PART, Kind.SECTION_END):
         return SectionHeader(kind=kind, section_id=section_id), at
-    idstr, at = _name(buf, at, "section idstr", start)
-    _need(buf, at, 2 * U32.size, f"instance and version of section {idstr!r}", start)
+    idstr, at = decode_name_untrusted(buf, at, "section idstr", start)
+    need_bytes(buf, at, 2 * U32.size, f"instance and version of section {idstr!r}", start)
     instance_id, version_id = struct.unpack_from("!II", buf, at)
     return SectionHeader(kind=kind, section_id=section_id, idstr=idstr,
                          instance_id=instance_id, version_id=version_id), at + 2 * U32.size
@@ -239,7 +245,7 @@ def decode_footer_untrusted(buf: memoryview, at: int, section_id: int) -> int:
     Raises:
         TruncatedError, RemoteProtocolError: it is not there, or names another section.
     """
-    _need(buf, at, 1 + U32.size, "section footer", at)
+    need_bytes(buf, at, 1 + U32.size, "section footer", at)
     if buf[at] != Kind.SECTION_FOOTER:
         raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: expected the "
                                   f"footer of section {section_id}")
@@ -256,7 +262,7 @@ def has_footer(buf: memoryview, at: int) -> bool:
     Raises:
         TruncatedError: the stream ends there.
     """
-    _need(buf, at, 1, "section footer or next section", at)
+    need_bytes(buf, at, 1, "section footer or next section", at)
     return buf[at] == Kind.SECTION_FOOTER
 
 
@@ -294,9 +300,9 @@ def decode_command_untrusted(buf: memoryview, at: int) -> tuple[Command, bytes, 
         TruncatedError: the bytes end inside it.
         RemoteProtocolError: an unknown command.
     """
-    _need(buf, at, 1 + COMMAND.size, "command", at)
+    need_bytes(buf, at, 1 + COMMAND.size, "command", at)
     number, size = COMMAND.unpack_from(buf, at + 1)
-    _need(buf, at + 1 + COMMAND.size, size, "command data", at)
+    need_bytes(buf, at + 1 + COMMAND.size, size, "command data", at)
     try:
         command = Command(number)
     except ValueError:
