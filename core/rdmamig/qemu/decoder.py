@@ -58,16 +58,16 @@ class PrecopyDecoder:
         sink: where pages go.
         on_setup: called with the block list once the ram setup is read (a
             destination allocates there).
-        on_hook: called at every ``HOOK`` record (over RDMA, where the
-            destination serves registrations).
+
+    A ``HOOK`` record (over RDMA, where QEMU's destination enters its registration
+    loop) needs nothing of the decoder: rdmamig's destination serves registrations
+    whenever they come.
     """
 
     def __init__(self, sink: RecordSink, *,
-                 on_setup: Callable[[list[RamBlockInfo]], None] | None = None,
-                 on_hook: Callable[[], None] | None = None) -> None:
+                 on_setup: Callable[[list[RamBlockInfo]], None] | None = None) -> None:
         self.sink = sink
         self._on_setup = on_setup
-        self._on_hook = on_hook
         self.phase = Phase.HEADER
         self.configuration: Configuration | None = None
         self.blocks: list[RamBlockInfo] = []
@@ -88,7 +88,7 @@ class PrecopyDecoder:
     @property
     def offset(self) -> int:
         """Bytes of the stream taken so far."""
-        return self._consumed + len(self._buffer)
+        return self._consumed + len(self._buffer) + len(self._tail)
 
     @property
     def in_device_state(self) -> bool:
@@ -203,8 +203,6 @@ class PrecopyDecoder:
             if stop is Stop.NEED_MORE:
                 return None if at_after == at else at_after
             if stop is Stop.HOOK:
-                if self._on_hook is not None:
-                    self._on_hook()
                 return at_after
             self.phase = Phase.FOOTER
             return at_after
