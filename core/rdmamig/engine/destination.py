@@ -4,8 +4,10 @@ After each READY the destination takes any message – QEMU FILE bytes, RAM BLOC
 REQUEST, REGISTER REQUEST, COMPRESS, UNREGISTER REQUEST, REGISTER FINISHED – because
 a real QEMU source interleaves them. The QEMU FILE stream is read like QEMU's
 ``get_buffer``: a read that needs bytes pumps messages until stream bytes arrive.
-Every peer-supplied index, key and range is checked against the blocks before any
-memory is touched.
+The stream is rdmamig's own (``RMIGSTR``, :mod:`.stream`) from an rdmamig source, or
+QEMU's migration stream (``QEVM``, :mod:`rdmamig.qemu`) from an unmodified QEMU,
+told apart by its first bytes. Every peer-supplied index, key and range is checked
+against the blocks before any memory is touched.
 """
 
 from __future__ import annotations
