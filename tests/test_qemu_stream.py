@@ -40,9 +40,10 @@ class Pages:
         self.blocks: list[RamBlockInfo] = []
         self.memory: list[np.ndarray] = []
 
-    def setup(self, blocks: list[RamBlockInfo]) -> None:
+    def setup(self, blocks: list[RamBlockInfo]) -> Pages:
         self.blocks = blocks
         self.memory = [np.zeros((b.pages, PAGE), np.uint8) for b in blocks]
+        return self
 
     def pages(self, block: int, numbers: np.ndarray, data: np.ndarray) -> None:
         self.memory[block][numbers] = data
@@ -53,7 +54,7 @@ class Pages:
 
 def decode(data: bytes, pieces: list[int] | None = None) -> tuple[PrecopyDecoder, Pages]:
     sink = Pages()
-    decoder = PrecopyDecoder(sink, on_setup=sink.setup)
+    decoder = PrecopyDecoder(sink.setup)
     at = 0
     for size in pieces or []:
         decoder.feed(data[at:at + size])
@@ -210,7 +211,7 @@ def test_every_prefix_is_refused_as_truncated() -> None:
     data = small_stream()
     for end in list(range(0, 200)) + list(range(200, len(data) - 1, 97)):
         sink = Pages()
-        decoder = PrecopyDecoder(sink, on_setup=sink.setup)
+        decoder = PrecopyDecoder(sink.setup)
         decoder.feed(data[:end])
         with pytest.raises(TruncatedError):
             decoder.finish()
@@ -219,7 +220,7 @@ def test_every_prefix_is_refused_as_truncated() -> None:
 def _refused(data: bytes, message: str) -> None:
     sink = Pages()
     with pytest.raises(RemoteProtocolError, match=message):
-        decoder = PrecopyDecoder(sink, on_setup=sink.setup)
+        decoder = PrecopyDecoder(sink.setup)
         decoder.feed(data)
         decoder.finish()
 
@@ -272,7 +273,7 @@ def test_any_corrupted_byte_decodes_or_raises_protocol_error(at: int, value: int
     data[at % len(data)] = value
     sink = Pages()
     try:
-        decoder = PrecopyDecoder(sink, on_setup=sink.setup)
+        decoder = PrecopyDecoder(sink.setup)
         decoder.feed(bytes(data))
         decoder.finish()
     except RemoteProtocolError:
@@ -284,7 +285,7 @@ def test_any_corrupted_byte_decodes_or_raises_protocol_error(at: int, value: int
 def test_any_bytes_after_the_head_decode_or_raise_protocol_error(data: bytes) -> None:
     sink = Pages()
     try:
-        decoder = PrecopyDecoder(sink, on_setup=sink.setup)
+        decoder = PrecopyDecoder(sink.setup)
         decoder.feed(QEMU_72_HEAD + data)
         decoder.finish()
     except RemoteProtocolError:

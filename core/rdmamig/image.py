@@ -207,6 +207,19 @@ def open_image(path: Path) -> Image:
 # ---------------------------------------------------------------- writing
 
 
+def check_new_image(path: Path) -> None:
+    """Check that an image can be created at ``path`` (before any work for it).
+
+    Raises:
+        ConfigurationError: ``path`` exists (an image is never written over
+            anything), or its parent is not a directory.
+    """
+    if path.exists() or path.is_symlink():
+        raise ConfigurationError(f"{path} exists; an image is never written over anything")
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"{path.parent} is not a directory")
+
+
 class ImageWriter:
     """Writes an image: blocks are added sparse (all zero) under a staging name,
     filled by the caller, and :meth:`commit` records their digests and renames the
@@ -222,11 +235,7 @@ class ImageWriter:
 
     def __init__(self, path: Path,
                  blocks: Sequence[tuple[str, int, int | None]] = ()) -> None:
-        if path.exists() or path.is_symlink():
-            raise ConfigurationError(f"{path} exists; an image is never written over "
-                                     f"anything")
-        if not path.parent.is_dir():
-            raise ConfigurationError(f"{path.parent} is not a directory")
+        check_new_image(path)
         self.path = path
         self.staging = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
         self.blocks: list[RamBlock] = []

@@ -80,12 +80,11 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
     except RdmamigError as exc:
         raise UnreachableError(f"cannot reach the destination {host}:{port}: {exc}") from exc
     with endpoint:
-        qemu_peer = is_qemu(requested=plan.requested, granted=endpoint.capabilities)
-        outgoing = outgoing_for(origin, qemu_peer=qemu_peer)
+        outgoing = outgoing_for(origin, qemu_peer=is_qemu(requested=plan.requested,
+                                                          granted=endpoint.capabilities))
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=on_progress,
                         started_at=started, stream=outgoing)
-        source.result.peer = "qemu" if qemu_peer else "rdmamig"
         try:
             source.run()
         except MigrationError as exc:

@@ -78,6 +78,15 @@ def stderr_of(process: subprocess.Popen[str]) -> str:
     return str(process.errors.read_text()[-3000:])  # type: ignore[attr-defined]
 
 
+def send_image(image: Path, host: str, what: str, *extra: str) -> None:
+    """``rdmamig send --image`` on verbs to the QEMU listening at ``host``; fails
+    with ``what`` and rdmamig's words unless it succeeded."""
+    sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
+                           "--backend", "verbs", "--quiet", *extra],
+                          capture_output=True, text=True, timeout=900)
+    check(sent.returncode == 0, f"{what}: {sent.stderr[-3000:]}")
+
+
 def image_block(image: Path, name: str) -> bytes:
     from rdmamig.image import open_image
     opened = open_image(image)
@@ -183,12 +192,9 @@ def to_qemu(work: Path, host: str, pin_all: bool) -> None:
     try:
         time.sleep(1)  # QEMU listens once its incoming side is set up
         started = time.monotonic()
-        sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
-                               "--backend", "verbs", "--quiet", "--timeout", "600",
-                               *(["--pin-all"] if pin_all else [])],
-                              capture_output=True, text=True, timeout=900)
+        send_image(image, host, "rdmamig send into QEMU", "--timeout", "600",
+                   *(["--pin-all"] if pin_all else []))
         wall = time.monotonic() - started
-        check(sent.returncode == 0, f"rdmamig send into QEMU: {sent.stderr[-3000:]}")
         info = destination.wait_migration(timeout=120)
         check(info["status"] == "completed", f"QEMU's incoming migration: {info}")
         check(destination.ram_bytes() == ram, "QEMU's RAM differs from the image")
@@ -220,10 +226,7 @@ def round_trip(work: Path, host: str) -> None:
     b = Guest(work, "b", ram=RAM, incoming=f"rdma:{host}:{PORT}", paused=True)
     try:
         time.sleep(1)
-        sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
-                               "--backend", "verbs", "--quiet", "--timeout", "600"],
-                              capture_output=True, text=True, timeout=900)
-        check(sent.returncode == 0, f"rdmamig -> B: {sent.stderr[-3000:]}")
+        send_image(image, host, "rdmamig -> B", "--timeout", "600")
         check(b.wait_migration(timeout=120)["status"] == "completed", "B did not complete")
         check(b.ram_bytes() == ram_a, "B's RAM differs from A's")
         b.cmd("cont")
@@ -269,10 +272,7 @@ def speed(work: Path, host: str) -> None:
     try:
         time.sleep(1)
         report = work / "send.json"
-        sent = subprocess.run([*RDMAMIG, "send", f"{host}:{PORT}", "--image", str(image),
-                               "--backend", "verbs", "--quiet", "--report", str(report)],
-                              capture_output=True, text=True, timeout=900)
-        check(sent.returncode == 0, f"rdmamig -> QEMU: {sent.stderr[-2000:]}")
+        send_image(image, host, "rdmamig -> QEMU", "--report", str(report))
         times["rdmamig -> QEMU"] = json.loads(report.read_text())["total_time_s"]
     finally:
         b.close()

@@ -18,8 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-import numpy as np
-import numpy.typing as npt
 
 from .. import wire
 from ..caps import Capability
@@ -35,6 +33,8 @@ from ..pinning import buffer_address, locked_bytes
 from ..qemu import stream as qemu_stream
 from ..qemu.decoder import PrecopyDecoder
 from ..qemu.origin import QemuOrigin
+from ..qemu.ram import RamBlockInfo
+from ..qemu.sink import BlockSink
 from ..session import ControlSession, QemuFileReader
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
@@ -164,8 +164,12 @@ class Destination:
         arrive between stream pieces as with an rdmamig source, and it ends with the
         device state, after which QEMU disconnects."""
         self.result.peer = "qemu"
-        decoder = PrecopyDecoder(_StreamPages(self), on_setup=lambda infos: (
-            self._set_up_blocks([(b.name, b.length) for b in infos])))
+        def on_setup(infos: list[RamBlockInfo]) -> BlockSink:
+            self._set_up_blocks([(b.name, b.length) for b in infos])
+            # Blocks given to the destination may hold anything; made ones are new.
+            return BlockSink(self.blocks, zeroed=self._given is None)
+
+        decoder = PrecopyDecoder(on_setup)
         decoder.feed(start)
         while not decoder.stream_complete():
             try:
@@ -364,22 +368,3 @@ class Destination:
         self._regions.clear()
         self._block_regions.clear()
 
-
-class _StreamPages:
-    """Pages a QEMU source put in the stream itself (over RDMA it writes them, but a
-    stream may carry some): written into the destination's blocks."""
-
-    def __init__(self, destination: Destination) -> None:
-        self._destination = destination
-
-    def _pages(self, block: int) -> npt.NDArray[np.uint8]:
-        ram = self._destination.blocks[block]
-        return ram.array.reshape(ram.pages, wire.PAGE_BYTES)
-
-    def pages(self, block: int, numbers: npt.NDArray[np.uint64],
-              data: npt.NDArray[np.uint8]) -> None:
-        self._pages(block)[numbers] = data
-
-    def zero(self, block: int, numbers: npt.NDArray[np.uint64],
-             fills: npt.NDArray[np.uint8]) -> None:
-        self._pages(block)[numbers] = fills[:, None]

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from .. import wire
+from ..errors import ConfigurationError
 from ..qemu import ram as qemu_ram
 from ..qemu import stream as qemu_stream
 from ..qemu.origin import QemuOrigin
@@ -31,6 +32,8 @@ class OutgoingStream(Protocol):
     #: Whether the destination sends READY once it has processed the end (rdmamig's
     #: does; a QEMU destination just closes).
     final_ready: bool
+    #: The kind of destination it is for (:attr:`.config.SourceResult.peer`).
+    peer: str
 
     def start(self, writer: QemuFileWriter, blocks: Sequence[RamBlock]) -> None:
         """What goes before RAM BLOCKS REQUEST (the block list), sent."""
@@ -53,6 +56,7 @@ class NativeStream:
     last, nothing around the rounds."""
 
     final_ready = True
+    peer = "rdmamig"
 
     def __init__(self, origin: Mapping[str, Any] | None = None) -> None:
         self.origin = origin
@@ -92,6 +96,7 @@ class QemuStream:
     """
 
     final_ready = False
+    peer = "qemu"
 
     def __init__(self, origin: QemuOrigin, addrs: Sequence[int | None] = ()) -> None:
         self.origin = origin
@@ -141,7 +146,6 @@ def outgoing_for(origin: Mapping[str, Any] | None, *, qemu_peer: bool) -> Outgoi
         ConfigurationError: a QEMU destination, and the blocks are no QEMU image (a
             QEMU destination needs the device state only a QEMU source makes).
     """
-    from ..errors import ConfigurationError
     if not qemu_peer:
         return NativeStream(origin)
     if origin is None or not origin.get("qemu"):

@@ -93,7 +93,7 @@ class Source:
         self.batch = bool(caps & Capability.BATCH)
         self._inline_pages = (self.config.inline_pages if caps & Capability.INLINE
                               and not self.pin_all else 0)
-        self.result = SourceResult(capabilities=int(caps))
+        self.result = SourceResult(capabilities=int(caps), peer=self.stream.peer)
         self._start = started_at if started_at is not None else time.monotonic()
         self._remote: list[wire.DestBlock] = []
         self._host_addr: list[int] = []

@@ -11,57 +11,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import numpy.typing as npt
 
 from ..engine import RamBlock
 from ..errors import ConfigurationError, RemoteProtocolError
-from ..image import Image, ImageWriter
+from ..image import Image, ImageWriter, check_new_image
 from . import ram, stream
 from .decoder import PrecopyDecoder
 from .origin import QemuOrigin
 from .ram import PAGE_SIZE, RamBlockInfo
+from .sink import BlockSink
 from .stream import Kind, SectionHeader
 
 #: Bytes read at a time from a pipe.
 READ_SIZE = 8 << 20
 #: Pages encoded at a time on export.
 EXPORT_PAGES = 2048
-
-
-class ImageSink:
-    """Writes decoded pages into an image's blocks. A zero page only costs a write
-    where the block has had data: the rest of a new image is sparse already."""
-
-    def __init__(self) -> None:
-        self.writer: ImageWriter | None = None
-        self._pages: list[npt.NDArray[np.uint8]] = []
-        self._written: list[npt.NDArray[np.bool_]] = []
-
-    def open(self, writer: ImageWriter) -> None:
-        """Write into ``writer``'s blocks from now on."""
-        self.writer = writer
-        self._pages = [b.array.reshape(b.pages, PAGE_SIZE) for b in writer.blocks]
-        self._written = [np.zeros(b.pages, dtype=np.bool_) for b in writer.blocks]
-
-    def pages(self, block: int, numbers: npt.NDArray[np.uint64],
-              data: npt.NDArray[np.uint8]) -> None:
-        first = int(numbers[0])
-        if len(numbers) > 1 and bool((np.diff(numbers) == 1).all()):
-            # Consecutive pages (a bulk round is in address order): fault the span in
-            # at once and copy it as one slice.
-            assert self.writer is not None
-            self.writer.blocks[block].prefault(first * PAGE_SIZE, len(numbers) * PAGE_SIZE)
-            self._pages[block][first:first + len(numbers)] = data
-        else:
-            self._pages[block][numbers] = data
-        self._written[block][numbers] = True
-
-    def zero(self, block: int, numbers: npt.NDArray[np.uint64],
-             fills: npt.NDArray[np.uint8]) -> None:
-        touch = self._written[block][numbers] | (fills != 0)
-        if touch.any():
-            self._pages[block][numbers[touch]] = fills[touch, None]
-            self._written[block][numbers[fills != 0]] = True
 
 
 def import_stream(source: BinaryIO, path: Path, *, name: str = "-") -> Image:
@@ -73,18 +37,14 @@ def import_stream(source: BinaryIO, path: Path, *, name: str = "-") -> Image:
         RemoteProtocolError: the stream is malformed or truncated (the offset named).
         ConfigurationError: ``path`` exists.
     """
-    sink = ImageSink()
     writers: list[ImageWriter] = []
 
-    def on_setup(blocks: list[RamBlockInfo]) -> None:
+    def on_setup(blocks: list[RamBlockInfo]) -> BlockSink:
         writers.append(ImageWriter(path, [(b.name, b.length, b.addr) for b in blocks]))
-        sink.open(writers[0])
+        return BlockSink(writers[0].blocks, zeroed=True)  # a new image is all holes
 
-    decoder = PrecopyDecoder(sink, on_setup=on_setup)
-    if not os.path.exists(path.parent):
-        raise ConfigurationError(f"{path.parent} is not a directory")
-    if path.exists():
-        raise ConfigurationError(f"{path} exists; an image is never written over anything")
+    decoder = PrecopyDecoder(on_setup)
+    check_new_image(path)  # before the stream is read, not once its setup is
     try:
         _feed(decoder, source)
         state = decoder.finish()

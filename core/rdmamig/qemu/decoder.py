@@ -55,19 +55,17 @@ class PrecopyDecoder:
     """Decodes one precopy stream.
 
     Args:
-        sink: where pages go.
-        on_setup: called with the block list once the ram setup is read (a
-            destination allocates there).
+        on_setup: called with the block list once the ram setup is read (the
+            blocks are made there); returns where their pages go.
 
     A ``HOOK`` record (over RDMA, where QEMU's destination enters its registration
     loop) needs nothing of the decoder: rdmamig's destination serves registrations
     whenever they come.
     """
 
-    def __init__(self, sink: RecordSink, *,
-                 on_setup: Callable[[list[RamBlockInfo]], None] | None = None) -> None:
-        self.sink = sink
+    def __init__(self, on_setup: Callable[[list[RamBlockInfo]], RecordSink]) -> None:
         self._on_setup = on_setup
+        self.sink: RecordSink | None = None
         self.phase = Phase.HEADER
         self.configuration: Configuration | None = None
         self.blocks: list[RamBlockInfo] = []
@@ -193,11 +191,11 @@ class PrecopyDecoder:
             ignore_shared = (self.configuration is not None
                              and "x-ignore-shared" in self.configuration.capabilities)
             self.blocks, at = ram.decode_setup_untrusted(buf, at, ignore_shared=ignore_shared)
-            if self._on_setup is not None:
-                self._on_setup(self.blocks)
+            self.sink = self._on_setup(self.blocks)
             self.phase = Phase.RECORDS
             return at
         if phase is Phase.RECORDS:
+            assert self.sink is not None  # the setup came first
             stop, at_after, self._current = ram.decode_records_untrusted(
                 buf, at, self.blocks, self.sink, current=self._current)
             if stop is Stop.NEED_MORE:

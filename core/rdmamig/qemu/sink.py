@@ -1,0 +1,50 @@
+"""Where decoded ``ram`` records go: the pages of a set of RAM blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from .ram import PAGE_SIZE
+
+if TYPE_CHECKING:  # the engine imports this module: no import of it at run time
+    from ..engine.ramblock import RamBlock
+
+
+class BlockSink:
+    """Writes decoded pages into ``blocks`` (a :class:`~rdmamig.qemu.ram.RecordSink`).
+
+    Args:
+        blocks: the RAM blocks, in the order of the stream's setup.
+        zeroed: the blocks are all zero to begin with (a new image's sparse files):
+            then a zero page only costs a write where the block has had data.
+    """
+
+    def __init__(self, blocks: Sequence[RamBlock], *, zeroed: bool) -> None:
+        self._blocks = list(blocks)
+        self._pages = [b.array.reshape(b.pages, PAGE_SIZE) for b in self._blocks]
+        make = np.zeros if zeroed else np.ones
+        self._written = [make(b.pages, dtype=np.bool_) for b in self._blocks]
+
+    def pages(self, block: int, numbers: npt.NDArray[np.uint64],
+              data: npt.NDArray[np.uint8]) -> None:
+        first = int(numbers[0])
+        if len(numbers) > 1 and bool((np.diff(numbers) == 1).all()):
+            # Consecutive pages (a bulk round is in address order): fault the span in
+            # at once and copy it as one slice.
+            self._blocks[block].prefault(first * PAGE_SIZE, len(numbers) * PAGE_SIZE)
+            self._pages[block][first:first + len(numbers)] = data
+        else:
+            self._pages[block][numbers] = data
+        self._written[block][numbers] = True
+
+    def zero(self, block: int, numbers: npt.NDArray[np.uint64],
+             fills: npt.NDArray[np.uint8]) -> None:
+        touch = self._written[block][numbers] | (fills != 0)
+        if touch.any():
+            self._pages[block][numbers[touch]] = fills[touch, None]
+            self._written[block][numbers[fills != 0]] = True
+

@@ -1,0 +1,31 @@
+"""Decoded pages into RAM blocks: what a zero record writes depends on whether the
+blocks start zeroed."""
+
+from __future__ import annotations
+
+import numpy as np
+from rdmamig.engine import RamBlock
+from rdmamig.qemu.sink import BlockSink
+
+PAGE = 4096
+
+
+def test_zero_records_write_over_blocks_that_hold_data() -> None:
+    block = RamBlock.anonymous("mem", 4 * PAGE)
+    block.array[:] = 7
+    sink = BlockSink([block], zeroed=False)
+    sink.zero(0, np.array([1, 2], np.uint64), np.zeros(2, np.uint8))
+    assert block.reads_zero(PAGE, 2 * PAGE) and block.array[:PAGE].min() == 7
+
+
+def test_a_zeroed_block_is_written_only_where_it_had_data() -> None:
+    block = RamBlock.anonymous("mem", 4 * PAGE)
+    sink = BlockSink([block], zeroed=True)
+    sink.pages(0, np.array([0, 1], np.uint64), np.full((2, PAGE), 5, np.uint8))
+    sink.pages(0, np.array([3], np.uint64), np.full((1, PAGE), 6, np.uint8))
+    # Page 1 had data and is zeroed; page 2 never had any and is left alone; page 3
+    # gets a fill byte.
+    sink.zero(0, np.array([1, 2, 3], np.uint64), np.array([0, 0, 9], np.uint8))
+    pages = block.array.reshape(4, PAGE)
+    assert (pages[0] == 5).all() and not pages[1].any() and not pages[2].any()
+    assert (pages[3] == 9).all()
