@@ -125,7 +125,7 @@ def test_unreachable_address_exits_2(tmp_path: Path) -> None:
 
 
 def _listen(into: Path, *extra: str) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--into", str(into),
+    process = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into", str(into),
                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     assert process.stdout is not None

@@ -116,7 +116,8 @@ def test_send_image_writes_the_same_image_on_the_listener(tmp_path: Path,
                                                          saved: Path) -> None:
     image, received = tmp_path / "image", tmp_path / "received"
     assert run("image", "import", str(saved), str(image)).returncode == 0
-    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--into", str(received)],
+    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                                 str(received)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert listener.stdout is not None
     line = listener.stdout.readline()
@@ -138,7 +139,8 @@ def test_a_native_image_does_not_export_as_a_qemu_stream(tmp_path: Path) -> None
     block = tmp_path / "block"
     block.write_bytes(bytes(range(256)) * 64)
     received = tmp_path / "received"
-    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--into", str(received)],
+    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                                 str(received)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert listener.stdout is not None
     port = listener.stdout.readline().rsplit(":", 1)[1].strip()

@@ -32,12 +32,20 @@ class Capability(enum.IntFlag):
     VERIFY = 0x0002_0000
     #: A few dirty pages of an unregistered chunk may travel inside PAGES messages.
     INLINE = 0x0004_0000
+    #: Both sides prove a pre-shared key before anything else (AUTH messages).
+    AUTH = 0x0008_0000
+    #: The source calls a migration done only once the destination says it has
+    #: committed it (COMMIT / COMMIT RESULT).
+    COMMIT = 0x0010_0000
 
 
 KNOWN_CAPABILITIES = (Capability.PIN_ALL | Capability.BATCH | Capability.VERIFY
-                      | Capability.INLINE)
-#: What an rdmamig source asks for unless told otherwise (PIN_ALL is the policy's call).
-SOURCE_DEFAULTS = Capability.BATCH | Capability.VERIFY | Capability.INLINE
+                      | Capability.INLINE | Capability.AUTH | Capability.COMMIT)
+#: What an rdmamig source asks for unless told otherwise (PIN_ALL is the policy's
+#: call, AUTH comes with a key).
+SOURCE_DEFAULTS = Capability.BATCH | Capability.VERIFY | Capability.INLINE | Capability.COMMIT
+#: How a source gets a capability a destination may require.
+REQUIRED_HINTS = {Capability.AUTH: "with the same pre-shared key, --psk-file"}
 
 
 def is_qemu(*, requested: Capability, granted: Capability) -> bool:
@@ -81,15 +89,22 @@ def _check_version(version: int) -> None:
         )
 
 
-def accept(request: PrivateData, *, supported: Capability) -> PrivateData:
+def accept(request: PrivateData, *, supported: Capability,
+           required: Capability = Capability(0)) -> PrivateData:
     """Destination side: answer a connect request.
 
     Grants the requested flags that are both known and ``supported``.
 
     Raises:
-        RemoteProtocolError: the requested version is invalid (0).
+        RemoteProtocolError: the requested version is invalid (0), or the request
+            lacks a ``required`` flag (a key-protected destination requires AUTH).
     """
     _check_version(request.version)
+    missing = Capability(int(required) & ~request.flags)
+    if missing:
+        raise RemoteProtocolError(f"flags={request.flags:#x} at offset 4: this destination "
+                                  f"requires {missing.name} (offered by a source "
+                                  f"{REQUIRED_HINTS.get(missing, 'that has it')})")
     granted = Capability(request.flags & int(KNOWN_CAPABILITIES) & int(supported))
     return PrivateData(version=PROTOCOL_VERSION, flags=int(granted))
 

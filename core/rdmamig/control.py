@@ -40,6 +40,8 @@ class State(enum.Enum):
     WAIT_REGISTER_RESULT = "wait-register-result"
     WAIT_UNREGISTER_FINISHED = "wait-unregister-finished"
     WAIT_VERIFY_RESULT = "wait-verify-result"
+    WAIT_AUTH_CHALLENGE = "wait-auth-challenge"
+    WAIT_COMMIT_RESULT = "wait-commit-result"
     # destination
     IDLE = "idle"
     AWAIT_MESSAGE = "await-message"
@@ -47,6 +49,8 @@ class State(enum.Enum):
     OWE_REGISTER_RESULT = "owe-register-result"
     OWE_UNREGISTER_FINISHED = "owe-unregister-finished"
     OWE_VERIFY_RESULT = "owe-verify-result"
+    OWE_AUTH_CHALLENGE = "owe-auth-challenge"
+    OWE_COMMIT_RESULT = "owe-commit-result"
     # both
     ERROR = "error"
 
@@ -71,6 +75,9 @@ _DESTINATION_TAKES: Final = {
     C.UNREGISTER_REQUEST: State.OWE_UNREGISTER_FINISHED,
     C.BLOCK_HASHES: State.OWE_VERIFY_RESULT,
     C.PAGES: State.IDLE,
+    C.AUTH_HELLO: State.OWE_AUTH_CHALLENGE,
+    C.AUTH_PROOF: State.IDLE,
+    C.COMMIT: State.OWE_COMMIT_RESULT,
 }
 
 # Requests the source sends, and the state that waits for the answer.
@@ -79,6 +86,8 @@ _SOURCE_WAITS: Final = {
     C.REGISTER_REQUEST: State.WAIT_REGISTER_RESULT,
     C.UNREGISTER_REQUEST: State.WAIT_UNREGISTER_FINISHED,
     C.BLOCK_HASHES: State.WAIT_VERIFY_RESULT,
+    C.AUTH_HELLO: State.WAIT_AUTH_CHALLENGE,
+    C.COMMIT: State.WAIT_COMMIT_RESULT,
 }
 
 #: (role, state, direction, command) -> next state. Anything absent is illegal.
@@ -92,6 +101,8 @@ TRANSITIONS: Final[dict[tuple[Role, State, Direction, Command], State]] = {
     (Role.SOURCE, State.WAIT_REGISTER_RESULT, R, C.REGISTER_RESULT): State.WAIT_READY,
     (Role.SOURCE, State.WAIT_UNREGISTER_FINISHED, R, C.UNREGISTER_FINISHED): State.WAIT_READY,
     (Role.SOURCE, State.WAIT_VERIFY_RESULT, R, C.VERIFY_RESULT): State.WAIT_READY,
+    (Role.SOURCE, State.WAIT_AUTH_CHALLENGE, R, C.AUTH_CHALLENGE): State.WAIT_READY,
+    (Role.SOURCE, State.WAIT_COMMIT_RESULT, R, C.COMMIT_RESULT): State.WAIT_READY,
     (Role.DESTINATION, State.IDLE, S, C.READY): State.AWAIT_MESSAGE,
     **{
         (Role.DESTINATION, State.AWAIT_MESSAGE, R, command): after
@@ -101,6 +112,8 @@ TRANSITIONS: Final[dict[tuple[Role, State, Direction, Command], State]] = {
     (Role.DESTINATION, State.OWE_REGISTER_RESULT, S, C.REGISTER_RESULT): State.IDLE,
     (Role.DESTINATION, State.OWE_UNREGISTER_FINISHED, S, C.UNREGISTER_FINISHED): State.IDLE,
     (Role.DESTINATION, State.OWE_VERIFY_RESULT, S, C.VERIFY_RESULT): State.IDLE,
+    (Role.DESTINATION, State.OWE_AUTH_CHALLENGE, S, C.AUTH_CHALLENGE): State.IDLE,
+    (Role.DESTINATION, State.OWE_COMMIT_RESULT, S, C.COMMIT_RESULT): State.IDLE,
 }
 
 INITIAL: Final = {Role.SOURCE: State.WAIT_READY, Role.DESTINATION: State.IDLE}

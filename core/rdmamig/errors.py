@@ -105,5 +105,14 @@ class VerificationError(MigrationError):
     """After transfer, a block's hash on the destination differs from the source's."""
 
 
+class AuthenticationError(MigrationError):
+    """The peer could not prove the pre-shared key, or would not try."""
+
+
+class RefusedError(MigrationError):
+    """The destination refused what the source asked of it (a layout over its
+    limits, more pinned memory than it allows); the reason says which limit."""
+
+
 class UsageError(ConfigurationError, argparse.ArgumentTypeError):
     """A command-line argument is wrong (the CLI exits with status 2)."""

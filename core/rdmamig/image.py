@@ -9,15 +9,20 @@ An image is a directory::
     state.bin         the state after the RAM: QEMU's device sections, EOF and VM
                       description as QEMU wrote them, or an rdmamig workload's state
 
-Block files are named by position, never by the (peer-supplied) block name. An image
-is written under a hidden staging name beside its final one and renamed into place
+Block files are named by position, never by the (peer-supplied) block name, so no
+name can collide with another block's file or with the image's own files. An image
+is written under a hidden staging name beside its final one, every file created
+new (never through a link, never over an existing file), and renamed into place
 only when it is complete and its digests are recorded; an existing path is never
-replaced.
+replaced (``renameat2(RENAME_NOREPLACE)``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
+import errno
 import json
 import os
 import secrets
@@ -243,6 +248,9 @@ class ImageWriter:
         self._state = b""
         self._committed = False
         os.mkdir(self.staging, 0o700)
+        stats = os.statvfs(self.staging)
+        self._free = stats.f_bavail * stats.f_frsize
+        self._declared = 0
         try:
             os.mkdir(self.staging / BLOCKS, 0o700)
             for name, length, addr in blocks:
@@ -252,7 +260,16 @@ class ImageWriter:
             raise
 
     def add_block(self, name: str, length: int, addr: int | None = None) -> RamBlock:
-        """Create the next block's file, sparse, and map it."""
+        """Create the next block's file, sparse, and map it.
+
+        Raises:
+            ImageError: the blocks so far would not fit the disk's free space, were
+                they filled.
+        """
+        self._declared += length
+        if self._declared > self._free:
+            raise ImageError(f"{self._declared} bytes of RAM blocks do not fit the "
+                             f"{self._free} bytes free in {self.path.parent}")
         file = self.staging / block_file(len(self.blocks))
         fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -281,18 +298,21 @@ class ImageWriter:
         self._state = bytes(state)
 
     def commit(self, *, origin: str, qemu: QemuOrigin | None = None,
-               source: dict[str, Any] | None = None) -> Image:
-        """Record the digests, write the manifest, flush everything to disk and
-        rename the image into place.
+               source: dict[str, Any] | None = None,
+               digests: Sequence[bytes] = ()) -> Image:
+        """Record the digests (``digests``, one per block, when they were just
+        taken), write the manifest, flush everything to disk and rename the image
+        into place.
 
         Raises:
             ConfigurationError: something appeared at the final path meanwhile.
             OSError: the disk refused.
         """
+        taken = list(digests) or [block.digest() for block in self.blocks]
         entries = tuple(ImageBlock(name=block.name, length=block.length, file=block_file(i),
-                                   digest=block.digest().hex(), addr=addr)
-                        for i, (block, addr) in enumerate(
-                            zip(self.blocks, self._addrs, strict=True)))
+                                   digest=digest.hex(), addr=addr)
+                        for i, (block, addr, digest) in enumerate(
+                            zip(self.blocks, self._addrs, taken, strict=True)))
         manifest = Manifest(origin=origin, blocks=entries,
                             state_digest=digest_hex(self._state),
                             state_bytes=len(self._state),
@@ -306,16 +326,18 @@ class ImageWriter:
             block.flush()
         for directory in (self.staging / BLOCKS, self.staging):
             _fsync_dir(directory)
-        if self.path.exists() or self.path.is_symlink():
+        try:
+            _rename_new(self.staging, self.path)
+        except FileExistsError:
             raise ConfigurationError(f"{self.path} appeared while the image was written; "
-                                     f"it is left as it was")
-        os.rename(self.staging, self.path)
+                                     f"it is left as it was") from None
         _fsync_dir(self.path.parent)
         self._committed = True
         return Image(self.path, manifest)
 
     def commit_from(self, origin: dict[str, Any] | None, *,
-                    source: dict[str, Any] | None = None) -> Image:
+                    source: dict[str, Any] | None = None,
+                    digests: Sequence[bytes] = ()) -> Image:
         """:meth:`commit` with what a source said of its image (:meth:`Image.origin`),
         or as a native rdmamig migration when it said nothing.
 
@@ -323,7 +345,7 @@ class ImageWriter:
             RemoteProtocolError: what it said is malformed.
         """
         if origin is None:
-            return self.commit(origin="rdmamig", source=source)
+            return self.commit(origin="rdmamig", source=source, digests=digests)
         kind, addrs = origin.get("origin"), origin.get("addrs") or []
         if kind not in ("qemu", "rdmamig"):
             raise RemoteProtocolError(f"ORIGIN origin={kind!r}: neither 'qemu' nor 'rdmamig'")
@@ -338,7 +360,7 @@ class ImageWriter:
             raise RemoteProtocolError(f"ORIGIN qemu: {exc}") from None
         if addrs:
             self._addrs = list(addrs)
-        return self.commit(origin=kind, qemu=qemu, source=source)
+        return self.commit(origin=kind, qemu=qemu, source=source, digests=digests)
 
     def abort(self) -> None:
         """Remove the staging directory and everything in it."""
@@ -352,6 +374,29 @@ def _write_new(path: Path, data: bytes) -> None:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
+
+
+_RENAME_NOREPLACE: Final = 1
+_AT_FDCWD: Final = -100
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, which must not exist (an empty directory
+    there would be replaced by a plain rename).
+
+    Raises:
+        FileExistsError: ``target`` exists.
+    """
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                       _RENAME_NOREPLACE) == 0:
+        return
+    code = ctypes.get_errno()
+    if code != errno.EINVAL:  # EINVAL: a filesystem without RENAME_NOREPLACE
+        raise OSError(code, os.strerror(code), str(target))
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
 
 
 def _fsync_dir(path: Path) -> None:

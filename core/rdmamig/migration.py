@@ -1,6 +1,6 @@
 """Running one side of a migration over a backend chosen by name: connect and
 migrate blocks (:func:`run_source`), or listen, accept one source and receive
-(:func:`receive`)."""
+(:func:`receive`, :func:`receive_on`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from .auth import PreSharedKey
 from .caps import Capability, is_qemu
 from .engine import (
     ChecksumTracker,
@@ -23,8 +24,9 @@ from .engine import (
 )
 from .engine.outgoing import outgoing_for
 from .errors import ConfigurationError, MigrationError, RdmamigError, UnreachableError
+from .limits import Limits
 from .policy import PolicyOptions, UnpinPolicy
-from .transport import Backend
+from .transport import Backend, Endpoint, Listener
 
 
 @attrs.frozen(kw_only=True)
@@ -38,6 +40,8 @@ class Plan:
     options: PolicyOptions
     requested: Capability
     config: SourceConfig
+    #: The pre-shared key to prove (then ``requested`` holds AUTH).
+    key: PreSharedKey | None = None
 
 
 def available_backend(backend: type[Backend], options: dict[str, Any] | None = None) -> Backend:
@@ -84,7 +88,7 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                                                           granted=endpoint.capabilities))
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=on_progress,
-                        started_at=started, stream=outgoing)
+                        started_at=started, stream=outgoing, key=plan.key)
         try:
             source.run()
         except MigrationError as exc:
@@ -92,22 +96,48 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
     return source.result, None
 
 
+def listen(backend: Backend, host: str, port: int, *,
+           key: PreSharedKey | None = None) -> Listener:
+    """Bind a listener for sources; with ``key``, one that refuses sources that do
+    not offer to prove it (Capability.AUTH).
+
+    Raises:
+        TransportError: the address cannot be bound.
+    """
+    return backend.listen(host=host, port=port, supported=backend.supported,
+                          required=Capability.AUTH if key is not None else Capability(0))
+
+
+def receive_on(endpoint: Endpoint, *, timeout: float,
+               blocks: Sequence[RamBlock] | None = None,
+               make_block: Callable[[str, int], RamBlock] | None = None,
+               limits: Limits | None = None, key: PreSharedKey | None = None,
+               keep: Callable[[Destination], None] | None = None) -> Destination:
+    """Receive the migration of an accepted source into ``blocks`` (or blocks made
+    by ``make_block``), closing ``endpoint`` at the end. The destination's
+    ``result`` says how it ended (``error`` when it failed); see
+    :class:`~rdmamig.engine.Destination` for the other arguments."""
+    destination = Destination(endpoint, blocks=blocks, make_block=make_block, timeout=timeout,
+                              limits=limits, key=key, keep=keep)
+    with endpoint, contextlib.suppress(MigrationError):  # destination.result holds the reason
+        destination.run()
+    return destination
+
+
 def receive(backend: Backend, host: str, port: int, *, timeout: float,
             blocks: Sequence[RamBlock] | None = None,
             make_block: Callable[[str, int], RamBlock] | None = None,
-            announce: Callable[[int], None] = lambda port: None) -> Destination:
-    """Listen on ``host``:``port``, accept one source and receive its migration into
-    ``blocks`` (or blocks made by ``make_block``). ``announce`` hears the port bound.
-    The destination's ``result`` says how it ended (``error`` when it failed).
+            announce: Callable[[int], None] = lambda port: None,
+            limits: Limits | None = None, key: PreSharedKey | None = None,
+            keep: Callable[[Destination], None] | None = None) -> Destination:
+    """Listen on ``host``:``port``, accept one source and receive its migration
+    (:func:`receive_on`). ``announce`` hears the port bound.
 
     Raises:
         TransportError: the address cannot be bound, or no source came in time.
     """
-    listener = backend.listen(host=host, port=port, supported=backend.supported)
-    with listener:
+    with listen(backend, host, port, key=key) as listener:
         announce(listener.address[1])
         endpoint = listener.accept(timeout=timeout)
-    destination = Destination(endpoint, blocks=blocks, make_block=make_block, timeout=timeout)
-    with endpoint, contextlib.suppress(MigrationError):  # destination.result holds the reason
-        destination.run()
-    return destination
+    return receive_on(endpoint, timeout=timeout, blocks=blocks, make_block=make_block,
+                      limits=limits, key=key, keep=keep)

@@ -161,6 +161,10 @@ class Endpoint(ControlChannel, MemoryRegistry, RemoteWriter, _Closing):
 class Listener(_Closing):
     """A bound, listening endpoint on the destination side."""
 
+    #: Whether connections accepted here may be open at the same time (else one is
+    #: served at a time: accept() again once the last one is closed).
+    concurrent: ClassVar[bool] = True
+
     @property
     @abc.abstractmethod
     def address(self) -> tuple[str, int]:
@@ -168,12 +172,14 @@ class Listener(_Closing):
 
     @abc.abstractmethod
     def accept(self, *, timeout: float | None) -> Endpoint:
-        """Wait for a source, negotiate capabilities, return the connection.
+        """Wait for a source whose connection handshake succeeds and return the
+        connection. A connection that fails its handshake (an invalid protocol
+        version, a required capability not asked for, a stranger's bytes, no
+        answer in time) is refused with the reason, logged, and does not end the
+        wait.
 
         Raises:
-            RemoteProtocolError: the source asked for an invalid protocol version
-                (it is refused with that reason).
-            TransportError: the timeout passed or the socket failed.
+            TransportError: the timeout passed or the listener failed.
         """
 
 
@@ -200,8 +206,11 @@ class Backend(abc.ABC):
         """Why this backend cannot run on this machine, or None when it can."""
 
     @abc.abstractmethod
-    def listen(self, *, host: str, port: int, supported: Capability) -> Listener:
-        """Bind and listen on ``host``:``port`` (IPv4 or IPv6).
+    def listen(self, *, host: str, port: int, supported: Capability,
+               required: Capability = Capability(0)) -> Listener:
+        """Bind and listen on ``host``:``port`` (IPv4 or IPv6), granting what sources
+        ask for of ``supported`` and refusing those that do not ask for all of
+        ``required``.
 
         Raises:
             TransportError: the address cannot be bound.

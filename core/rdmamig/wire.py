@@ -53,6 +53,13 @@ VERIFY_RESULT = struct.Struct("!II")
 PAGE_BYTES: Final = 4096
 # rdmamig extension: block_idx (u32), padding (u32), offset (u64), the page's bytes
 PAGE = struct.Struct(f"!IIQ{PAGE_BYTES}s")
+#: Bytes of an AUTH nonce and of an AUTH proof (HMAC-SHA256).
+NONCE_BYTES: Final = 32
+PROOF_BYTES: Final = 32
+# rdmamig extension: committed (u32, 0 or 1), padding (u32), then the reason (UTF-8)
+COMMIT_RESULT = struct.Struct("!II")
+#: Longest reason a COMMIT RESULT carries.
+MAX_REASON: Final = 1024
 #: Most pages one PAGES message holds (it must fit in 512 KiB).
 MAX_PAGES: Final = MAX_DATA // PAGE.size
 
@@ -76,6 +83,11 @@ class Command(enum.IntEnum):
     BLOCK_HASHES = 12
     VERIFY_RESULT = 13
     PAGES = 14
+    AUTH_HELLO = 15
+    AUTH_CHALLENGE = 16
+    AUTH_PROOF = 17
+    COMMIT = 18
+    COMMIT_RESULT = 19
 
     @property
     def label(self) -> str:
@@ -88,6 +100,19 @@ EXTENSION_COMMANDS: Final = {
     Command.BLOCK_HASHES: Capability.VERIFY,
     Command.VERIFY_RESULT: Capability.VERIFY,
     Command.PAGES: Capability.INLINE,
+    Command.AUTH_HELLO: Capability.AUTH,
+    Command.AUTH_CHALLENGE: Capability.AUTH,
+    Command.AUTH_PROOF: Capability.AUTH,
+    Command.COMMIT: Capability.COMMIT,
+    Command.COMMIT_RESULT: Capability.COMMIT,
+}
+
+#: Data portions of a fixed size: (command, bytes).
+_FIXED_SIZE: Final = {
+    Command.VERIFY_RESULT: VERIFY_RESULT.size,
+    Command.AUTH_HELLO: NONCE_BYTES,
+    Command.AUTH_CHALLENGE: NONCE_BYTES + PROOF_BYTES,
+    Command.AUTH_PROOF: PROOF_BYTES,
 }
 
 
@@ -265,6 +290,58 @@ class VerifyResult:
     mismatched: int
 
 
+def _sized(size: int) -> Callable[[Any, Any, bytes], None]:
+    def check(_instance: Any, attribute: Any, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) != size:
+            raise ValueError(f"{attribute.name} must be {size} bytes")
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class AuthHello:
+    """rdmamig extension (Capability.AUTH): the source's fresh nonce, first thing
+    after the connection; a request answered by AUTH CHALLENGE."""
+
+    TYPE: ClassVar[Command] = Command.AUTH_HELLO
+    nonce: bytes = attrs.field(validator=_sized(NONCE_BYTES))
+
+
+@attrs.frozen(kw_only=True)
+class AuthChallenge:
+    """rdmamig extension (Capability.AUTH): the destination's fresh nonce and its
+    proof of the key (:mod:`rdmamig.auth`)."""
+
+    TYPE: ClassVar[Command] = Command.AUTH_CHALLENGE
+    nonce: bytes = attrs.field(validator=_sized(NONCE_BYTES))
+    proof: bytes = attrs.field(validator=_sized(PROOF_BYTES))
+
+
+@attrs.frozen(kw_only=True)
+class AuthProof:
+    """rdmamig extension (Capability.AUTH): the source's proof of the key."""
+
+    TYPE: ClassVar[Command] = Command.AUTH_PROOF
+    proof: bytes = attrs.field(validator=_sized(PROOF_BYTES))
+
+
+@attrs.frozen(kw_only=True)
+class Commit:
+    """rdmamig extension (Capability.COMMIT): the source is done; the destination
+    is to keep the migration (an image renamed into place) and say so."""
+
+    TYPE: ClassVar[Command] = Command.COMMIT
+
+
+@attrs.frozen(kw_only=True)
+class CommitResult:
+    """rdmamig extension (Capability.COMMIT): whether the destination kept the
+    migration, and why not."""
+
+    TYPE: ClassVar[Command] = Command.COMMIT_RESULT
+    committed: bool
+    reason: str = ""
+
+
 Message: TypeAlias = (
     ErrorMessage
     | Ready
@@ -280,6 +357,11 @@ Message: TypeAlias = (
     | BlockHashes
     | VerifyResult
     | Pages
+    | AuthHello
+    | AuthChallenge
+    | AuthProof
+    | Commit
+    | CommitResult
 )
 
 _EMPTY: Final[dict[Command, Message]] = {
@@ -288,6 +370,7 @@ _EMPTY: Final[dict[Command, Message]] = {
     Command.RAM_BLOCKS_REQUEST: RamBlocksRequest(),
     Command.REGISTER_FINISHED: RegisterFinished(),
     Command.UNREGISTER_FINISHED: UnregisterFinished(),
+    Command.COMMIT: Commit(),
 }
 
 # ---------------------------------------------------------------- encoding
@@ -302,7 +385,7 @@ def _data_of(message: Message) -> tuple[bytes, int]:
     rows: list[tuple[Any, ...]]
     match message:
         case (ErrorMessage() | Ready() | RamBlocksRequest() | RegisterFinished()
-              | UnregisterFinished()):
+              | UnregisterFinished() | Commit()):
             return b"", 1
         case QemuFile(data=data):
             return bytes(data), 1
@@ -326,6 +409,14 @@ def _data_of(message: Message) -> tuple[bytes, int]:
         case Pages(entries=entries):
             rows = [(e.block_idx, 0, e.offset, e.data) for e in entries]
             return _pack_entries(PAGE, rows), len(entries)
+        case AuthHello(nonce=nonce):
+            return nonce, 1
+        case AuthChallenge(nonce=nonce, proof=proof):
+            return nonce + proof, 1
+        case AuthProof(proof=proof):
+            return proof, 1
+        case CommitResult(committed=committed, reason=reason):
+            return COMMIT_RESULT.pack(int(committed), 0) + reason.encode()[:MAX_REASON], 1
     raise LocalProtocolError(f"not a control message: {message!r}")
 
 
@@ -432,6 +523,26 @@ def _decode_pages(data: memoryview, repeat: int) -> Pages:
     return Pages(entries=tuple(entries))
 
 
+def _decode_auth_hello(data: memoryview, repeat: int) -> AuthHello:
+    return AuthHello(nonce=bytes(data))
+
+
+def _decode_auth_challenge(data: memoryview, repeat: int) -> AuthChallenge:
+    return AuthChallenge(nonce=bytes(data[:NONCE_BYTES]), proof=bytes(data[NONCE_BYTES:]))
+
+
+def _decode_auth_proof(data: memoryview, repeat: int) -> AuthProof:
+    return AuthProof(proof=bytes(data))
+
+
+def _decode_commit_result(data: memoryview, repeat: int) -> CommitResult:
+    committed, _pad = COMMIT_RESULT.unpack_from(data)
+    if committed > 1:
+        raise _fail("committed", committed, 16, "COMMIT RESULT committed must be 0 or 1")
+    return CommitResult(committed=bool(committed),
+                        reason=bytes(data[COMMIT_RESULT.size:]).decode("utf-8", "replace"))
+
+
 def _decode_qemu_file(data: memoryview, repeat: int) -> QemuFile:
     return QemuFile(data=bytes(data))
 
@@ -458,6 +569,10 @@ _DECODERS: Final[dict[Command, _Decoder]] = {
     Command.BLOCK_HASHES: _decode_block_hashes,
     Command.VERIFY_RESULT: _decode_verify_result,
     Command.PAGES: _decode_pages,
+    Command.AUTH_HELLO: _decode_auth_hello,
+    Command.AUTH_CHALLENGE: _decode_auth_challenge,
+    Command.AUTH_PROOF: _decode_auth_proof,
+    Command.COMMIT_RESULT: _decode_commit_result,
 }
 
 
@@ -518,9 +633,13 @@ def decode_untrusted(
         if length % DEST_BLOCK.size:
             raise _fail("len", length, 0, f"RAM BLOCKS RESULT must be a multiple of "
                         f"{DEST_BLOCK.size} bytes")
-    elif command == Command.VERIFY_RESULT:
-        if length != VERIFY_RESULT.size:
-            raise _fail("len", length, 0, f"VERIFY RESULT is {VERIFY_RESULT.size} bytes")
+    elif command in _FIXED_SIZE:
+        if length != _FIXED_SIZE[command]:
+            raise _fail("len", length, 0, f"{command.label} is {_FIXED_SIZE[command]} bytes")
+    elif command == Command.COMMIT_RESULT:
+        if not COMMIT_RESULT.size <= length <= COMMIT_RESULT.size + MAX_REASON:
+            raise _fail("len", length, 0, f"COMMIT RESULT is {COMMIT_RESULT.size} to "
+                        f"{COMMIT_RESULT.size + MAX_REASON} bytes")
     elif command != Command.QEMU_FILE and length:
         raise _fail("len", length, 0, f"{command.label} carries no data")
     if command in _EMPTY:

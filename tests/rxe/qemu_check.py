@@ -58,8 +58,8 @@ def listen(into: Path, host: str, *, wrapper: tuple[str, ...] = ()
     started = time.monotonic()
     errors = into.parent / f"{into.name}.stderr"
     with errors.open("w") as stderr:  # a file: a full pipe would stall the listener
-        process = subprocess.Popen([*wrapper, *RDMAMIG, "listen", f"{host}:{PORT}", "--into",
-                                    str(into), "--backend", "verbs", "--timeout", "600",
+        process = subprocess.Popen([*wrapper, *RDMAMIG, "listen", f"{host}:{PORT}", "--once",
+                                    "--into", str(into), "--backend", "verbs", "--timeout", "600",
                                     "--report", str(into.parent / "listen.json")],
                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
     process.errors = errors  # type: ignore[attr-defined]

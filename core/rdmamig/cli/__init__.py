@@ -10,6 +10,8 @@ failed migration exits 1.
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -27,10 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status. SIGTERM is taken as SIGINT
+    is: every verb cleans up (workload resumed, pins released, staging removed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format=f"rdmamig {args.verb}: %(message)s", level=logging.WARNING)
+    if args.verb == "listen":  # a service says what it served
+        logging.getLogger("rdmamig").setLevel(logging.INFO)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.run(args))
     except (ConfigurationError, UnknownNameError, UnreachableError) as exc:
@@ -42,3 +53,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rdmamig {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

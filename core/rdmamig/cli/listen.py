@@ -1,17 +1,90 @@
-"""``rdmamig listen``: receive one migration into a new migration image, exposed
-under its name only once complete and verified (:mod:`rdmamig.image`)."""
+"""``rdmamig listen``: a destination service. It receives migrations, each into a
+new migration image, exposed under its name only once complete and verified
+(:mod:`rdmamig.image`), until it is stopped (SIGINT, SIGTERM); ``--once`` receives
+one and exits with its outcome.
+
+A listener is a trust boundary: a connection that fails its handshake or its
+migration is logged and dropped and never ends the listener or another migration;
+with a key (``--psk-file`` or ``$RDMAMIG_PSK``) only sources that prove it are
+served; the layout a source declares is checked against ``--max-ram`` and the
+free space before anything is made.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
+import itertools
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
-from ..image import ImageWriter
-from ..migration import available_backend, receive
+from ..auth import PreSharedKey, load_key
+from ..engine import Destination, RamBlock
+from ..errors import ConfigurationError, TransportError
+from ..image import ImageWriter, check_new_image
+from ..limits import Limits, physical_memory
+from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
 from ..report import build_report
-from .options import add_connection_arguments, backend_options, finish, parse_address
+from ..transport import Endpoint
+from .options import (
+    add_connection_arguments,
+    backend_options,
+    finish,
+    parse_address,
+    parse_size,
+    whole_number,
+)
+
+log = logging.getLogger("rdmamig.listen")
+
+#: How often the serving loop wakes to notice a signal.
+_POLL_SECONDS = 0.5
+
+
+class _Service:
+    """What every migration of one ``listen`` shares."""
+
+    def __init__(self, args: argparse.Namespace, key: PreSharedKey | None) -> None:
+        self.args = args
+        self.key = key
+        self.limits = Limits(max_ram=args.max_ram or physical_memory(),
+                             max_pinned=args.max_pinned)
+
+    def receive(self, endpoint: Endpoint, into: Path) -> dict[str, Any]:
+        """Receive one migration into a new image at ``into``: its report."""
+        args = self.args
+        # Made with the first block: nothing is created before the source has
+        # authenticated and its layout passed the limits.
+        writer: ImageWriter | None = None
+
+        def make_block(name: str, length: int) -> RamBlock:
+            nonlocal writer
+            writer = writer or ImageWriter(into)
+            return writer.add_block(name, length)
+
+        def keep(destination: Destination) -> None:
+            result = destination.result
+            assert writer is not None
+            writer.set_state(result.state)
+            writer.commit_from(result.origin, digests=result.digests, source={
+                "backend": args.backend, "listen": args.address, "peer": result.peer,
+                "verification": "verified" if result.verified else
+                "not offered by the peer (QEMU)"})
+
+        try:
+            destination = receive_on(endpoint, timeout=args.timeout, make_block=make_block,
+                                     limits=self.limits, key=self.key, keep=keep)
+        finally:
+            if writer is not None:
+                writer.close()  # removes the staging files of what was not kept
+        result = destination.result
+        return build_report(backend=args.backend, policy="-", ram_bytes=sum(
+            b.length for b in destination.blocks), source=None, destination=result,
+            error=result.error if not result.committed else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,33 +93,112 @@ def run(args: argparse.Namespace) -> int:
     backend = available_backend(registry.backend(args.backend),
                                 backend_options(args, registry))
     host, port = parse_address(args.address)
-    with ImageWriter(args.into) as writer:
+    key = load_key(args.psk_file)
+    if args.once:
+        check_new_image(args.into)
+    else:
+        if args.report is not None:
+            raise ConfigurationError("--report is for --once (a service writes a summary "
+                                     "line per migration)")
+        _check_image_directory(args.into)
+    service = _Service(args, key)
+    with listen(backend, host, port, key=key) as listener:
+        bound = listener.address[1]
+        print(f"listening on {f'[{host}]' if ':' in host else host}:{bound}", flush=True)
+        if args.once:
+            endpoint = listener.accept(timeout=args.timeout)
+            return finish(args, service.receive(endpoint, args.into))
+        sessions = args.max_sessions if listener.concurrent else 1
+        _serve(service, listener, sessions)
+    return 0
 
-        def announce(bound: int) -> None:
-            print(f"listening on {host}:{bound}", flush=True)
 
-        destination = receive(backend, host, port, timeout=args.timeout,
-                              make_block=lambda name, length: writer.add_block(name, length),
-                              announce=announce)
-        result = destination.result
-        report = build_report(backend=args.backend, policy="-", ram_bytes=sum(
-            b.length for b in destination.blocks), source=None, destination=result,
-            error=result.error)
-        # Only a complete migration, verified unless its peer cannot verify (QEMU),
-        # is exposed as an image.
-        if report["succeeded"]:
-            writer.set_state(result.state)
-            writer.commit_from(result.origin, source={
-                "backend": args.backend, "listen": args.address, "peer": result.peer,
-                "verification": report["verification"]})
-    return finish(args, report)
+def _check_image_directory(path: Path) -> None:
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot use {path} for images: {exc.strerror}") from None
+    if path.is_symlink() or not path.is_dir():
+        raise ConfigurationError(f"{path} is not a directory")
+
+
+def _serve(service: _Service, listener: Any, sessions: int) -> None:
+    """Accept and serve sources, ``sessions`` at a time, until interrupted; then
+    break off the migrations still running (their staging files go) and return."""
+    slots = threading.BoundedSemaphore(sessions)
+    running: dict[int, tuple[threading.Thread, Endpoint]] = {}
+    lock = threading.Lock()
+    numbers = itertools.count(1)
+
+    def serve(number: int, endpoint: Endpoint) -> None:
+        try:
+            into = _image_path(service.args.into, number)
+            report = service.receive(endpoint, into)
+            if report["succeeded"]:
+                log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
+                            report["verification"], report["ram_bytes"] >> 20,
+                            report["total_time_s"], into)
+            else:
+                log.warning("migration %d failed: %s", number, report["error"])
+        except Exception as exc:  # one migration's end, whatever it is, is not ours
+            log.warning("migration %d failed: %s", number, exc)
+        finally:
+            endpoint.close()
+            with lock:
+                running.pop(number, None)
+            slots.release()
+
+    try:
+        while True:
+            while not slots.acquire(timeout=_POLL_SECONDS):
+                pass
+            endpoint = None
+            while endpoint is None:
+                try:
+                    endpoint = listener.accept(timeout=_POLL_SECONDS)
+                except TransportError as exc:
+                    if exc.errno != errno.ETIMEDOUT:
+                        log.warning("accept failed: %s", exc)
+            number = next(numbers)
+            thread = threading.Thread(target=serve, args=(number, endpoint),
+                                      name=f"rdmamig-migration-{number}", daemon=True)
+            with lock:
+                running[number] = (thread, endpoint)
+            thread.start()
+    finally:
+        with lock:
+            left = list(running.values())
+        for _thread, endpoint in left:
+            endpoint.close()  # its destination fails, and its image's staging goes
+        for thread, _endpoint in left:
+            thread.join(timeout=30)
+
+
+def _image_path(directory: Path, number: int) -> Path:
+    """A new image's path in ``directory``: the time and the migration's number."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return directory / f"{stamp}-{number:04d}"
 
 
 def add_verb(verbs: Any) -> None:
     """Add ``listen`` to the ``rdmamig`` parser."""
-    listen = verbs.add_parser("listen", help="receive a migration into a new image DIR")
-    listen.add_argument("address", metavar="ADDR:PORT")
-    listen.add_argument("--into", type=Path, required=True, metavar="DIR",
-                        help="the image to create (it must not exist)")
-    add_connection_arguments(listen)
-    listen.set_defaults(run=run)
+    listen_ = verbs.add_parser("listen", help="receive migrations, each into a new image")
+    listen_.add_argument("address", metavar="ADDR:PORT")
+    listen_.add_argument("--into", type=Path, required=True, metavar="DIR",
+                         help="where images go: a directory holding one per migration, "
+                              "or with --once the image itself (it must not exist)")
+    listen_.add_argument("--once", action="store_true",
+                         help="receive one migration, then exit with its outcome")
+    listen_.add_argument("--max-sessions", type=whole_number(1, 64), default=4, metavar="N",
+                         help="migrations received at once (default 4; verbs serves one)")
+    listen_.add_argument("--max-ram", type=parse_size, metavar="BYTES",
+                         help="most RAM one migration may declare (default: this "
+                              "machine's memory)")
+    listen_.add_argument("--max-pinned", type=parse_size, metavar="BYTES",
+                         help="most bytes a source may have pinned here at once "
+                              "(default: only RLIMIT_MEMLOCK limits it)")
+    listen_.add_argument("--psk-file", type=Path, metavar="FILE",
+                         help="serve only sources that prove this pre-shared key (default: "
+                              "$RDMAMIG_PSK if set; a QEMU source cannot, so none for QEMU)")
+    add_connection_arguments(listen_)
+    listen_.set_defaults(run=run)

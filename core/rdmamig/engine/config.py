@@ -55,6 +55,8 @@ class SourceResult:
     """What happened, timed as QEMU's ``query-migrate`` does."""
 
     verified: bool = False
+    #: The destination said it kept the migration (Capability.COMMIT).
+    committed: bool = False
     iterations: int = 0
     bytes_written: int = 0
     zero_pages: int = 0

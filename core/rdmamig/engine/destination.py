@@ -7,7 +7,15 @@ a real QEMU source interleaves them. The QEMU FILE stream is read like QEMU's
 The stream is rdmamig's own (``RMIGSTR``, :mod:`.stream`) from an rdmamig source, or
 QEMU's migration stream (``QEVM``, :mod:`rdmamig.qemu`) from an unmodified QEMU,
 told apart by its first bytes. Every peer-supplied index, key and range is checked
-against the blocks before any memory is touched.
+against the blocks before any memory is touched, and the block list against the
+destination's :class:`~rdmamig.limits.Limits` before any block is made.
+
+The end is ordered so that nothing unfinished is ever kept: once the stream is
+complete every registration is released (no write can land after that), then the
+source's hashes are compared, then ``keep`` makes the migration durable (an image
+renamed into place), and only then does the source hear that it is done (COMMIT
+RESULT, Capability.COMMIT). With a key, the source proves it first of all
+(:mod:`rdmamig.auth`).
 """
 
 from __future__ import annotations
@@ -18,17 +26,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 
 from .. import wire
+from ..auth import PreSharedKey, authenticate_destination
 from ..caps import Capability
 from ..control import Role
 from ..errors import (
+    AuthenticationError,
+    ImageError,
     MigrationError,
     RdmamigError,
+    RefusedError,
     RemoteProtocolError,
     TransportError,
     VerificationError,
 )
+from ..limits import Limits, check_layout
 from ..pinning import buffer_address, locked_bytes
 from ..qemu import stream as qemu_stream
 from ..qemu.decoder import PrecopyDecoder
@@ -56,6 +70,8 @@ class DestinationResult:
 
     completed: bool = False
     verified: bool = False
+    #: ``keep`` made the migration durable (and the source was told so).
+    committed: bool = False
     error: str | None = None
     state: bytes = b""
     iterations: int = 0
@@ -70,6 +86,8 @@ class DestinationResult:
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
     mismatched_blocks: list[str] = attrs.Factory(list)
+    #: xxh3-128 of each block as verified (empty when the peer did not verify).
+    digests: list[bytes] = attrs.Factory(list)
     #: What the source said its blocks come from (an ORIGIN record), if it did; for a
     #: QEMU source, what its stream said.
     origin: dict[str, Any] | None = None
@@ -88,11 +106,18 @@ class Destination:
         blocks: pre-allocated blocks (as QEMU's destination has its RAM already).
         make_block: creates blocks on demand when ``blocks`` is None.
         timeout: seconds to wait for any one message.
+        limits: what the source may declare and pin.
+        key: the pre-shared key the source must prove (Capability.AUTH).
+        keep: called with this destination once the migration is complete and
+            verified, before the source is told it is done; it makes the migration
+            durable. What it raises (RdmamigError, OSError) fails the migration.
     """
 
     def __init__(self, endpoint: Endpoint, *, blocks: Sequence[RamBlock] | None = None,
                  make_block: BlockFactory | None = None, timeout: float | None = 60.0,
-                 started_at: float | None = None) -> None:
+                 started_at: float | None = None, limits: Limits | None = None,
+                 key: PreSharedKey | None = None,
+                 keep: Callable[[Destination], None] | None = None) -> None:
         if blocks is None and make_block is None:
             raise ValueError("give the destination blocks or a make_block factory")
         self.endpoint = endpoint
@@ -100,11 +125,16 @@ class Destination:
                                       capabilities=endpoint.capabilities, timeout=timeout)
         self._given = list(blocks) if blocks is not None else None
         self._make_block = make_block
+        self.limits = limits or Limits()
+        self._key = key
+        self._keep = keep
         self.blocks: list[RamBlock] = []
         self._offsets: list[int] = []
         self._addrs: list[int] = []
         # (block index, first chunk) -> the region registered for that request
         self._regions: dict[tuple[int, int], MemoryRegion] = {}
+        # Per block, for each chunk: the first chunk of the region holding it, or -1.
+        self._owners: list[np.ndarray] = []
         self._block_regions: list[MemoryRegion] = []
         self.result = DestinationResult()
         self._start = started_at if started_at is not None else time.monotonic()
@@ -115,16 +145,24 @@ class Destination:
         """Receive the migration.
 
         Raises:
-            MigrationError: anything failed; every registration is released and
-                ``result.completed`` stays False.
+            MigrationError: anything failed; every registration is released, the
+                endpoint is closed (a write stalled halfway cannot hold its region)
+                and ``result.committed`` stays False.
         """
         try:
+            if self._key is not None:
+                if not self.endpoint.capabilities & Capability.AUTH:
+                    raise AuthenticationError("the source did not authenticate")
+                authenticate_destination(self.session, self._key)
             self._receive()
+            self._release_all()  # no write lands after this
             if self.endpoint.capabilities & Capability.VERIFY:
                 self._verify()
+            self._commit()
         except RdmamigError as exc:
             self.result.error = str(exc)
             self.session.abort()
+            self.endpoint.close()
             raise exc if isinstance(exc, MigrationError) else MigrationError(
                 f"destination failed: {exc}") from exc
         finally:
@@ -231,6 +269,7 @@ class Destination:
     # ------------------------------------------------------------ blocks
 
     def _set_up_blocks(self, listed: list[tuple[str, int]]) -> None:
+        check_layout(listed, self.limits)
         if self._given is not None:
             ours = [(b.name, b.length) for b in self._given]
             if ours != listed:
@@ -241,9 +280,15 @@ class Destination:
             self.blocks = self._given
         else:
             assert self._make_block is not None
-            self.blocks = [self._make_block(name, length) for name, length in listed]
+            try:
+                for name, length in listed:
+                    self.blocks.append(self._make_block(name, length))
+            except (ImageError, OSError) as exc:
+                raise RefusedError(f"cannot make RAM block {name!r} of {length} bytes: "
+                                   f"{exc}") from exc
         offset = 0
         for block in self.blocks:
+            self._owners.append(np.full(block.chunks, -1, dtype=np.int64))
             self._offsets.append(offset)
             self._addrs.append(buffer_address(block.view))
             offset += block.length
@@ -253,6 +298,7 @@ class Destination:
             raise RemoteProtocolError("RAM BLOCKS REQUEST before the stream listed the blocks")
         pin_all = bool(self.endpoint.capabilities & Capability.PIN_ALL)
         if pin_all and not self._block_regions:
+            self._check_pin_cap(sum(block.length for block in self.blocks))
             for block in self.blocks:
                 self._block_regions.append(
                     self.endpoint.register(buffer=block.view, remote_write=True))
@@ -294,15 +340,38 @@ class Destination:
         if self._block_regions:
             rkey = self._block_regions[entry.current_index].rkey
         else:
-            region = self._regions.get((entry.current_index, first))
-            if region is None:
-                end = min((first + count) * CHUNK_SIZE, block.length)
-                region = self.endpoint.register(
-                    buffer=block.view[first * CHUNK_SIZE:end], remote_write=True)
-                self._regions[(entry.current_index, first)] = region
-                self.result.registrations += _chunks_in(region)
-            rkey = region.rkey
+            rkey = self._region_for(entry.current_index, first, count).rkey
         return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
+
+    def _region_for(self, index: int, first: int, count: int) -> MemoryRegion:
+        """The region for chunks ``first`` to ``first + count`` of block ``index``:
+        the one that holds them all already, or a new one. A request that overlaps
+        a region without lying inside it is refused: every chunk is pinned by one
+        region at most, so pinned bytes are counted once and unpinning one region
+        never unpins another's pages."""
+        block = self.blocks[index]
+        owners = self._owners[index][first:first + count]
+        head = int(owners[0])
+        if head >= 0 and bool((owners == head).all()):
+            return self._regions[(index, head)]
+        if bool((owners >= 0).any()):
+            raise RemoteProtocolError(
+                f"chunks={count}: chunks {first}..{first + count - 1} of block {block.name!r} "
+                f"overlap a registration they do not lie inside")
+        end = min((first + count) * CHUNK_SIZE, block.length)
+        self._check_pin_cap(end - first * CHUNK_SIZE)
+        region = self.endpoint.register(buffer=block.view[first * CHUNK_SIZE:end],
+                                        remote_write=True)
+        self._regions[(index, first)] = region
+        owners[:] = first
+        self.result.registrations += _chunks_in(region)
+        return region
+
+    def _check_pin_cap(self, more: int) -> None:
+        cap = self.limits.max_pinned
+        if cap is not None and self.endpoint.pinned_bytes + more > cap:
+            raise RefusedError(f"the source asks to pin {self.endpoint.pinned_bytes + more} "
+                               f"bytes; this destination allows {cap} (--max-pinned)")
 
     def _unregister(self, entry: wire.Register) -> None:
         self._locate(entry.current_index, 0, 0, field="current_index")
@@ -311,6 +380,7 @@ class Destination:
             raise RemoteProtocolError(f"key={entry.key}: chunk {entry.key} of block "
                                       f"{entry.current_index} is not registered")
         self.endpoint.deregister(region=region)
+        self._owners[entry.current_index][entry.key:entry.key + _chunks_in(region)] = -1
         self.result.unregistrations += _chunks_in(region)
 
     def _compress(self, entry: wire.CompressRange) -> None:
@@ -344,8 +414,9 @@ class Destination:
             raise RemoteProtocolError(f"{message.TYPE.label} after END, expected BLOCK HASHES")
         started = time.monotonic()
         theirs = {entry.block_idx: entry.digest for entry in message.entries}
+        self.result.digests = [block.digest() for block in self.blocks]
         mismatched = [block.name for index, block in enumerate(self.blocks)
-                      if theirs.get(index) != block.digest()]
+                      if theirs.get(index) != self.result.digests[index]]
         self.result.mismatched_blocks = mismatched
         self.result.verify_time_s = time.monotonic() - started
         self.session.send(wire.VerifyResult(matched=len(self.blocks) - len(mismatched),
@@ -353,6 +424,27 @@ class Destination:
         if mismatched:
             raise VerificationError(f"hash mismatch in block(s) {', '.join(mismatched)}")
         self.result.verified = True
+
+    def _commit(self) -> None:
+        """Keep the migration, then tell the source (COMMIT RESULT) that it is done.
+        An rdmamig source that did not verify gets nothing kept: only QEMU, which
+        cannot, is taken unverified."""
+        if not (self.result.verified or self.result.peer == "qemu"):
+            raise VerificationError("the source did not verify the migration (no VERIFY)")
+        asked = bool(self.endpoint.capabilities & Capability.COMMIT)
+        if asked:
+            self.session.exchange_recv({wire.Command.COMMIT})
+        try:
+            if self._keep is not None:
+                self._keep(self)
+        except (RdmamigError, OSError) as exc:
+            reason = str(exc)
+            if asked:
+                self.session.send(wire.CommitResult(committed=False, reason=reason))
+            raise MigrationError(f"could not keep the migration: {reason}") from exc
+        self.result.committed = True
+        if asked:
+            self.session.send(wire.CommitResult(committed=True))
 
     def _sample(self) -> None:
         """Record pinned bytes (ours and the kernel's VmLck) after a (un)registration."""

@@ -27,9 +27,16 @@ import attrs
 import numpy as np
 
 from .. import wire
+from ..auth import PreSharedKey, authenticate_source
 from ..caps import Capability
 from ..control import Role
-from ..errors import MemlockLimitError, MigrationError, RdmamigError, VerificationError
+from ..errors import (
+    AuthenticationError,
+    MemlockLimitError,
+    MigrationError,
+    RdmamigError,
+    VerificationError,
+)
 from ..pinning import locked_bytes
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
@@ -68,6 +75,7 @@ class Source:
         stream: what goes into the QEMU FILE stream around the rounds (rdmamig's
             own records by default; :class:`.outgoing.QemuStream` for a QEMU
             destination).
+        key: the pre-shared key; the destination must prove it (Capability.AUTH).
     """
 
     def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
@@ -75,9 +83,11 @@ class Source:
                  workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
                  on_progress: Callable[[dict[str, float]], None] | None = None,
                  started_at: float | None = None,
-                 stream: OutgoingStream | None = None) -> None:
+                 stream: OutgoingStream | None = None,
+                 key: PreSharedKey | None = None) -> None:
         self.endpoint = endpoint
         self.stream = stream or NativeStream()
+        self.key = key
         self.blocks = list(blocks)
         self.policy = policy
         self.config = config or SourceConfig()
@@ -135,6 +145,11 @@ class Source:
         return self.result
 
     def _migrate(self) -> None:
+        if self.key is not None:
+            if not self.endpoint.capabilities & Capability.AUTH:
+                raise AuthenticationError("the destination does not authenticate (it has "
+                                          "no key, or is QEMU, which cannot)")
+            authenticate_source(self.session, self.key)
         self.policy.set_block_names(tuple(b.name for b in self.blocks))
         writer = QemuFileWriter(self.session)
         self.stream.start(writer, self.blocks)
@@ -197,6 +212,8 @@ class Source:
         self.result.total_time_s = done - self._start
         if self.endpoint.capabilities & Capability.VERIFY:
             self._verify()
+        if self.endpoint.capabilities & Capability.COMMIT:
+            self._commit()
 
     def downtime_estimate(self, remaining: int, round_: convergence.RoundCounters) -> float:
         """Seconds a stop-and-copy round would take now, after ``round_``, with
@@ -505,6 +522,15 @@ class Source:
             raise VerificationError(f"destination reports {reply.mismatched} of "
                                     f"{len(self.blocks)} block(s) differ after transfer")
         self.result.verified = True
+
+    def _commit(self) -> None:
+        """Wait until the destination has kept the migration: only then is it done."""
+        reply = self.session.exchange_send(wire.Commit(), reply=wire.Command.COMMIT_RESULT)
+        assert isinstance(reply, wire.CommitResult)
+        if not reply.committed:
+            raise MigrationError(f"the destination could not keep the migration: "
+                                 f"{reply.reason!r}")
+        self.result.committed = True
 
     def _release_all(self) -> None:
         self._worker.shutdown(wait=True)

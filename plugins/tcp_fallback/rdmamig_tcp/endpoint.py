@@ -35,6 +35,13 @@ from .lanes import Lane
 
 #: Seconds close() gives queued frames to reach a peer that is not reading.
 CLOSE_TIMEOUT = 2.0
+#: Seconds a frame has, from its first byte, to arrive whole: a peer that stops
+#: halfway through a write breaks the connection instead of holding its region.
+FRAME_TIMEOUT = 30.0
+#: Control messages received and not taken yet. The protocol has at most a few in
+#: flight (one per READY); a peer that sends more is not waiting for READY, which
+#: an RDMA receiver refuses too (receiver not ready).
+MAX_INBOX = 16
 
 
 class _RemoteAccessError(Exception):
@@ -219,7 +226,7 @@ class TcpEndpoint(EndpointBase[memoryview]):
     def _receive_loop(self, lane: Lane) -> None:
         head = memoryview(bytearray(FRAME.size))
         try:
-            while recv_exact(lane.sock, head):
+            while recv_exact(lane.sock, head, timeout=FRAME_TIMEOUT, idle=True):
                 kind, flags, rkey, addr, wr_id, length = FRAME.unpack(head)
                 if kind == Kind.WRITE:
                     self._place_write(lane, rkey, addr, length)
@@ -258,6 +265,8 @@ class TcpEndpoint(EndpointBase[memoryview]):
                     pass
         except RemoteProtocolError as exc:
             self._fail(TransportError(f"bad frame from peer: {exc}", errno=errno.EPROTO))
+        except TimeoutError as exc:
+            self._fail(TransportError(f"peer stalled in a frame: {exc}", errno=errno.ETIMEDOUT))
         except (OSError, ConnectionError) as exc:
             self._fail(TransportError(f"connection lost: {exc}", errno=getattr(exc, "errno", None)
                                       or errno.ECONNRESET))
@@ -279,7 +288,8 @@ class TcpEndpoint(EndpointBase[memoryview]):
                         f"{region.addr:#x}-{region.addr + region.length:#x} of rkey={rkey:#x}")
                 lane.placing_into = region
             try:
-                if not recv_exact(lane.sock, view[start:start + length]):
+                if not recv_exact(lane.sock, view[start:start + length],
+                                  timeout=FRAME_TIMEOUT):
                     raise ConnectionError("peer closed the connection in a write")
             finally:
                 lane.placing_into = None
@@ -294,8 +304,12 @@ class TcpEndpoint(EndpointBase[memoryview]):
             raise RemoteProtocolError(
                 f"length={length} at offset 24: SEND not between its {fence_size}-byte "
                 f"fence and the 512 KiB maximum")
+        with self._cond:
+            if len(self._inbox) >= MAX_INBOX:
+                raise RemoteProtocolError(f"SEND with {MAX_INBOX} messages unread: the "
+                                          f"peer does not wait for READY")
         payload = bytearray(length)
-        if not recv_exact(lane.sock, memoryview(payload)):
+        if not recv_exact(lane.sock, memoryview(payload), timeout=FRAME_TIMEOUT):
             raise ConnectionError("peer closed the connection in a SEND")
         fence = tuple(FENCE.unpack_from(payload, FENCE.size * index)[0]
                       for index in range(len(self._lanes)))
@@ -308,7 +322,7 @@ class TcpEndpoint(EndpointBase[memoryview]):
             return f"(reason of {length} bytes, too long to show)"
         raw = bytearray(length)
         if length:
-            recv_exact(lane.sock, memoryview(raw))
+            recv_exact(lane.sock, memoryview(raw), timeout=FRAME_TIMEOUT)
         return raw.decode("utf-8", "replace")
 
     def close(self) -> None:

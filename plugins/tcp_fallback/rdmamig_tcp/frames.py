@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Final
 
@@ -77,16 +78,44 @@ def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None
                 sent = 0
 
 
-def recv_exact(sock: socket.socket, into: memoryview) -> bool:
+#: How often a blocked receive wakes to look at its deadline (SO_RCVTIMEO).
+WAKE_SECONDS: Final = 0.5
+
+
+def set_receive_wakeups(sock: socket.socket) -> None:
+    """Make a blocking receive on ``sock`` return every :data:`WAKE_SECONDS` without
+    data (EAGAIN), so that :func:`recv_exact` can keep a deadline. Sends are not
+    affected, unlike with a socket timeout: a lane's sender shares the socket."""
+    seconds = int(WAKE_SECONDS)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", seconds, int((WAKE_SECONDS - seconds) * 1e6)))
+
+
+def recv_exact(sock: socket.socket, into: memoryview, *, timeout: float | None = None,
+               idle: bool = False) -> bool:
     """Fill ``into`` from the socket straight into its memory. False on a clean EOF
-    before the first byte; ConnectionError on EOF in the middle."""
+    before the first byte; ConnectionError on EOF in the middle.
+
+    With ``timeout``, all of ``into`` must arrive within that many seconds (from the
+    call, or with ``idle`` from its first byte: a connection may be quiet between
+    frames, not in one), else TimeoutError; the socket needs
+    :func:`set_receive_wakeups`. A peer dripping one byte at a time is held to it."""
     got = 0
     size = into.nbytes
+    deadline = None if timeout is None or idle else time.monotonic() + timeout
     while got < size:
-        count = sock.recv_into(into[got:], size - got, socket.MSG_WAITALL)
+        try:
+            count = sock.recv_into(into[got:], size - got, socket.MSG_WAITALL)
+        except BlockingIOError:  # a wake-up without data
+            count = -1
         if count == 0:
             if got == 0:
                 return False
             raise ConnectionError(f"peer closed the connection after {got} of {size} bytes")
-        got += count
+        if count > 0:
+            if got == 0 and deadline is None and timeout is not None:
+                deadline = time.monotonic() + timeout
+            got += count
+        if got < size and deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{got} of {size} bytes arrived within {timeout} s")
     return True

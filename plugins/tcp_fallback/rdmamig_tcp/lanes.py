@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from rdmamig.transport import MemoryRegion
 
-from .frames import send_all
+from .frames import send_all, set_receive_wakeups
 
 #: A queue item: half-close the socket once everything before it is sent.
 _SHUT_WR = object()
@@ -42,6 +42,7 @@ class Lane:
     def __init__(self, sock: socket.socket, index: int, *,
                  on_send_error: Callable[[OSError], None]) -> None:
         sock.settimeout(None)
+        set_receive_wakeups(sock)  # the receiver keeps deadlines in a frame
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.index = index

@@ -6,14 +6,24 @@ ACCEPT with the granted flags or REJECT with the reason (an invalid version, say
 A source that wants more than one lane (``channels``) names the count in CONNECT;
 ACCEPT carries a random join token, and each further lane is a new connection that
 opens with JOIN (token, lane number) and is answered ACCEPT.
+
+The listener is a network service: a thread accepts connections and each one's
+handshake runs on a thread of its own, held to :data:`HANDSHAKE_TIMEOUT` from its
+first byte to its last, so that no stranger (a port scanner, a peer that drips one
+byte a second, garbage) delays or ends another connection. A connection that fails
+its handshake is refused with the reason and logged; :meth:`TcpListener.accept`
+only hands out sources whose every lane has joined.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
+import queue
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import ClassVar
@@ -25,10 +35,28 @@ from rdmamig.errors import RemoteProtocolError, TransportError
 from rdmamig.transport import Backend, Listener
 
 from .endpoint import TcpEndpoint
-from .frames import FRAME, MAGIC, MAX_LANES, MAX_REASON, Kind, header, recv_exact, send_all
+from .frames import (
+    FRAME,
+    MAGIC,
+    MAX_LANES,
+    MAX_REASON,
+    Kind,
+    header,
+    recv_exact,
+    send_all,
+    set_receive_wakeups,
+)
 
-#: How long either side waits for the other's half of the handshake.
+log = logging.getLogger("rdmamig.tcp")
+
+#: Seconds a connection has for its whole handshake (all lanes of a source included).
 HANDSHAKE_TIMEOUT = 10.0
+#: Handshakes in progress at once; a connection beyond them is closed at once.
+MAX_HANDSHAKES = 64
+#: Connections the kernel holds until the acceptor thread takes them.
+BACKLOG = 128
+#: Sources whose handshake is done and that were not taken by accept() yet.
+MAX_WAITING = 16
 
 
 @attrs.frozen
@@ -41,9 +69,10 @@ class _Handshake:
     payload: bytes
 
 
-def _read_frame(sock: socket.socket, expected: set[Kind], limit: int) -> _Handshake:
+def _read_frame(sock: socket.socket, expected: set[Kind], limit: int,
+                timeout: float) -> _Handshake:
     head = memoryview(bytearray(FRAME.size))
-    if not recv_exact(sock, head):
+    if not recv_exact(sock, head, timeout=timeout):
         raise ConnectionError("peer closed the connection during the handshake")
     kind, _flags, rkey, _addr, wr_id, length = FRAME.unpack(head)
     if kind not in expected:
@@ -51,19 +80,21 @@ def _read_frame(sock: socket.socket, expected: set[Kind], limit: int) -> _Handsh
     if length > limit:
         raise RemoteProtocolError(f"length={length} at offset 24: handshake frame too long")
     payload = bytearray(length)
-    if length and not recv_exact(sock, memoryview(payload)):
+    if length and not recv_exact(sock, memoryview(payload), timeout=timeout):
         raise ConnectionError("peer closed the connection during the handshake")
     return _Handshake(Kind(kind), rkey, wr_id, bytes(payload))
 
 
 def _reject(sock: socket.socket, reason: str) -> None:
     encoded = reason.encode()[:MAX_REASON]
-    send_all(sock, [header(Kind.REJECT, length=len(encoded)), encoded])
+    with contextlib.suppress(OSError):
+        send_all(sock, [header(Kind.REJECT, length=len(encoded)), encoded])
 
 
-def _close_all(socks: Sequence[socket.socket]) -> None:
+def _close_all(socks: Sequence[socket.socket | None]) -> None:
     for sock in socks:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 def _oserror(what: str, exc: OSError) -> TransportError:
@@ -72,12 +103,40 @@ def _oserror(what: str, exc: OSError) -> TransportError:
     return TransportError(f"{what}: {exc.strerror or exc}", errno=exc.errno)
 
 
+def _name(peer: object) -> str:
+    """A peer's address as people write it (IPv6 in brackets)."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
+
+
+@attrs.define
+class _Joining:
+    """A source whose CONNECT was accepted, while its other lanes join."""
+
+    socks: list[socket.socket | None]
+    peer: str
+    capabilities: Capability
+    done: threading.Event = attrs.Factory(threading.Event)
+
+
 class TcpListener(Listener):
     """A listening TCP socket that hands out :class:`TcpEndpoint` connections."""
 
-    def __init__(self, sock: socket.socket, *, supported: Capability) -> None:
+    def __init__(self, sock: socket.socket, *, supported: Capability,
+                 required: Capability = Capability(0)) -> None:
         self._sock = sock
         self._supported = supported
+        self._required = required
+        self._ready: queue.Queue[TcpEndpoint] = queue.Queue(MAX_WAITING)
+        self._joining: dict[int, _Joining] = {}
+        self._lock = threading.Lock()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._closed = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name="rdmamig-tcp-accept")
+        self._acceptor.start()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -85,71 +144,121 @@ class TcpListener(Listener):
         return host, port
 
     def accept(self, *, timeout: float | None) -> TcpEndpoint:
-        conn = self._accept_socket(timeout, "accept")
-        socks = [conn]
         try:
-            hello = _read_frame(conn, {Kind.CONNECT}, len(MAGIC) + 192)
-            if not hello.payload.startswith(MAGIC):
-                raise RemoteProtocolError("magic at offset 28: not an rdmamig TCP peer")
-            request = PrivateData.decode_untrusted(hello.payload[len(MAGIC):])
-            lanes = hello.lanes or 1
+            return self._ready.get(timeout=timeout)
+        except queue.Empty:
+            raise TransportError(f"accept: no source connected within {timeout} s",
+                                 errno=errno.ETIMEDOUT) from None
+
+    # ------------------------------------------------------------ the service
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
             try:
-                if lanes > MAX_LANES:
-                    raise RemoteProtocolError(f"lanes={lanes} at offset 4: more than "
-                                              f"{MAX_LANES} lanes asked for")
-                reply = caps.accept(request, supported=self._supported)
-            except RemoteProtocolError as exc:
-                _reject(conn, f"connection refused: {exc}")
-                raise
-            token = secrets.randbits(63)
-            granted = reply.encode()
-            send_all(conn, [header(Kind.ACCEPT, length=len(granted), rkey=lanes,
-                                   wr_id=token), granted])
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            while len(socks) < lanes:
-                socks += self._join(token, len(socks), deadline)
-        except BaseException as exc:
-            _close_all(socks)
-            if isinstance(exc, OSError):
-                raise _oserror("handshake with source", exc) from None
-            raise
-        return TcpEndpoint(socks, capabilities=Capability(reply.flags))
-
-    def _accept_socket(self, timeout: float | None, what: str) -> socket.socket:
-        self._sock.settimeout(timeout)
-        try:
-            conn, _peer = self._sock.accept()
-        except OSError as exc:
-            raise _oserror(what, exc) from None
-        conn.settimeout(HANDSHAKE_TIMEOUT)
-        return conn
-
-    def _join(self, token: int, lane: int, deadline: float) -> list[socket.socket]:
-        """Accept the connection that opens lane ``lane``: [it], or [] when it was a
-        stranger's (refused, and the source's lanes may still come)."""
-        conn = self._accept_socket(max(deadline - time.monotonic(), 0.001),
-                                   f"waiting for lane {lane} of the source")
-        try:
-            join = _read_frame(conn, {Kind.JOIN}, 0)
-        except (RemoteProtocolError, ConnectionError, OSError):
-            join = None
-        try:
-            if join is None or join.token != token:
-                with contextlib.suppress(OSError):
-                    _reject(conn, "busy: another source is connecting")
+                conn, peer = self._sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.1)  # EMFILE and the like: let the others finish
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("refused %s: %d handshakes already in progress", _name(peer),
+                            MAX_HANDSHAKES)
                 conn.close()
-                return []
-            if join.lanes != lane:
-                raise RemoteProtocolError(f"lane={join.lanes} at offset 4: expected lane "
-                                          f"{lane} to join next")
+                continue
+            threading.Thread(target=self._handshake, args=(conn, _name(peer)), daemon=True,
+                             name="rdmamig-tcp-handshake").start()
+
+    def _handshake(self, conn: socket.socket, peer: str) -> None:
+        """Serve one connection's first frame: CONNECT opens a source, JOIN adds a
+        lane to one. Anything else, or a failure, closes the connection."""
+        keep = False
+        try:
+            conn.settimeout(None)
+            set_receive_wakeups(conn)
+            first = _read_frame(conn, {Kind.CONNECT, Kind.JOIN}, len(MAGIC) + 192,
+                                HANDSHAKE_TIMEOUT)
+            if first.kind == Kind.CONNECT:
+                self._open(conn, first, peer)
+            else:
+                self._join(conn, first, peer)
+            keep = True
+        except RemoteProtocolError as exc:
+            log.warning("refused %s: %s", peer, exc)
+            _reject(conn, f"connection refused: {exc}")
+        except (OSError, ConnectionError) as exc:
+            log.warning("dropped %s during the handshake: %s", peer,
+                        "timed out" if isinstance(exc, TimeoutError) else exc)
+        finally:
+            if not keep:
+                conn.close()
+            self._handshakes.release()
+
+    def _open(self, conn: socket.socket, hello: _Handshake, peer: str) -> None:
+        if not hello.payload.startswith(MAGIC):
+            raise RemoteProtocolError("magic at offset 28: not an rdmamig TCP peer")
+        request = PrivateData.decode_untrusted(hello.payload[len(MAGIC):])
+        lanes = hello.lanes or 1
+        if lanes > MAX_LANES:
+            raise RemoteProtocolError(f"lanes={lanes} at offset 4: more than {MAX_LANES} "
+                                      f"lanes asked for")
+        reply = caps.accept(request, supported=self._supported, required=self._required)
+        token = secrets.randbits(63)
+        joining = _Joining([conn, *[None] * (lanes - 1)], peer, Capability(reply.flags))
+        if lanes > 1:
+            with self._lock:
+                self._joining[token] = joining
+        granted = reply.encode()
+        send_all(conn, [header(Kind.ACCEPT, length=len(granted), rkey=lanes, wr_id=token),
+                        granted])
+        if lanes > 1 and not joining.done.wait(HANDSHAKE_TIMEOUT):
+            with self._lock:
+                self._joining.pop(token, None)
+            joined = sum(sock is not None for sock in joining.socks)
+            _close_all(joining.socks[1:])
+            raise TimeoutError(f"{joined} of its {lanes} lanes joined")
+        self._hand_out(joining)
+
+    def _join(self, conn: socket.socket, join: _Handshake, peer: str) -> None:
+        with self._lock:
+            joining = self._joining.get(join.token)
+            if joining is None:
+                raise RemoteProtocolError("wr_id at offset 16: unknown join token")
+            if not 0 < join.lanes < len(joining.socks) or joining.socks[join.lanes]:
+                raise RemoteProtocolError(f"lane={join.lanes} at offset 4: not a lane "
+                                          f"still to join")
             send_all(conn, [header(Kind.ACCEPT)])
-        except BaseException:
-            conn.close()
-            raise
-        return [conn]
+            joining.socks[join.lanes] = conn
+            if all(joining.socks):
+                del self._joining[join.token]
+                joining.done.set()
+
+    def _hand_out(self, joining: _Joining) -> None:
+        socks = [sock for sock in joining.socks if sock is not None]
+        endpoint = TcpEndpoint(socks, capabilities=joining.capabilities)
+        try:
+            self._ready.put_nowait(endpoint)
+        except queue.Full:
+            endpoint.close()
+            raise TimeoutError(f"{MAX_WAITING} sources already wait to be served") from None
+        log.info("accepted %s (%d lane%s)", joining.peer, len(socks),
+                 "" if len(socks) == 1 else "s")
 
     def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        self._acceptor.join(timeout=5)
+        with self._lock:
+            pending, self._joining = list(self._joining.values()), {}
+        for joining in pending:
+            joining.done.set()
+        while True:
+            try:
+                self._ready.get_nowait().close()
+            except queue.Empty:
+                break
 
 
 class TcpBackend(Backend):
@@ -170,7 +279,8 @@ class TcpBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return None
 
-    def listen(self, *, host: str, port: int, supported: Capability) -> TcpListener:
+    def listen(self, *, host: str, port: int, supported: Capability,
+               required: Capability = Capability(0)) -> TcpListener:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -181,11 +291,11 @@ class TcpBackend(Backend):
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
-            sock.listen(MAX_LANES)
+            sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
             raise _oserror(f"cannot listen on {host}:{port}", exc) from None
-        return TcpListener(sock, supported=supported & self.supported)
+        return TcpListener(sock, supported=supported & self.supported, required=required)
 
     def connect(
         self, *, host: str, port: int, requested: Capability, timeout: float | None
@@ -224,9 +334,12 @@ class TcpBackend(Backend):
     @staticmethod
     def _answer(sock: socket.socket, host: str, port: int) -> _Handshake:
         """The destination's ACCEPT (raised as an error when it is a REJECT)."""
-        answer = _read_frame(sock, {Kind.ACCEPT, Kind.REJECT}, MAX_REASON)
+        answer = _read_frame(sock, {Kind.ACCEPT, Kind.REJECT}, MAX_REASON,
+                             sock.gettimeout() or HANDSHAKE_TIMEOUT)
         if answer.kind == Kind.REJECT:
-            reason = answer.payload.decode("utf-8", "replace")
+            # The peer's words, escaped: a reason cannot drive the terminal.
+            reason = answer.payload.decode("utf-8", "replace").encode("unicode_escape"
+                                                                       ).decode()
             raise TransportError(f"{host}:{port} refused the connection: {reason}",
                                  errno=errno.ECONNREFUSED)
         return answer

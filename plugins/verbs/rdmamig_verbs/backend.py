@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import random
+import time
 from typing import Any, ClassVar
 
 from rdmamig import caps
@@ -24,8 +26,12 @@ from . import compat
 from .endpoint import RECV_DEPTH, SEND_DEPTH, VerbsEndpoint, control_buffer
 from .events import EventChannel
 
+log = logging.getLogger("rdmamig.verbs")
+
 #: Milliseconds rdma_cm may take to resolve an address or a route.
 RESOLVE_MS = 5000
+#: Seconds an accepted source has to complete the connection (ESTABLISHED).
+ESTABLISH_TIMEOUT = 10.0
 #: Ports tried when the caller asks for any free one (rdma_cm has no "port 0").
 _PORTS = range(20000, 60000)
 
@@ -80,6 +86,11 @@ class _ListenerResources:
         self.events, self.cmid = events, cmid
         self._users = 1
 
+    @property
+    def users(self) -> int:
+        """The listener and its open endpoints."""
+        return self._users
+
     def acquire(self) -> _ListenerResources:
         self._users += 1
         return self
@@ -101,27 +112,39 @@ class _ListenerResources:
 
 class VerbsListener(Listener):
     """An rdma_cm id listening on an address bound to an RDMA device. It serves one
-    connection at a time: events of the accepted id arrive on the listener's channel
-    and pyverbs does not say which id an event belongs to."""
+    connection at a time (accept again once it is closed): events of the accepted
+    id arrive on the listener's channel and pyverbs does not say which id an event
+    belongs to."""
+
+    concurrent: ClassVar[bool] = False
 
     def __init__(self, pv: Any, events: EventChannel, cmid: Any, host: str, port: int,
-                 supported: Capability) -> None:
+                 supported: Capability, required: Capability) -> None:
         self._pv = pv
         self._shared = _ListenerResources(events, cmid)
         self._host, self._port, self._supported = host, port, supported
+        self._required = required
         self._closed = False
-        self._accepted = 0
 
     @property
     def address(self) -> tuple[str, int]:
         return self._host, self._port
 
     def accept(self, *, timeout: float | None) -> VerbsEndpoint:
+        if self._shared.users > 1:
+            raise TransportError("this verbs listener serves one connection at a time; "
+                                 "close the last one first", errno=errno.EISCONN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            endpoint = self._accept_one(remaining)
+            if endpoint is not None:
+                return endpoint
+
+    def _accept_one(self, timeout: float | None) -> VerbsEndpoint | None:
+        """The next connect request's endpoint, or None when it was refused."""
         pv = self._pv
         ce = pv.cm_enums
-        if self._accepted:
-            raise TransportError("this verbs listener already accepted its connection",
-                                 errno=errno.EISCONN)
         events, listen_id = self._shared.events, self._shared.cmid
         event = events.wait({ce.RDMA_CM_EVENT_CONNECT_REQUEST}, timeout=timeout,
                             what="accept")
@@ -130,22 +153,27 @@ class VerbsListener(Listener):
         event.ack_cm_event()
         try:
             request = PrivateData.decode_untrusted(data)
-            reply = caps.accept(request, supported=self._supported)
+            reply = caps.accept(request, supported=self._supported, required=self._required)
         except RemoteProtocolError as exc:
+            log.warning("refused a connect request: %s", exc)
             reason = f"connection refused: {exc}".encode()[:140]
             with contextlib.suppress(Exception):
                 cmid.reject(reason)
-            raise
+            with contextlib.suppress(Exception):
+                cmid.close()
+            return None
         try:
             cq, qp, recv_mrs = _queue_pair(pv, cmid)
             _move(cmid, qp, pv.enums.IBV_QPS_RTR)
             cmid.accept(_param(pv, qp, reply.encode()))
             _move(cmid, qp, pv.enums.IBV_QPS_RTS)
-            events.wait({ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=timeout,
+            events.wait({ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=ESTABLISH_TIMEOUT,
                         what="accept").ack_cm_event()
-        except pv.pyverbs_error.PyverbsError as exc:
-            raise _rdma_error(pv, "accept", exc) from None
-        self._accepted += 1
+        except (pv.pyverbs_error.PyverbsError, TransportError) as exc:
+            log.warning("dropped a source during the connection: %s", exc)
+            with contextlib.suppress(Exception):
+                cmid.close()
+            return None
         return VerbsEndpoint(pv, cmid=cmid, events=self._shared.acquire(), pd=listen_id.pd,
                              cq=cq, qp=qp, recv_mrs=recv_mrs,
                              capabilities=Capability(reply.flags))
@@ -177,7 +205,8 @@ class VerbsBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return compat.unavailable_reason()
 
-    def listen(self, *, host: str, port: int, supported: Capability) -> VerbsListener:
+    def listen(self, *, host: str, port: int, supported: Capability,
+               required: Capability = Capability(0)) -> VerbsListener:
         pv = _pyverbs()
         ce = pv.cm_enums
         devices = compat.rdma_ipv4_addresses()
@@ -214,7 +243,8 @@ class VerbsBackend(Backend):
                 cmid.close()
                 events.close()
                 raise
-            return VerbsListener(pv, events, cmid, host, candidate, supported & self.supported)
+            return VerbsListener(pv, events, cmid, host, candidate, supported & self.supported,
+                                 required)
         raise TransportError(f"no free rdma_cm port on {host}", errno=errno.EADDRINUSE)
 
     def connect(self, *, host: str, port: int, requested: Capability,
