@@ -37,13 +37,17 @@ class Capability(enum.IntFlag):
     #: The source calls a migration done only once the destination says it has
     #: committed it (COMMIT / COMMIT RESULT).
     COMMIT = 0x0010_0000
+    #: ERROR carries its sender's reason (UTF-8).
+    REASONS = 0x0020_0000
 
 
 KNOWN_CAPABILITIES = (Capability.PIN_ALL | Capability.BATCH | Capability.VERIFY
-                      | Capability.INLINE | Capability.AUTH | Capability.COMMIT)
+                      | Capability.INLINE | Capability.AUTH | Capability.COMMIT
+                      | Capability.REASONS)
 #: What an rdmamig source asks for unless told otherwise (PIN_ALL is the policy's
 #: call, AUTH comes with a key).
-SOURCE_DEFAULTS = Capability.BATCH | Capability.VERIFY | Capability.INLINE | Capability.COMMIT
+SOURCE_DEFAULTS = (Capability.BATCH | Capability.VERIFY | Capability.INLINE | Capability.COMMIT
+                   | Capability.REASONS)
 #: How a source gets a capability a destination may require.
 REQUIRED_HINTS = {Capability.AUTH: "with the same pre-shared key, --psk-file"}
 

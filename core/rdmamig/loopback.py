@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from .auth import PreSharedKey
 from .engine import DestinationResult, RamBlock, SourceResult
 from .errors import ConfigurationError, MigrationError
 from .migration import Plan, receive, run_source
@@ -47,7 +48,7 @@ class Guest:
 
 def _destination_child(backend_name: str, options: dict[str, Any], host: str,
                        layout: list[tuple[str, int]], timeout: float,
-                       pipe: Connection) -> None:
+                       key: PreSharedKey | None, pipe: Connection) -> None:
     """Body of the destination process: allocate and pre-fault the RAM (QEMU's
     ``prealloc=on``), listen, report the port, receive, report the result."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
@@ -55,7 +56,7 @@ def _destination_child(backend_name: str, options: dict[str, Any], host: str,
         backend = load_registry().backend(backend_name)(**options)
         blocks = [RamBlock.anonymous(name, length) for name, length in layout]
         destination = receive(backend, host, 0, timeout=timeout, blocks=blocks,
-                              announce=lambda port: pipe.send(port))
+                              announce=lambda port: pipe.send(port), key=key)
         pipe.send(attrs.asdict(destination.result))
     except BaseException as exc:  # the parent must hear about anything
         pipe.send(f"destination failed: {exc}")
@@ -79,7 +80,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     timeout = plan.config.timeout
     process = context.Process(target=_destination_child, name="rdmamig-destination",
                               args=(plan.backend.name, plan.backend_options, host, layout,
-                                    timeout, child))
+                                    timeout, plan.key, child))
     process.start()
     child.close()
     blocks = [RamBlock.anonymous(name, length) for name, length in layout]

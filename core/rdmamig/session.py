@@ -57,6 +57,9 @@ class ControlSession:
         message = wire.decode_untrusted(data, extensions=self.capabilities)
         self.state.receive(message.TYPE)
         if isinstance(message, wire.ErrorMessage):
+            if message.reason:  # the peer's words, escaped: they cannot drive a terminal
+                raise PeerAbortedError(f"the {self._peer} gave up: "
+                                       f"{message.reason.encode('unicode_escape').decode()}")
             raise PeerAbortedError(f"the {self._peer} sent ERROR: migration aborted")
         return message
 
@@ -120,12 +123,14 @@ class ControlSession:
                                       f"{message.TYPE.label}, expected {wanted}")
         return message
 
-    def abort(self) -> None:
-        """Tell the peer we hit a fatal error (ERROR), if the channel still works."""
+    def abort(self, reason: str = "") -> None:
+        """Tell the peer we hit a fatal error (ERROR, with ``reason`` if the peer
+        takes one: Capability.REASONS), if the channel still works."""
         if not self.state.may_send(Command.ERROR):
             return
         with contextlib.suppress(TransportError, LocalProtocolError):
-            self.send(wire.ErrorMessage())
+            self.send(wire.ErrorMessage(
+                reason=reason if self.capabilities & Capability.REASONS else ""))
 
 
 class QemuFileWriter(io.RawIOBase):

@@ -182,9 +182,11 @@ class InlinePage:
 
 @attrs.frozen(kw_only=True)
 class ErrorMessage:
-    """ERROR: the sender hit a fatal error; the migration aborts."""
+    """ERROR: the sender hit a fatal error; the migration aborts. With
+    Capability.REASONS its data portion is the reason (UTF-8); else it has none."""
 
     TYPE: ClassVar[Command] = Command.ERROR
+    reason: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -384,8 +386,9 @@ def _data_of(message: Message) -> tuple[bytes, int]:
     """The data portion of ``message`` and the header's ``repeat``."""
     rows: list[tuple[Any, ...]]
     match message:
-        case (ErrorMessage() | Ready() | RamBlocksRequest() | RegisterFinished()
-              | UnregisterFinished() | Commit()):
+        case ErrorMessage(reason=reason):
+            return reason.encode()[:MAX_REASON], 1
+        case Ready() | RamBlocksRequest() | RegisterFinished() | UnregisterFinished() | Commit():
             return b"", 1
         case QemuFile(data=data):
             return bytes(data), 1
@@ -636,6 +639,11 @@ def decode_untrusted(
     elif command in _FIXED_SIZE:
         if length != _FIXED_SIZE[command]:
             raise _fail("len", length, 0, f"{command.label} is {_FIXED_SIZE[command]} bytes")
+    elif command == Command.ERROR and length:
+        if not extensions & Capability.REASONS or length > MAX_REASON:
+            raise _fail("len", length, 0, f"ERROR carries no data, or with REASONS "
+                        f"negotiated a reason of at most {MAX_REASON} bytes")
+        return ErrorMessage(reason=bytes(body).decode("utf-8", "replace"))
     elif command == Command.COMMIT_RESULT:
         if not COMMIT_RESULT.size <= length <= COMMIT_RESULT.size + MAX_REASON:
             raise _fail("len", length, 0, f"COMMIT RESULT is {COMMIT_RESULT.size} to "

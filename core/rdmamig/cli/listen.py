@@ -197,8 +197,5 @@ def add_verb(verbs: Any) -> None:
     listen_.add_argument("--max-pinned", type=parse_size, metavar="BYTES",
                          help="most bytes a source may have pinned here at once "
                               "(default: only RLIMIT_MEMLOCK limits it)")
-    listen_.add_argument("--psk-file", type=Path, metavar="FILE",
-                         help="serve only sources that prove this pre-shared key (default: "
-                              "$RDMAMIG_PSK if set; a QEMU source cannot, so none for QEMU)")
     add_connection_arguments(listen_)
     listen_.set_defaults(run=run)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..auth import load_key
 from ..caps import SOURCE_DEFAULTS, Capability
 from ..engine import SourceConfig
 from ..engine.ramblock import PAGES_PER_CHUNK
@@ -90,6 +91,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the peer (default 60)")
+    parser.add_argument("--psk-file", type=Path, metavar="FILE",
+                        help="a pre-shared key both ends prove (mode 600; default: "
+                             "$RDMAMIG_PSK if set). QEMU peers cannot: none for them")
 
 
 def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,11 +195,14 @@ def plan_from_args(args: argparse.Namespace, registry: Registry) -> Plan:
             raise UsageError(f"--pin-all registers whole blocks up front, and policy "
                              f"{policy.name!r} unpins chunks: use one or the other")
         requested |= Capability.PIN_ALL
+    key = load_key(args.psk_file)
+    if key is not None:
+        requested |= Capability.AUTH
     if args.plot is not None:
         require_matplotlib()
     return Plan(backend=backend, backend_options=backend_options(args, registry),
                 policy=policy, options=options, requested=requested,
-                config=source_config(args))
+                config=source_config(args), key=key)
 
 
 # ---------------------------------------------------------------- the run

@@ -161,7 +161,7 @@ class Destination:
             self._commit()
         except RdmamigError as exc:
             self.result.error = str(exc)
-            self.session.abort()
+            self.session.abort(str(exc))
             self.endpoint.close()
             raise exc if isinstance(exc, MigrationError) else MigrationError(
                 f"destination failed: {exc}") from exc

@@ -133,7 +133,7 @@ class Source:
         try:
             self._migrate()
         except RdmamigError as exc:
-            self.session.abort()
+            self.session.abort(str(exc))
             if self._stopped and self.workload is not None:
                 self.workload.resume()
             if isinstance(exc, MigrationError):

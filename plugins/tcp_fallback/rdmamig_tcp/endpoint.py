@@ -306,8 +306,8 @@ class TcpEndpoint(EndpointBase[memoryview]):
                 f"fence and the 512 KiB maximum")
         with self._cond:
             if len(self._inbox) >= MAX_INBOX:
-                raise RemoteProtocolError(f"SEND with {MAX_INBOX} messages unread: the "
-                                          f"peer does not wait for READY")
+                raise RemoteProtocolError(f"SEND with {MAX_INBOX} messages not taken yet: "
+                                          f"the peer does not wait for READY")
         payload = bytearray(length)
         if not recv_exact(lane.sock, memoryview(payload), timeout=FRAME_TIMEOUT):
             raise ConnectionError("peer closed the connection in a SEND")
