@@ -30,13 +30,14 @@ class Migration:
     def run(self, blocks: Sequence[RamBlock], *, requested: Capability = DEFAULT_CAPS,
             dest_blocks: Sequence[RamBlock] | None = None, policy: Any = None,
             config: SourceConfig | None = None, workload: Any = None,
-            wrap_source: Callable[[Any], Any] | None = None, **source_kw: Any) -> Migration:
+            wrap_source: Callable[[Any], Any] | None = None,
+            keep: Callable[[Destination], None] | None = None, **source_kw: Any) -> Migration:
         with connected_pair(TcpBackend(), requested=requested) as (src, dst):
             self.src_endpoint, self.dst_endpoint = src, dst
             self.destination = Destination(
                 dst, blocks=dest_blocks,
                 make_block=None if dest_blocks is not None else
-                (lambda name, length: RamBlock.anonymous(name, length)), timeout=20)
+                (lambda name, length: RamBlock.anonymous(name, length)), timeout=20, keep=keep)
             thread = threading.Thread(target=self._receive)
             thread.start()
             endpoint = wrap_source(src) if wrap_source else src

@@ -70,7 +70,7 @@ def against_a_destination(*sizes: int) -> Iterator[tuple[HandSource, Destination
 
 def refused(destination: Destination, source: HandSource, message: wire.Message) -> str:
     """Send ``message``; the destination must fail with a reason, which is returned."""
-    with pytest.raises(PeerAbortedError, match="destination sent ERROR"):
+    with pytest.raises(PeerAbortedError, match="destination gave up"):
         source.send(message)
         source.session.wait_ready()  # the answer to a message that was taken
     return str(destination.result.error)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from conftest import DEFAULT_CAPS, Migration
 from rdmamig import wire
 from rdmamig.caps import Capability
-from rdmamig.engine import ChecksumTracker, RamBlock, SourceConfig
+from rdmamig.engine import ChecksumTracker, Destination, RamBlock, SourceConfig
 from rdmamig.engine.convergence import RoundCounters
 from rdmamig.engine.pages import runs
 from rdmamig.engine.source import MIN_COMPRESS_RUN
@@ -179,7 +181,7 @@ def test_corrupted_message_aborts_both_sides_cleanly(migration: Migration) -> No
     before = [b.digest() for b in blocks]
     migration.run(blocks, wrap_source=lambda endpoint: _CorruptNth(endpoint, 6))
     assert "type=99 at offset 4: unknown command" in str(migration.destination_error)
-    assert "destination sent ERROR" in str(migration.source_error)
+    assert "the destination gave up: type=99 at offset 4" in str(migration.source_error)
     assert not migration.destination.result.completed  # type: ignore[union-attr]
     assert [b.digest() for b in blocks] == before
     assert migration.pinned_after == (0, 0)
@@ -487,3 +489,35 @@ def test_qemus_stream_between_a_source_and_a_destination(migration: Migration) -
     result = migration.destination.result  # type: ignore[union-attr]
     assert result.peer == "qemu" and result.state == state
     assert result.origin == origin.record([None, None])
+
+
+def test_the_source_is_done_only_once_the_destination_has_kept_the_migration(
+        migration: Migration) -> None:
+    blocks = [RamBlock.anonymous("ram", 4 * MiB)]
+    blocks[0].array[:] = 5
+    seen: list[tuple[bool, int]] = []
+
+    def keep(destination: Destination) -> None:
+        assert migration.source is not None
+        # Verified, every key already revoked, the source not told yet.
+        seen.append((migration.source.result.committed, destination.endpoint.pinned_bytes))
+        assert destination.result.verified
+
+    assert_succeeded(migration.run(blocks, keep=keep), blocks)
+    assert seen == [(False, 0)]
+    assert migration.source.result.committed  # type: ignore[union-attr]
+
+
+def test_a_destination_that_cannot_keep_the_migration_fails_the_source(
+        migration: Migration) -> None:
+    blocks = [RamBlock.anonymous("ram", 2 * MiB)]
+
+    def keep(destination: Destination) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    migration.run(blocks, keep=keep)
+    assert migration.source is not None and migration.destination is not None
+    assert "could not keep the migration" in str(migration.source_error)
+    assert "No space left on device" in str(migration.source_error)
+    assert migration.source.result.verified and not migration.source.result.committed
+    assert not migration.destination.result.committed

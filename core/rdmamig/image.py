@@ -242,7 +242,8 @@ class ImageWriter:
                  blocks: Sequence[tuple[str, int, int | None]] = ()) -> None:
         check_new_image(path)
         self.path = path
-        self.staging = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
+        # The pid says whose it is: a later listener removes it if we were killed.
+        self.staging = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
         self.blocks: list[RamBlock] = []
         self._addrs: list[int | None] = []
         self._state = b""
@@ -365,6 +366,26 @@ class ImageWriter:
     def abort(self) -> None:
         """Remove the staging directory and everything in it."""
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def remove_stale_staging(directory: Path, image: str = "*") -> list[Path]:
+    """Remove the staging directories, in ``directory``, of images named ``image``
+    (a glob) that a process no longer running left behind (one killed by SIGKILL):
+    the ones removed.
+    """
+    removed = []
+    for staging in directory.glob(f".{image}.partial-*-*"):
+        pid = staging.name.rsplit("-", 2)[-2]
+        if not pid.isdigit() or staging.is_symlink() or not staging.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+        except PermissionError:  # someone else's, and running
+            pass
+    return removed
 
 
 def _write_new(path: Path, data: bytes) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from ..auth import PreSharedKey, load_key
 from ..engine import Destination, RamBlock
 from ..errors import ConfigurationError, TransportError
-from ..image import ImageWriter, check_new_image
+from ..image import ImageWriter, check_new_image, remove_stale_staging
 from ..limits import Limits, physical_memory
 from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
@@ -96,11 +96,15 @@ def run(args: argparse.Namespace) -> int:
     key = load_key(args.psk_file)
     if args.once:
         check_new_image(args.into)
+        stale = remove_stale_staging(args.into.parent, args.into.name)
     else:
         if args.report is not None:
             raise ConfigurationError("--report is for --once (a service writes a summary "
                                      "line per migration)")
         _check_image_directory(args.into)
+        stale = remove_stale_staging(args.into)
+    for staging in stale:
+        log.info("removed %s, left by a listener that was killed", staging)
     service = _Service(args, key)
     with listen(backend, host, port, key=key) as listener:
         bound = listener.address[1]
