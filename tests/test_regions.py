@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import resource
+import subprocess
+import sys
+
 import pytest
-from rdmamig.errors import LocalProtocolError
+from rdmamig import pinning
+from rdmamig.errors import LocalProtocolError, MemlockLimitError
 from rdmamig.regions import RegionTable
 from rdmamig.transport import MemoryRegion, RemoteWrite
 
@@ -45,3 +51,25 @@ def test_a_write_must_stay_inside_its_local_region(offset: int, length: int) -> 
         table.source_of(write(A, offset, length))
     with pytest.raises(LocalProtocolError, match="lkey=0x8 is not registered"):
         table.source_of(write(B, 0, 1))
+
+
+def test_enomem_within_the_memlock_limit_says_memory_is_short() -> None:
+    # This process may lock without limit (root's CAP_IPC_LOCK here, or an
+    # unlimited RLIMIT_MEMLOCK): ENOMEM then means the machine is short of memory.
+    if pinning.memlock_applies() and pinning.memlock_limit() != resource.RLIM_INFINITY:
+        pytest.skip("RLIMIT_MEMLOCK binds this process")
+    error = pinning.pin_refused(errno.ENOMEM, 1 << 20, "mlock")
+    assert not isinstance(error, MemlockLimitError)
+    assert "not because of RLIMIT_MEMLOCK" in str(error)
+    assert "short of memory" in str(error)
+
+
+def test_a_pin_over_a_binding_memlock_limit_blames_the_limit() -> None:
+    script = ("import errno; from rdmamig import pinning; "
+              "print(type(pinning.pin_refused(errno.ENOMEM, 64 << 20, 'mlock')).__name__)")
+    out = subprocess.run(["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
+                          "prlimit", "--memlock=8388608:8388608", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode and "setpriv" in out.stderr:
+        pytest.skip(f"cannot drop CAP_IPC_LOCK here: {out.stderr.strip()}")
+    assert out.stdout.strip() == "MemlockLimitError", out.stderr

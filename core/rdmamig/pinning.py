@@ -104,11 +104,22 @@ def memlock_error(requested: int, what: str = "pin") -> MemlockLimitError:
 
 def pin_refused(code: int, length: int, what: str) -> RegistrationError:
     """The error for a pin of ``length`` bytes refused with errno ``code`` by
-    ``what`` (``mlock``, ``ibv_reg_mr``): ENOMEM, EPERM and EAGAIN are how the
-    kernel refuses a pin under ``RLIMIT_MEMLOCK``."""
-    if code in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+    ``what`` (``mlock``, ``ibv_reg_mr``). ENOMEM, EPERM and EAGAIN are how the
+    kernel refuses a pin over ``RLIMIT_MEMLOCK`` – and ENOMEM and EAGAIN also how it
+    says memory is short: the limit is blamed only when it applies and this pin
+    would pass it."""
+    if code not in (errno.ENOMEM, errno.EPERM, errno.EAGAIN):
+        return RegistrationError(f"{what} of {length} bytes failed: {os.strerror(code)}")
+    limit = memlock_limit()
+    over = limit != resource.RLIM_INFINITY and locked_bytes() + length > limit
+    if code == errno.EPERM or (over and memlock_applies()):
         return memlock_error(length)
-    return RegistrationError(f"{what} of {length} bytes failed: {os.strerror(code)}")
+    return RegistrationError(
+        f"{what} of {_format_bytes(length)} failed: {os.strerror(code)}, and not because "
+        f"of RLIMIT_MEMLOCK ({_format_bytes(locked_bytes())} locked, limit "
+        f"{'unlimited' if limit == resource.RLIM_INFINITY else _format_bytes(limit)}"
+        f"{'' if memlock_applies() else ', not applied: CAP_IPC_LOCK'}): the machine is "
+        f"short of memory it can lock")
 
 
 def mlock(address: int, length: int) -> None:

@@ -87,6 +87,11 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
     }
 
 
+#: Steps that measure: their figures are reported, and a run that fails to measure
+#: (a timeout on a loaded machine) is reported too, but fails nothing.
+BENCHMARKS = {"qemu-speed", "speed"}
+
+
 # ------------------------------------------------------------------ prerequisites
 
 #: What the harness and the guest need, and the Debian package that has it.
@@ -236,7 +241,7 @@ def guest_script(selected: dict[str, list[str]], results: Path, keep_going: bool
     for name, command in selected.items():
         quoted = " ".join(_quote(part) for part in command)
         lines.append(f"timeout 900 {quoted} > $out/{name}.log 2>&1; echo $? > $out/{name}.rc")
-        if not keep_going:
+        if not keep_going and name not in BENCHMARKS:
             lines.append(f"[ $(cat $out/{name}.rc) = 0 ] || exit 1")
     return "\n".join(lines) + "\n"
 
@@ -325,12 +330,16 @@ def summarize(selected: dict[str, list[str]], results: Path, elapsed: float) -> 
         rc_file = results / f"{name}.rc"
         rc = rc_file.read_text().strip() if rc_file.exists() else "not run"
         ok = rc == "0"
-        failed += not ok
         log = results / f"{name}.log"
-        print(f"{'PASS' if ok else 'FAIL'}  {name:<16} {_gist(results, name, log)}")
+        if name in BENCHMARKS:
+            verdict = "BENCH" if ok else "NOFIG"  # a benchmark that did not measure
+        else:
+            verdict = "PASS" if ok else "FAIL"
+            failed += not ok
+        print(f"{verdict}  {name:<16} {_gist(results, name, log)}")
         if not ok and log.exists():
             print("      " + "\n      ".join(log.read_text().splitlines()[-25:]))
-    print(f"{len(selected) - failed} passed, {failed} failed, {elapsed:.0f} s")
+    print(f"{len(selected) - failed} passed or measured, {failed} failed, {elapsed:.0f} s")
     return 1 if failed or setup != "0" else 0
 
 
