@@ -257,3 +257,34 @@ def test_more_lanes_than_allowed_is_refused() -> None:
     with TcpBackend().listen(host="127.0.0.1", port=0, supported=Capability(0)) as listener:
         reply = _accept_after(listener, too_many_lanes)
     assert reply[0] == Kind.REJECT and b"more than 16 lanes" in reply
+
+
+def test_a_peer_that_stops_reading_fails_a_send_instead_of_blocking_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rdmamig_tcp.lanes.FRAME_TIMEOUT", 2.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def destination_that_never_reads() -> None:
+        conn, _ = server.accept()
+        conn.recv(4096)  # the CONNECT frame
+        granted = PrivateData().encode()
+        conn.sendall(header(Kind.ACCEPT, length=len(granted), rkey=1) + granted)
+        accepted.append(conn)  # and never reads again
+
+    thread = threading.Thread(target=destination_that_never_reads)
+    thread.start()
+    endpoint = TcpBackend().connect(host="127.0.0.1", port=server.getsockname()[1],
+                                    requested=Capability(0), timeout=5)
+    thread.join(5)
+    with endpoint:
+        buffer = mmap.mmap(-1, 64 << 20)
+        region = endpoint.register(buffer=memoryview(buffer), remote_write=False)
+        ticket = endpoint.post_writes(writes=[RemoteWrite(region=region, offset=0,
+                                                          length=64 << 20, remote_addr=0,
+                                                          rkey=1)])
+        with pytest.raises(TransportError, match="send failed: the peer read nothing"):
+            endpoint.wait_writes(ticket=ticket, timeout=60)
+        endpoint.deregister(region=region)
+    accepted[0].close()
+    server.close()

@@ -30,14 +30,21 @@ from rdmamig.errors import RemoteProtocolError, TransportError
 from rdmamig.regions import EndpointBase
 from rdmamig.transport import MemoryRegion, RemoteWrite
 
-from .frames import FENCE, FRAME, LANE_UNIT, MAX_REASON, SIGNALED, Kind, header, recv_exact
+from .frames import (
+    FENCE,
+    FRAME,
+    FRAME_TIMEOUT,
+    LANE_UNIT,
+    MAX_REASON,
+    SIGNALED,
+    Kind,
+    header,
+    recv_exact,
+)
 from .lanes import Lane
 
 #: Seconds close() gives queued frames to reach a peer that is not reading.
 CLOSE_TIMEOUT = 2.0
-#: Seconds a frame has, from its first byte, to arrive whole: a peer that stops
-#: halfway through a write breaks the connection instead of holding its region.
-FRAME_TIMEOUT = 30.0
 #: Control messages received and not taken yet. The protocol has at most a few in
 #: flight (one per READY); a peer that sends more is not waiting for READY, which
 #: an RDMA receiver refuses too (receiver not ready).

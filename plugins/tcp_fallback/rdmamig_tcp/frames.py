@@ -64,11 +64,20 @@ def header(
     return FRAME.pack(kind, flags, rkey, remote_addr, wr_id, length)
 
 
-def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
-    """sendmsg every buffer, gathering them without copying; resumes partial sends."""
+def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], *,
+             timeout: float | None = None) -> None:
+    """sendmsg every buffer, gathering them without copying; resumes partial sends.
+    With ``timeout`` (and :func:`set_wakeups`), a peer that stops reading for that
+    long makes it raise TimeoutError instead of blocking for ever."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    deadline = None if timeout is None else time.monotonic() + timeout
     while pending:
-        sent = sock.sendmsg(pending[:MAX_IOV])
+        try:
+            sent = sock.sendmsg(pending[:MAX_IOV])
+        except BlockingIOError:  # a wake-up: no room in the peer's window meanwhile
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the peer read nothing for {timeout} s") from None
+            continue
         while sent:
             if sent >= pending[0].nbytes:
                 sent -= pending[0].nbytes
@@ -78,17 +87,24 @@ def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None
                 sent = 0
 
 
-#: How often a blocked receive wakes to look at its deadline (SO_RCVTIMEO).
+#: How often a blocked send or receive wakes to look at its deadline.
 WAKE_SECONDS: Final = 0.5
+#: Seconds a frame has, from its first byte, to arrive whole, and a send to find
+#: room: a peer that stops halfway through a write breaks the connection instead of
+#: holding its region, and one that stops reading cannot block us for ever.
+FRAME_TIMEOUT: Final = 30.0
 
 
-def set_receive_wakeups(sock: socket.socket) -> None:
-    """Make a blocking receive on ``sock`` return every :data:`WAKE_SECONDS` without
-    data (EAGAIN), so that :func:`recv_exact` can keep a deadline. Sends are not
-    affected, unlike with a socket timeout: a lane's sender shares the socket."""
+def set_wakeups(sock: socket.socket) -> None:
+    """Make blocking sends and receives on ``sock`` return every
+    :data:`WAKE_SECONDS` without progress (EAGAIN, SO_SNDTIMEO / SO_RCVTIMEO), so
+    that :func:`send_all` and :func:`recv_exact` can keep deadlines. A socket
+    timeout would not do: it is one per socket, and a lane's sender and receiver
+    are two threads with deadlines of their own."""
     seconds = int(WAKE_SECONDS)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                    struct.pack("ll", seconds, int((WAKE_SECONDS - seconds) * 1e6)))
+    wake = struct.pack("ll", seconds, int((WAKE_SECONDS - seconds) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wake)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wake)
 
 
 def recv_exact(sock: socket.socket, into: memoryview, *, timeout: float | None = None,
@@ -99,7 +115,7 @@ def recv_exact(sock: socket.socket, into: memoryview, *, timeout: float | None =
     With ``timeout``, all of ``into`` must arrive within that many seconds (from the
     call, or with ``idle`` from its first byte: a connection may be quiet between
     frames, not in one), else TimeoutError; the socket needs
-    :func:`set_receive_wakeups`. A peer dripping one byte at a time is held to it."""
+    :func:`set_wakeups`. A peer dripping one byte at a time is held to it."""
     got = 0
     size = into.nbytes
     deadline = None if timeout is None or idle else time.monotonic() + timeout

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from rdmamig.transport import MemoryRegion
 
-from .frames import send_all, set_receive_wakeups
+from .frames import FRAME_TIMEOUT, send_all, set_wakeups
 
 #: A queue item: half-close the socket once everything before it is sent.
 _SHUT_WR = object()
@@ -42,7 +42,7 @@ class Lane:
     def __init__(self, sock: socket.socket, index: int, *,
                  on_send_error: Callable[[OSError], None]) -> None:
         sock.settimeout(None)
-        set_receive_wakeups(sock)  # the receiver keeps deadlines in a frame
+        set_wakeups(sock)  # sends and receives keep deadlines
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.index = index
@@ -84,7 +84,7 @@ class Lane:
             self._queue.put(frames)
             return
         try:
-            send_all(self.sock, frames)
+            send_all(self.sock, frames, timeout=FRAME_TIMEOUT)
         except OSError as exc:
             self._on_send_error(exc)
         finally:
@@ -105,7 +105,8 @@ class Lane:
                     if item is _SHUT_WR:
                         self.sock.shutdown(socket.SHUT_WR)
                     else:
-                        send_all(self.sock, item)  # type: ignore[arg-type]
+                        send_all(self.sock, item,  # type: ignore[arg-type]
+                                 timeout=FRAME_TIMEOUT)
             except OSError as exc:
                 self._on_send_error(exc)
                 return

@@ -44,7 +44,7 @@ from .frames import (
     header,
     recv_exact,
     send_all,
-    set_receive_wakeups,
+    set_wakeups,
 )
 
 log = logging.getLogger("rdmamig.tcp")
@@ -88,7 +88,8 @@ def _read_frame(sock: socket.socket, expected: set[Kind], limit: int,
 def _reject(sock: socket.socket, reason: str) -> None:
     encoded = reason.encode()[:MAX_REASON]
     with contextlib.suppress(OSError):
-        send_all(sock, [header(Kind.REJECT, length=len(encoded)), encoded])
+        send_all(sock, [header(Kind.REJECT, length=len(encoded)), encoded],
+                 timeout=HANDSHAKE_TIMEOUT)
 
 
 def _close_all(socks: Sequence[socket.socket | None]) -> None:
@@ -175,7 +176,7 @@ class TcpListener(Listener):
         keep = False
         try:
             conn.settimeout(None)
-            set_receive_wakeups(conn)
+            set_wakeups(conn)
             first = _read_frame(conn, {Kind.CONNECT, Kind.JOIN}, len(MAGIC) + 192,
                                 HANDSHAKE_TIMEOUT)
             if first.kind == Kind.CONNECT:
@@ -210,7 +211,7 @@ class TcpListener(Listener):
                 self._joining[token] = joining
         granted = reply.encode()
         send_all(conn, [header(Kind.ACCEPT, length=len(granted), rkey=lanes, wr_id=token),
-                        granted])
+                        granted], timeout=HANDSHAKE_TIMEOUT)
         if lanes > 1 and not joining.done.wait(HANDSHAKE_TIMEOUT):
             with self._lock:
                 self._joining.pop(token, None)
@@ -227,7 +228,7 @@ class TcpListener(Listener):
             if not 0 < join.lanes < len(joining.socks) or joining.socks[join.lanes]:
                 raise RemoteProtocolError(f"lane={join.lanes} at offset 4: not a lane "
                                           f"still to join")
-            send_all(conn, [header(Kind.ACCEPT)])
+            send_all(conn, [header(Kind.ACCEPT)], timeout=HANDSHAKE_TIMEOUT)
             joining.socks[join.lanes] = conn
             if all(joining.socks):
                 del self._joining[join.token]
