@@ -36,8 +36,9 @@ def _region(size: int = GiB) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 
 
-def _rdmamig_receiver(pipe: Connection, backend_name: str, host: str, size: int) -> None:
-    backend = load_registry().backend(backend_name)()
+def _rdmamig_receiver(pipe: Connection, backend_name: str, host: str, size: int,
+                      options: dict[str, Any]) -> None:
+    backend = load_registry().backend(backend_name)(**options)
     listener = backend.listen(host=host, port=0, supported=Capability(0))
     pipe.send(listener.address[1])
     endpoint = listener.accept(timeout=30)
@@ -64,12 +65,15 @@ def _plain_receiver(pipe: Connection, size: int, total: int) -> None:
 
 
 def bench_rdmamig(size: int, total: int, *, backend: str = "tcp", host: str = "127.0.0.1",
-                  region: int = GiB, **options: Any) -> float:
+                  region: int = GiB, receiver: dict[str, Any] | None = None,
+                  **options: Any) -> float:
     """Bytes/s of one-sided writes of ``size`` bytes into a ``region``-byte registered
-    region of another process, over ``backend`` made with ``options``."""
+    region of another process, over ``backend`` made with ``options`` (the
+    receiver's with ``receiver``)."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_rdmamig_receiver, args=(child, backend, host, region))
+    process = ctx.Process(target=_rdmamig_receiver,
+                          args=(child, backend, host, region, receiver or {}))
     process.start()
     port = parent.recv()
     endpoint = load_registry().backend(backend)(**options).connect(

@@ -53,8 +53,8 @@ def available_backend(backend: type[Backend], options: dict[str, Any] | None = N
     try:
         instance = backend(**(options or {}))
     except TypeError:
-        raise ConfigurationError(f"backend {backend.name!r} takes no option "
-                                 f"{', '.join('--' + key for key in options or {})}") from None
+        named = ", ".join("--" + key.replace("_", "-") for key in options or {})
+        raise ConfigurationError(f"backend {backend.name!r} takes no option {named}") from None
     reason = instance.unavailable_reason()
     if reason is not None:
         raise ConfigurationError(f"backend {backend.name!r} cannot run here: {reason}")

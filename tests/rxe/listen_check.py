@@ -37,7 +37,7 @@ def send(host: str, block: Path, key: Path | None) -> subprocess.CompletedProces
 
 def main() -> None:
     host = sys.argv[1]
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:  # the guest's /var/tmp is read-only
         work = Path(tmp)
         key, wrong = work / "key", work / "wrong"
         for path in (key, wrong):

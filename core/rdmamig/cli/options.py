@@ -91,6 +91,17 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the peer (default 60)")
+    tls = parser.add_argument_group("TLS (tcp backend)")
+    tls.add_argument("--tls", action="store_true",
+                     help="encrypt with TLS: a listener presents --tls-cert, a source checks "
+                          "it against --tls-ca or the system's CAs and the host name")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM",
+                     help="this side's certificate (a listener needs one); implies --tls")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM",
+                     help="its private key (default: in --tls-cert)")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM",
+                     help="CA the peer's certificate must come from; on a listener, "
+                          "sources must present one")
     parser.add_argument("--psk-file", type=Path, metavar="FILE",
                         help="a pre-shared key both ends prove (mode 600; default: "
                              "$RDMAMIG_PSK if set). QEMU peers cannot: none for them")
@@ -158,6 +169,9 @@ def backend_options(args: argparse.Namespace, registry: Registry) -> dict[str, A
     options: dict[str, Any] = {}
     if args.device:
         options["device"] = args.device
+    if args.tls or args.tls_cert or args.tls_key or args.tls_ca:
+        options.update(tls=True, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_ca=args.tls_ca)
     channels = getattr(args, "channels", 1)
     if channels > backend.max_channels:
         raise UsageError(f"argument --channels: '{channels}' is not a whole number "

@@ -23,10 +23,12 @@ import logging
 import queue
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, cast
 
 import attrs
 from rdmamig import caps
@@ -46,6 +48,7 @@ from .frames import (
     send_all,
     set_wakeups,
 )
+from .tls import TlsOptions, wrap
 
 log = logging.getLogger("rdmamig.tcp")
 
@@ -126,8 +129,10 @@ class TcpListener(Listener):
     """A listening TCP socket that hands out :class:`TcpEndpoint` connections."""
 
     def __init__(self, sock: socket.socket, *, supported: Capability,
-                 required: Capability = Capability(0)) -> None:
+                 required: Capability = Capability(0),
+                 tls: ssl.SSLContext | None = None) -> None:
         self._sock = sock
+        self._tls = tls
         self._supported = supported
         self._required = required
         self._ready: queue.Queue[TcpEndpoint] = queue.Queue(MAX_WAITING)
@@ -175,6 +180,10 @@ class TcpListener(Listener):
         lane to one. Anything else, or a failure, closes the connection."""
         keep = False
         try:
+            if self._tls is not None:
+                # A TLS socket stands in for the socket (tls.TlsSocket says how).
+                conn = cast(socket.socket, wrap(conn, self._tls, server_side=True,
+                                                timeout=HANDSHAKE_TIMEOUT))
             conn.settimeout(None)
             set_wakeups(conn)
             first = _read_frame(conn, {Kind.CONNECT, Kind.JOIN}, len(MAGIC) + 192,
@@ -187,6 +196,8 @@ class TcpListener(Listener):
         except RemoteProtocolError as exc:
             log.warning("refused %s: %s", peer, exc)
             _reject(conn, f"connection refused: {exc}")
+        except ssl.SSLError as exc:
+            log.warning("refused %s: TLS: %s", peer, exc.reason or exc)
         except (OSError, ConnectionError) as exc:
             log.warning("dropped %s during the handshake: %s", peer,
                         "timed out" if isinstance(exc, TimeoutError) else exc)
@@ -270,12 +281,21 @@ class TcpBackend(Backend):
     supported: ClassVar[Capability] = caps.KNOWN_CAPABILITIES
     max_channels: ClassVar[int] = MAX_LANES
 
-    def __init__(self, *, channels: int = 1) -> None:
+    def __init__(self, *, channels: int = 1, tls: bool = False, tls_cert: Path | None = None,
+                 tls_key: Path | None = None, tls_ca: Path | None = None) -> None:
         """``channels``: TCP connections a source stripes its writes over (QEMU's
-        multifd channels), 1 to 16. A listener takes whatever its source asks for."""
+        multifd channels), 1 to 16. A listener takes whatever its source asks for.
+
+        ``tls`` (or any of the files) runs every connection over TLS
+        (:mod:`rdmamig_tcp.tls`): a listener presents ``tls_cert`` / ``tls_key``
+        and with ``tls_ca`` requires client certificates; a source checks the
+        listener against ``tls_ca`` (default: the system's CAs) and may present
+        its own."""
         if not 1 <= channels <= MAX_LANES:
             raise ValueError(f"channels={channels}: must be 1 to {MAX_LANES}")
         self.channels = channels
+        self.tls = (TlsOptions(certificate=tls_cert, key=tls_key, ca=tls_ca)
+                    if tls or tls_cert or tls_key or tls_ca else None)
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -296,14 +316,21 @@ class TcpBackend(Backend):
         except OSError as exc:
             sock.close()
             raise _oserror(f"cannot listen on {host}:{port}", exc) from None
-        return TcpListener(sock, supported=supported & self.supported, required=required)
+        try:
+            context = self.tls.server_context() if self.tls is not None else None
+        except BaseException:
+            sock.close()
+            raise
+        return TcpListener(sock, supported=supported & self.supported, required=required,
+                           tls=context)
 
     def connect(
         self, *, host: str, port: int, requested: Capability, timeout: float | None
     ) -> TcpEndpoint:
         socks: list[socket.socket] = []
+        context = self.tls.client_context() if self.tls is not None else None
         try:
-            socks.append(self._open(host, port, timeout))
+            socks.append(self._open(host, port, timeout, context))
             hello = MAGIC + PrivateData(flags=int(requested)).encode()
             send_all(socks[0], [header(Kind.CONNECT, length=len(hello), rkey=self.channels),
                                 hello])
@@ -313,24 +340,36 @@ class TcpBackend(Backend):
                 raise RemoteProtocolError(f"lanes={reply.lanes} at offset 4: asked for "
                                           f"{self.channels} lanes")
             for lane in range(1, self.channels):
-                socks.append(self._open(host, port, timeout))
+                socks.append(self._open(host, port, timeout, context))
                 send_all(socks[lane], [header(Kind.JOIN, rkey=lane, wr_id=reply.token)])
                 self._answer(socks[lane], host, port)
         except BaseException as exc:
             _close_all(socks)
+            if isinstance(exc, ssl.SSLError):
+                raise TransportError(f"TLS with {host}:{port}: {exc.reason or exc}",
+                                     errno=errno.EPROTO) from None
             if isinstance(exc, OSError):
                 raise _oserror(f"handshake with {host}:{port}", exc) from None
             raise
         return TcpEndpoint(socks, capabilities=granted)
 
     @staticmethod
-    def _open(host: str, port: int, timeout: float | None) -> socket.socket:
+    def _open(host: str, port: int, timeout: float | None,
+              tls: ssl.SSLContext | None) -> socket.socket:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise _oserror(f"cannot connect to {host}:{port}", exc) from None
         sock.settimeout(timeout if timeout is not None else HANDSHAKE_TIMEOUT)
-        return sock
+        if tls is None:
+            return sock
+        try:
+            # A TLS socket stands in for the socket (tls.TlsSocket says how).
+            return cast(socket.socket, wrap(sock, tls, server_side=False, server_hostname=host,
+                                            timeout=timeout or HANDSHAKE_TIMEOUT))
+        except BaseException:
+            sock.close()
+            raise
 
     @staticmethod
     def _answer(sock: socket.socket, host: str, port: int) -> _Handshake:
