@@ -50,17 +50,20 @@ def main() -> None:
         tls_receiver = {"tls_cert": cert, "tls_key": key}
         print(f"# {time.strftime('%Y-%m-%d')}, loopback, medians of {args.repeat} "
               f"alternating runs of {args.gib} GiB")
-        print("| write size | tcp GB/s | tcp + TLS GB/s | ratio |")
-        print("|---|---|---|---|")
+        print("| write size | tcp GB/s | tcp + TLS GB/s | ratio | tcp + TLS, 4 lanes GB/s "
+              "| ratio |")
+        print("|---|---|---|---|---|---|")
         for size in SIZES:
-            plain, tls = [], []
+            plain, tls, lanes = [], [], []
             for _ in range(args.repeat):
                 total = int(args.gib * GiB)
                 plain.append(bench_rdmamig(size, total))
                 tls.append(bench_rdmamig(size, total, receiver=tls_receiver, tls_ca=ca))
-            p, t = statistics.median(plain), statistics.median(tls)
-            print(f"| {size >> 10} KiB | {p / 1e9:.2f} | {t / 1e9:.2f} | {t / p:.2f} |",
-                  flush=True)
+                lanes.append(bench_rdmamig(size, total, receiver=tls_receiver, tls_ca=ca,
+                                           channels=4))
+            p, t, t4 = (statistics.median(runs) for runs in (plain, tls, lanes))
+            print(f"| {size >> 10} KiB | {p / 1e9:.2f} | {t / 1e9:.2f} | {t / p:.2f} | "
+                  f"{t4 / 1e9:.2f} | {t4 / p:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

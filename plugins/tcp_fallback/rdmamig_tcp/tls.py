@@ -93,6 +93,9 @@ class TlsSocket:
         self._state = threading.Lock()  # the SSLObject and its BIOs
         self._sending = threading.Lock()  # the socket's sending side, in record order
         self._eof = False
+        # Only the receiving thread reads into it: one buffer, no allocation per read.
+        self._scratch = bytearray(_READ)
+        self._scratch_view = memoryview(self._scratch)
 
     # ------------------------------------------------------------ what lanes call
 
@@ -135,10 +138,10 @@ class TlsSocket:
                         return 0
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return 0
-            raw = self._sock.recv(_READ)
+            count = self._sock.recv_into(self._scratch)
             with self._state:
-                if raw:
-                    self._incoming.write(raw)
+                if count:
+                    self._incoming.write(self._scratch_view[:count])
                 else:
                     self._incoming.write_eof()
                     self._eof = True
