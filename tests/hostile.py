@@ -30,14 +30,16 @@ HOST = "127.0.0.1"
 
 
 class Service:
-    """``rdmamig listen`` serving into ``images`` (a process of its own)."""
+    """``rdmamig listen`` serving into ``images`` (a process of its own, started by
+    ``wrapper``, ``prlimit`` say)."""
 
-    def __init__(self, images: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, images: Path, *extra: str, env: dict[str, str] | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.images = images
         self.log = images.parent / f"{images.name}.log"
         self._log = self.log.open("w")
         self.process = subprocess.Popen(
-            [*RDMAMIG, "listen", f"{HOST}:0", "--into", str(images), *extra],
+            [*wrapper, *RDMAMIG, "listen", f"{HOST}:0", "--into", str(images), *extra],
             stdout=subprocess.PIPE, stderr=self._log, text=True,
             env={**os.environ, **(env or {})})
         assert self.process.stdout is not None
@@ -85,10 +87,11 @@ class Service:
 
 
 @contextmanager
-def service(images: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Service]:
+def service(images: Path, *extra: str, env: dict[str, str] | None = None,
+            wrapper: tuple[str, ...] = ()) -> Iterator[Service]:
     """A running service; stopped (SIGTERM) at the end, which it must survive
     cleanly: exit 130 and no staging left behind."""
-    running = Service(images, *extra, env=env)
+    running = Service(images, *extra, env=env, wrapper=wrapper)
     try:
         yield running
     finally:
@@ -98,9 +101,10 @@ def service(images: Path, *extra: str, env: dict[str, str] | None = None) -> Ite
 
 
 def real_migration(port: int, *, size: int = 4 << 20, key: PreSharedKey | None = None,
-                   channels: int = 1, name: str = "mem", seed: int = 1
+                   channels: int = 1, name: str = "mem", seed: int = 1, blocks: int = 1
                    ) -> tuple[SourceResult, str | None, RamBlock]:
-    """A real rdmamig source migrating ``size`` random bytes: what it said."""
+    """A real rdmamig source migrating ``size`` random bytes (and ``blocks - 1``
+    one-page blocks more): what it said, and the first block."""
     registry = load_registry()
     requested = SOURCE_DEFAULTS | (Capability.AUTH if key is not None else Capability(0))
     plan = Plan(backend=registry.backend("tcp"),
@@ -109,7 +113,8 @@ def real_migration(port: int, *, size: int = 4 << 20, key: PreSharedKey | None =
                 requested=requested, config=SourceConfig(timeout=20), key=key)
     block = RamBlock.anonymous(name, size)
     block.array[:] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
-    result, error = run_source(plan, HOST, port, [block])
+    more = [RamBlock.anonymous(f"{name}{index}", 4096) for index in range(1, blocks)]
+    result, error = run_source(plan, HOST, port, [block, *more])
     return result, error, block
 
 

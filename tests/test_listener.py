@@ -395,3 +395,12 @@ def test_an_image_path_planted_beforehand_is_left_alone(tmp_path: Path) -> None:
         for link in images.iterdir():
             link.unlink()
         assert_serves(listener)
+
+
+def test_a_low_open_file_limit_is_raised_for_blocks_that_keep_a_descriptor(
+        tmp_path: Path) -> None:
+    # 256 blocks (the most a source may declare), each a mapping with a descriptor,
+    # under a soft limit of 200.
+    with service(tmp_path / "images", wrapper=("prlimit", "--nofile=200:4096")) as listener:
+        result, error, _block = real_migration(listener.port, size=MiB, blocks=256)
+        assert error is None and result.committed, listener.log.read_text()

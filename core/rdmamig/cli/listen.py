@@ -17,6 +17,7 @@ import datetime
 import errno
 import itertools
 import logging
+import resource
 import threading
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     for staging in stale:
         log.info("removed %s, left by a listener that was killed", staging)
     service = _Service(args, key)
+    _allow_open_files(1 if args.once else args.max_sessions, service.limits.max_blocks)
     with listen(backend, host, port, key=key) as listener:
         bound = listener.address[1]
         print(f"listening on {f'[{host}]' if ':' in host else host}:{bound}", flush=True)
@@ -115,6 +117,19 @@ def run(args: argparse.Namespace) -> int:
         sessions = args.max_sessions if listener.concurrent else 1
         _serve(service, listener, sessions)
     return 0
+
+
+def _allow_open_files(sessions: int, blocks: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: a mapped block keeps a file
+    descriptor (Python's mmap holds a copy of it), so ``sessions`` migrations of up
+    to ``blocks`` blocks need that many and more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = sessions * (blocks + 16) + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            log.warning("RLIMIT_NOFILE is %d: %d migrations of %d blocks each may need %d "
+                        "file descriptors", hard, sessions, blocks, needed)
 
 
 def _check_image_directory(path: Path) -> None:

@@ -22,8 +22,9 @@ MAGIC = b"RMIGSTR\x01"
 RECORD = struct.Struct("!BI")
 # name length (u16), block length (u64), then the name (UTF-8)
 BLOCK_ENTRY = struct.Struct("!HQ")
-#: Largest record we accept (the application state may be large, but not unbounded).
-MAX_RECORD = 1 << 30
+#: Largest record we accept: the state is held in memory until the end, so it is
+#: bounded as a QEMU stream's device state is (qemu.decoder.MAX_DEVICE_STATE).
+MAX_RECORD = 256 << 20
 #: Largest ORIGIN record.
 MAX_ORIGIN = 1 << 20
 
