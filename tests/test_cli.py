@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import xxhash
 from rdmamig.caps import Capability
+from rdmamig.cli.options import parse_size
 from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
 from rdmamig.errors import MigrationError
 from rdmamig.image import open_image
@@ -79,6 +81,19 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
     (["send", "127.0.0.1:1", "--block", "a=/etc/hostname"], "not a positive multiple"),
     (["send", "127.0.0.1:9", "--block", f"a={__file__}x"], "No such file"),
     (["send", "no-port", "--block", "a=b"], "cannot parse address 'no-port'"),
+    (["migrate", "--ram", "1.5"], "size '1.5' is 1.5 bytes: not a whole number of bytes"),
+    (["migrate", "--ram", "1PB"], "cannot parse size '1PB'"),
+    (["migrate", "--timeout", "-1"], "argument --timeout: '-1' is not a number of seconds"),
+    (["migrate", "--timeout", "inf"], "argument --timeout: 'inf' is not a number of seconds"),
+    (["migrate", "--timeout", "nan"], "argument --timeout: 'nan' is not a number of seconds"),
+    (["migrate", "--zero-fraction", "1.5"], "'1.5' is not a fraction from 0 to 1"),
+    (["migrate", "--blocks", "0"], "argument --blocks: '0' is not a whole number 1 or more"),
+    (["migrate", "--report", "/nonexistent/r.json"],
+     "cannot write '/nonexistent/r.json': /nonexistent is not a directory"),
+    (["migrate", "--report", "/"], "'/' is a directory, not a file to write"),
+    (["migrate", "--plot", "/nonexistent/p.png"], "cannot write '/nonexistent/p.png'"),
+    (["listen", "127.0.0.1:0", "--once", "--into", "/nonexistent/img"],
+     "/nonexistent is not a directory"),
 ])
 def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
     result = run(*args)
@@ -116,11 +131,32 @@ def test_policy_lab_compares_policies_under_their_caps(tmp_path: Path) -> None:
         assert column in result.stdout
 
 
-def test_unreachable_address_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("text", "size"), [
+    ("4096", 4096), ("1.5K", 1536), ("1GB", 10**9), ("2TB", 2 * 10**12), ("1T", 2**40),
+    ("1e9", 10**9), ("512MiB", 512 << 20), ("0.5G", 1 << 29),
+])
+def test_sizes_take_decimal_and_binary_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_a_report_can_go_to_standard_output() -> None:
+    result = run("migrate", "--ram", "4MiB", "--quiet", "--report", "-")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["verified"]
+    assert not Path("-").exists()
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and re.fullmatch(
+        r"rdmamig \S+ \(protocol version 1\)\n", result.stdout)
+
+
+def test_unreachable_address_exits_3(tmp_path: Path) -> None:
     block = tmp_path / "b"
     block.write_bytes(bytes(MiB))
     result = run("send", "127.0.0.1:1", "--block", f"ram={block}", "--quiet")
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert "cannot reach the destination 127.0.0.1:1" in result.stderr
 
 

@@ -4,6 +4,7 @@ policy lab run)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import signal
 from collections.abc import Callable
@@ -59,7 +60,8 @@ def _destination_child(backend_name: str, options: dict[str, Any], host: str,
                               announce=lambda port: pipe.send(port), key=key)
         pipe.send(attrs.asdict(destination.result))
     except BaseException as exc:  # the parent must hear about anything
-        pipe.send(f"destination failed: {exc}")
+        with contextlib.suppress(OSError):  # unless it is gone (Ctrl-C)
+            pipe.send(f"destination failed: {exc}")
     finally:
         pipe.close()
 

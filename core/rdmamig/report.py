@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,13 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write ``report`` as JSON."""
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    """Write ``report`` as JSON (to standard output for ``-``)."""
+    text = json.dumps(report, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        path.write_text(text)
 
 
 def summary_table(report: dict[str, Any]) -> Any:

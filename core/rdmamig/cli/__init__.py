@@ -2,19 +2,22 @@
 here (``migrate``, ``listen``, ``send``, ``image``, ``policies``, ``backends``), and
 :mod:`.options` holds what they share.
 
-Bad arguments (unknown backend or policy, unparsable size, options a plugin cannot
-take, an unreachable address) end in one clear line on stderr and exit status 2; a
-failed migration exits 1.
+Bad arguments (unknown backend or policy, unparsable size, an output file that
+cannot be written, options a plugin cannot take) end in one clear line on stderr
+before any work and exit status 2; a peer that cannot be reached or refuses exits
+3; a failed migration exits 1; SIGINT and SIGTERM exit 130, cleaned up.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
+from ..caps import PROTOCOL_VERSION
 from ..errors import ConfigurationError, RdmamigError, UnknownNameError, UnreachableError
 from . import backends, image, listen, migrate, policies, send
 
@@ -22,11 +25,23 @@ from . import backends, image, listen, migrate, policies, send
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
     parser = argparse.ArgumentParser(
-        prog="rdmamig", description="Live migration of memory over RDMA, QEMU's protocol.")
+        prog="rdmamig", description="Live migration of memory over RDMA, QEMU's protocol.",
+        epilog="Exit status: 0 done, 1 the migration failed, 2 bad usage or configuration, "
+               "3 the peer could not be reached or refused the connection, 130 interrupted "
+               "(SIGINT, SIGTERM).")
+    parser.add_argument("--version", action="version",
+                        version=f"rdmamig {_version()} (protocol version {PROTOCOL_VERSION})")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in (backends, policies, migrate, listen, send, image):
         verb.add_verb(verbs)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("rdmamig")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -39,14 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format=f"rdmamig {args.verb}: %(message)s", level=logging.WARNING)
-    if args.verb == "listen":  # a service says what it served
-        logging.getLogger("rdmamig").setLevel(logging.INFO)
+    # A service says what it served; -q quiets it, -v makes anything say more.
+    verbose = getattr(args, "verbose", 0) - getattr(args, "quiet", False)
+    verbose += args.verb == "listen"
+    logging.getLogger("rdmamig").setLevel(logging.WARNING - 10 * max(min(verbose, 2), -1))
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.run(args))
-    except (ConfigurationError, UnknownNameError, UnreachableError) as exc:
+    except (ConfigurationError, UnknownNameError) as exc:
         print(f"rdmamig {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except UnreachableError as exc:
+        print(f"rdmamig {args.verb}: error: {exc}", file=sys.stderr)
+        return 3
     except RdmamigError as exc:
         print(f"rdmamig {args.verb}: failed: {exc}", file=sys.stderr)
         return 1

@@ -10,7 +10,15 @@ from ..loopback import Guest, migrate_locally
 from ..migration import available_backend
 from ..plugins import load_registry
 from ..workload import PATTERNS
-from .options import add_source_arguments, finish, parse_size, plan_from_args, progress_display
+from .options import (
+    add_source_arguments,
+    finish,
+    parse_fraction,
+    parse_size,
+    plan_from_args,
+    progress_display,
+    whole_number,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,9 +38,10 @@ def add_verb(verbs: Any) -> None:
     migrate = verbs.add_parser("migrate", help="migrate a synthetic guest over loopback "
                                                "(a destination process and a source)")
     migrate.add_argument("--ram", type=parse_size, default=2**30, help="RAM size (1GiB)")
-    migrate.add_argument("--blocks", type=int, default=1, help="number of RAM blocks")
-    migrate.add_argument("--zero-fraction", type=float, default=0.0,
-                         help="fraction of pages that are zero")
+    migrate.add_argument("--blocks", type=whole_number(1), default=1,
+                         help="number of RAM blocks (default 1)")
+    migrate.add_argument("--zero-fraction", type=parse_fraction, default=0.0,
+                         help="fraction of pages that are zero, 0 to 1 (default 0)")
     migrate.add_argument("--dirty-rate", type=parse_size, default=0, metavar="RATE",
                          help="bytes per second the workload dirties (e.g. 100MiB)")
     migrate.add_argument("--pattern", choices=PATTERNS, default="uniform")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import decimal
+import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,16 +24,66 @@ from ..plugins import Registry
 from ..policy import Hint, PolicyOptions
 from ..report import plot_timeline, require_matplotlib, summary_table, write_report
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 1000, "kib": 2**10, "m": 2**20, "mb": 1000**2,
-          "mib": 2**20, "g": 2**30, "gb": 1000**3, "gib": 2**30, "t": 2**40, "tib": 2**40}
+_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    # K, M, G, T alone are binary, as in QEMU; KB, MB... decimal; KiB, MiB... binary.
+    _UNITS.update({_letter: 1024**_power, _letter + "ib": 1024**_power,
+                   _letter + "b": 1000**_power})
 
 
 def parse_size(text: str) -> int:
-    """``1GiB``, ``512M``, ``4096`` -> bytes (K/M/G alone are binary, as in QEMU)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    """``1GiB``, ``512M``, ``1.5G``, ``2TB``, ``1e9``, ``4096`` -> bytes (K, M, G, T
+    alone are binary, as in QEMU; KB... decimal). A size must come to whole bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?(?:[eE]\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
-        raise UsageError(f"cannot parse size {text!r} (examples: 1GiB, 512M, 4096)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise UsageError(f"cannot parse size {text!r} (examples: 1GiB, 512M, 1.5G, 2TB, "
+                         f"4096)")
+    size = decimal.Decimal(match.group(1)) * _UNITS[match.group(2).lower()]
+    if size != size.to_integral_value():
+        raise UsageError(f"size {text!r} is {size} bytes: not a whole number of bytes")
+    return int(size)
+
+
+def parse_seconds(text: str) -> float:
+    """An option's parser: a number of seconds, more than 0 and finite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise UsageError(f"{text!r} is not a number of seconds (more than 0)")
+    return value
+
+
+def parse_fraction(text: str) -> float:
+    """An option's parser: a fraction from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise UsageError(f"{text!r} is not a fraction from 0 to 1")
+    return value
+
+
+#: What an output option takes for standard output.
+STDOUT = Path("-")
+
+
+def output_file(text: str) -> Path:
+    """An option's parser: a file to write (``-``: standard output), checked before
+    any work: its directory exists and may be written, and it is not a directory."""
+    path = Path(text)
+    if path == STDOUT:
+        return path
+    directory = path.parent
+    if path.is_dir():
+        raise UsageError(f"{text!r} is a directory, not a file to write")
+    if not directory.is_dir():
+        raise UsageError(f"cannot write {text!r}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {text!r}: {directory} is not writable")
+    return path
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -84,12 +137,18 @@ def parse_hint(text: str) -> Hint:
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of every verb that connects: backend, device, report, timeout."""
+    """Options of every verb that connects: backend, device, report, timeout, TLS, key,
+    and how much it says."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no live progress display; log only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v: each step, -vv: debugging); repeat for more")
     parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
     parser.add_argument("--device", metavar="NAME",
                         help="RDMA device the address must be on (verbs; e.g. rxe0, mlx5_0)")
-    parser.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report")
-    parser.add_argument("--timeout", type=float, default=60.0,
+    parser.add_argument("--report", type=output_file, metavar="FILE.json",
+                        help="write a JSON report (-: standard output)")
+    parser.add_argument("--timeout", type=parse_seconds, default=60.0,
                         help="seconds to wait for the peer (default 60)")
     tls = parser.add_argument_group("TLS (tcp backend)")
     tls.add_argument("--tls", action="store_true",
@@ -144,9 +203,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hints-file", type=Path, help="file of hints, one per line")
     parser.add_argument("--pin-all", action="store_true",
                         help="ask for PIN_ALL: register whole blocks up front")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+    parser.add_argument("--plot", type=output_file, metavar="FILE.png",
                         help="draw a timeline (needs matplotlib)")
-    parser.add_argument("--quiet", action="store_true", help="no live progress display")
 
 
 def source_config(args: argparse.Namespace) -> SourceConfig:
