@@ -55,7 +55,7 @@ def main() -> None:
             line = listener.stdout.readline()
             check(line.startswith("listening on"), f"listen did not start: {line!r}")
             refused = send(host, block, None)
-            check(refused.returncode == 2 and "requires AUTH" in refused.stderr,
+            check(refused.returncode == 3 and "requires AUTH" in refused.stderr,
                   f"a source without the key was not refused: {refused.stderr}")
             wrong_key = send(host, block, wrong)
             check(wrong_key.returncode == 1 and "could not prove" in wrong_key.stderr,
