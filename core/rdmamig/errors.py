@@ -105,6 +105,10 @@ class VerificationError(MigrationError):
     """After transfer, a block's hash on the destination differs from the source's."""
 
 
+class MigrationCancelledError(MigrationError):
+    """The migration was cancelled (``migrate_cancel``); it ends as a failed one does."""
+
+
 class AuthenticationError(MigrationError):
     """The peer could not prove the pre-shared key, or would not try."""
 

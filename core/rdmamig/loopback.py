@@ -19,6 +19,7 @@ from .errors import ConfigurationError, MigrationError
 from .migration import Plan, receive, run_source
 from .plugins import load_registry
 from .report import build_report
+from .status import Monitor
 from .workload import SyntheticWorkload, fill_guest
 
 
@@ -68,15 +69,18 @@ def _destination_child(backend_name: str, options: dict[str, Any], host: str,
 
 def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
                     on_progress: Callable[[dict[str, float]], None] | None = None,
-                    ) -> dict[str, Any]:
+                    monitor: Monitor | None = None) -> dict[str, Any]:
     """Migrate a synthetic guest from this process to a destination child process on
-    ``host``; returns the report (``verified`` says whether it worked).
+    ``host``; returns the report (``verified`` says whether it worked). ``monitor``
+    follows the source (:func:`~rdmamig.migration.run_source`).
 
     Raises:
         ConfigurationError: the guest's sizes or the plan's backend are unusable.
     """
     layout = guest.layout()
     ram_bytes = sum(length for _name, length in layout)
+    monitor = monitor or Monitor(total_bytes=ram_bytes, max_downtime=plan.config.max_downtime,
+                                 max_bandwidth=plan.config.max_bandwidth)
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     timeout = plan.config.timeout
@@ -98,7 +102,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
             raise MigrationError(port)
         workload.start()
         source, error = run_source(plan, host, port, blocks, workload=workload,
-                                   on_progress=on_progress)
+                                   on_progress=on_progress, monitor=monitor)
     except MigrationError as exc:
         error = str(exc)
     finally:
@@ -115,7 +119,8 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
         process.kill()
     return build_report(backend=plan.backend.name, policy=plan.policy.name,
                         ram_bytes=ram_bytes, source=source, destination=destination,
-                        error=error, pattern=guest.pattern, dirty_rate=guest.dirty_rate,
+                        error=error, status=monitor.query(), pattern=guest.pattern,
+                        dirty_rate=guest.dirty_rate,
                         pin_cap=plan.options.pin_cap,
                         channels=plan.backend_options.get("channels", 1),
                         unregister="async" if plan.config.async_unregister else "inline")

@@ -26,6 +26,7 @@ from .engine.outgoing import outgoing_for
 from .errors import ConfigurationError, MigrationError, RdmamigError, UnreachableError
 from .limits import Limits
 from .policy import PolicyOptions, UnpinPolicy
+from .status import Monitor, Status
 from .transport import Backend, Endpoint, Listener
 
 
@@ -64,9 +65,11 @@ def available_backend(backend: type[Backend], options: dict[str, Any] | None = N
 def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
                on_progress: Callable[[dict[str, float]], None] | None = None,
-               origin: dict[str, Any] | None = None) -> tuple[SourceResult, str | None]:
+               origin: dict[str, Any] | None = None,
+               monitor: Monitor | None = None) -> tuple[SourceResult, str | None]:
     """Connect and migrate ``blocks``: the source's result (what it did, also when it
-    failed) and the reason it failed, or None.
+    failed) and the reason it failed, or None. ``monitor`` hears its status from
+    ``setup`` on, and may cancel it or change its limits (:mod:`rdmamig.status`).
 
     A destination that grants none of rdmamig's extensions is an unmodified QEMU:
     it gets QEMU's own stream, which needs ``origin`` to be a QEMU image's.
@@ -77,18 +80,24 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
         UnreachableError: the destination cannot be reached.
     """
     backend = available_backend(plan.backend, plan.backend_options)
+    monitor = monitor or Monitor(total_bytes=sum(b.length for b in blocks),
+                                 max_downtime=plan.config.max_downtime,
+                                 max_bandwidth=plan.config.max_bandwidth)
+    monitor.set_status(Status.SETUP)
     started = time.monotonic()
     try:
         endpoint = backend.connect(host=host, port=port, requested=plan.requested,
                                    timeout=plan.config.timeout)
     except RdmamigError as exc:
+        monitor.set_status(Status.FAILED, str(exc))
         raise UnreachableError(f"cannot reach the destination {host}:{port}: {exc}") from exc
     with endpoint:
         outgoing = outgoing_for(origin, qemu_peer=is_qemu(requested=plan.requested,
                                                           granted=endpoint.capabilities))
         source = Source(endpoint, blocks, policy=plan.policy(plan.options), config=plan.config,
                         workload=workload, trackers=trackers, on_progress=on_progress,
-                        started_at=started, stream=outgoing, key=plan.key)
+                        started_at=started, stream=outgoing, key=plan.key,
+                        monitor=monitor)
         try:
             source.run()
         except MigrationError as exc:

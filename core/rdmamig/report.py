@@ -9,12 +9,15 @@ from typing import Any
 
 from .engine import DestinationResult, SourceResult
 from .errors import ConfigurationError
+from .status import capability_names
 
 
 def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceResult | None,
                  destination: DestinationResult | None, error: str | None = None,
-                 **extra: Any) -> dict[str, Any]:
-    """The ``--report`` JSON: every field QEMU's ``query-migrate`` users look for."""
+                 status: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``--report`` JSON: every field QEMU's ``query-migrate`` users look for,
+    and with ``status`` (a :class:`~rdmamig.status.Monitor`'s ``query()``) the
+    ``query-migrate`` answer itself, with the negotiated capabilities by name."""
     src = source or SourceResult()
     dst = destination or DestinationResult()
     total = src.total_time_s or dst.total_time_s
@@ -54,6 +57,9 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
         "throttle": src.throttle,
     }
     report.update(extra)
+    if status is not None:
+        report["query-migrate"] = {**status,
+                                   "capabilities": capability_names(src.capabilities)}
     report["timeline"] = {"source": src.timeline, "destination_pinned": dst.pinned_timeline}
     return report
 

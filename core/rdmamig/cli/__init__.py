@@ -11,12 +11,12 @@ before any work and exit status 2; a peer that cannot be reached or refuses exit
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..caps import PROTOCOL_VERSION
 from ..errors import ConfigurationError, RdmamigError, UnknownNameError, UnreachableError
 from . import backends, image, listen, migrate, policies, send
@@ -30,18 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                "3 the peer could not be reached or refused the connection, 130 interrupted "
                "(SIGINT, SIGTERM).")
     parser.add_argument("--version", action="version",
-                        version=f"rdmamig {_version()} (protocol version {PROTOCOL_VERSION})")
+                        version=f"rdmamig {__version__} (protocol version {PROTOCOL_VERSION})")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in (backends, policies, migrate, listen, send, image):
         verb.add_verb(verbs)
     return parser
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("rdmamig")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from ..loopback import Guest, migrate_locally
 from ..migration import available_backend
 from ..plugins import load_registry
+from ..status import Monitor
 from ..workload import PATTERNS
 from .options import (
     add_source_arguments,
@@ -17,6 +18,7 @@ from .options import (
     parse_size,
     plan_from_args,
     progress_display,
+    watched,
     whole_number,
 )
 
@@ -28,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
     guest = Guest(ram=args.ram, blocks=args.blocks, zero_fraction=args.zero_fraction,
                   dirty_rate=args.dirty_rate, pattern=args.pattern)
     total = sum(length for _name, length in guest.layout())
-    with progress_display(args.quiet, total) as update:
-        report = migrate_locally(plan, guest, host=args.host, on_progress=update)
+    monitor = Monitor(total_bytes=total, max_downtime=plan.config.max_downtime,
+                      max_bandwidth=plan.config.max_bandwidth)
+    with watched(args, monitor), progress_display(args.quiet, total) as update:
+        report = migrate_locally(plan, guest, host=args.host, on_progress=update,
+                                 monitor=monitor)
     return finish(args, report)
 
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import decimal
+import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..auth import load_key
 from ..caps import SOURCE_DEFAULTS, Capability
 from ..engine import SourceConfig
@@ -22,7 +25,9 @@ from ..errors import UsageError
 from ..migration import Plan
 from ..plugins import Registry
 from ..policy import Hint, PolicyOptions
+from ..qmp import ControlServer, parse_control
 from ..report import plot_timeline, require_matplotlib, summary_table, write_report
+from ..status import Event, Monitor
 
 _UNITS = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgt", start=1):
@@ -161,6 +166,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-ca", type=Path, metavar="PEM",
                      help="CA the peer's certificate must come from; on a listener, "
                           "sources must present one")
+    parser.add_argument("--events", type=output_file, metavar="FILE",
+                        help="write QMP events (MIGRATION, MIGRATION_PASS) as JSON lines "
+                             "(-: standard output)")
     parser.add_argument("--psk-file", type=Path, metavar="FILE",
                         help="a pre-shared key both ends prove (mode 600; default: "
                              "$RDMAMIG_PSK if set). QEMU peers cannot: none for them")
@@ -205,11 +213,18 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ask for PIN_ALL: register whole blocks up front")
     parser.add_argument("--plot", type=output_file, metavar="FILE.png",
                         help="draw a timeline (needs matplotlib)")
+    parser.add_argument("--max-bandwidth", type=parse_size, metavar="RATE",
+                        help="bytes per second the writes may use (e.g. 1GiB; default: "
+                             "no limit); migrate-set-parameters changes it live")
+    parser.add_argument("--control", type=parse_control, metavar="unix:PATH",
+                        help="a QMP socket to watch and drive the migration (query-migrate, "
+                             "migrate_cancel, migrate-set-parameters)")
 
 
 def source_config(args: argparse.Namespace) -> SourceConfig:
     """The source's tunables from :func:`add_tuning_arguments` and ``--timeout``."""
     return SourceConfig(max_downtime=args.max_downtime / 1000,
+                        max_bandwidth=getattr(args, "max_bandwidth", None),
                         max_iterations=args.max_iterations,
                         auto_converge=args.auto_converge, timeout=args.timeout,
                         inline_pages=args.inline_pages,
@@ -278,6 +293,26 @@ def plan_from_args(args: argparse.Namespace, registry: Registry) -> Plan:
 
 
 # ---------------------------------------------------------------- the run
+
+
+@contextlib.contextmanager
+def watched(args: argparse.Namespace, monitor: Monitor) -> Iterator[Monitor]:
+    """``monitor`` with what ``--events`` and ``--control`` ask for attached: events
+    written as JSON lines, a QMP socket served, both closed at the end."""
+    with contextlib.ExitStack() as stack:
+        if args.events is not None:
+            out = (sys.stdout if args.events == STDOUT
+                   else stack.enter_context(args.events.open("w")))
+
+            def write(event: Event) -> None:
+                out.write(json.dumps(event) + "\n")
+                out.flush()
+
+            monitor.subscribe(write)
+            stack.callback(monitor.unsubscribe, write)
+        if getattr(args, "control", None) is not None:
+            stack.enter_context(ControlServer(args.control, monitor, version=__version__))
+        yield monitor
 
 
 @contextlib.contextmanager

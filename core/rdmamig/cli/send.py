@@ -14,8 +14,16 @@ from ..image import open_image
 from ..migration import run_source
 from ..plugins import load_registry
 from ..report import build_report
+from ..status import Monitor
 from ..workload import PausedProcess
-from .options import add_source_arguments, finish, parse_address, plan_from_args, progress_display
+from .options import (
+    add_source_arguments,
+    finish,
+    parse_address,
+    plan_from_args,
+    progress_display,
+    watched,
+)
 
 
 def _parse_block(text: str) -> tuple[str, Path]:
@@ -48,15 +56,19 @@ def run(args: argparse.Namespace) -> int:
         state = args.state.read_bytes() if args.state is not None else b""
     trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
     workload = PausedProcess(args.pause_pid, state)
+    total = sum(b.length for b in blocks)
+    monitor = Monitor(total_bytes=total, max_downtime=plan.config.max_downtime,
+                      max_bandwidth=plan.config.max_bandwidth)
     try:
-        with progress_display(args.quiet, sum(b.length for b in blocks)) as update:
+        with watched(args, monitor), progress_display(args.quiet, total) as update:
             source, error = run_source(plan, host, port, blocks, workload=workload,
-                                       trackers=trackers, on_progress=update, origin=origin)
+                                       trackers=trackers, on_progress=update, origin=origin,
+                                       monitor=monitor)
     finally:
         workload.resume()
-    report = build_report(backend=args.backend, policy=args.policy,
-                          ram_bytes=sum(b.length for b in blocks), source=source,
-                          destination=None, error=error, channels=args.channels)
+    report = build_report(backend=args.backend, policy=args.policy, ram_bytes=total,
+                          source=source, destination=None, error=error,
+                          status=monitor.query(), channels=args.channels)
     return finish(args, report)
 
 

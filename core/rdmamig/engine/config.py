@@ -30,6 +30,9 @@ class SourceConfig:
 
     max_downtime: float = 0.3
     max_iterations: int = 30
+    #: Bytes per second the writes may use on average (QEMU's max-bandwidth); None:
+    #: as fast as the link goes.
+    max_bandwidth: int | None = None
     auto_converge: bool = False
     #: Chunks per signalled batch of writes, and the window of a policy that unpins
     #: (:func:`.pipeline.posting_mode`).

@@ -18,6 +18,7 @@ workload keeps running.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from ..control import Role
 from ..errors import (
     AuthenticationError,
     MemlockLimitError,
+    MigrationCancelledError,
     MigrationError,
     RdmamigError,
     VerificationError,
@@ -40,6 +42,7 @@ from ..errors import (
 from ..pinning import locked_bytes
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
+from ..status import Monitor, Status
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SIZE
 from . import convergence
@@ -51,6 +54,7 @@ from .pipeline import WritePipeline, posting_mode
 from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
 
 _T = TypeVar("_T")
+log = logging.getLogger("rdmamig.source")
 
 #: Dirty zero pages in a chunk with data go as COMPRESS only in runs of this many.
 MIN_COMPRESS_RUN = 16
@@ -76,6 +80,8 @@ class Source:
             own records by default; :class:`.outgoing.QemuStream` for a QEMU
             destination).
         key: the pre-shared key; the destination must prove it (Capability.AUTH).
+        monitor: hears the status, passes and figures, and may cancel the migration
+            or change its downtime limit and bandwidth as it runs (:mod:`rdmamig.status`).
     """
 
     def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
@@ -84,7 +90,7 @@ class Source:
                  on_progress: Callable[[dict[str, float]], None] | None = None,
                  started_at: float | None = None,
                  stream: OutgoingStream | None = None,
-                 key: PreSharedKey | None = None) -> None:
+                 key: PreSharedKey | None = None, monitor: Monitor | None = None) -> None:
         self.endpoint = endpoint
         self.stream = stream or NativeStream()
         self.key = key
@@ -104,6 +110,10 @@ class Source:
         self._inline_pages = (self.config.inline_pages if caps & Capability.INLINE
                               and not self.pin_all else 0)
         self.result = SourceResult(capabilities=int(caps), peer=self.stream.peer)
+        self.monitor = monitor or Monitor(total_bytes=sum(b.length for b in self.blocks),
+                                          max_downtime=self.config.max_downtime,
+                                          max_bandwidth=self.config.max_bandwidth)
+        self._paced: tuple[float, int, int] | None = None  # (when, bytes, limit)
         self._start = started_at if started_at is not None else time.monotonic()
         self._remote: list[wire.DestBlock] = []
         self._host_addr: list[int] = []
@@ -136,12 +146,20 @@ class Source:
             self.session.abort(str(exc))
             if self._stopped and self.workload is not None:
                 self.workload.resume()
+            self._release_all()
+            self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes,
+                                locked_bytes=locked_bytes())
+            cancelled = isinstance(exc, MigrationCancelledError)
+            self.monitor.set_status(Status.CANCELLED if cancelled else Status.FAILED, str(exc))
             if isinstance(exc, MigrationError):
                 raise
             raise MigrationError(f"source failed: {exc}") from exc
         finally:
             self._release_all()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
+        self.monitor.update(downtime_s=self.result.downtime_s,
+                            pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked_bytes())
+        self.monitor.set_status(Status.COMPLETED)
         return self.result
 
     def _migrate(self) -> None:
@@ -155,11 +173,15 @@ class Source:
         self.stream.start(writer, self.blocks)
         self._exchange_blocks()
         self.stream.after_blocks(writer, self.session)
+        self.monitor.set_status(Status.ACTIVE)
 
-        iteration = 0
+        iteration, round_s = 0, 0.0
         while True:
+            self._check_cancel()
             for tracker in self.trackers:
                 tracker.scan()
+            self.monitor.new_pass(iteration + 1, dirty_pages_rate=(
+                self._dirty_bytes() / PAGE_SIZE / round_s if round_s else 0.0))
             started = time.monotonic()
             before = attrs.evolve(self.result)
             registering_before = self._registering_s
@@ -179,7 +201,10 @@ class Source:
             for tracker in self.trackers:
                 tracker.scan()
             remaining = self._dirty_bytes()
-            if self.downtime_estimate(remaining, round_) <= self.config.max_downtime:
+            round_s = round_.elapsed_s
+            expected = self.downtime_estimate(remaining, round_)
+            self.monitor.update(expected_downtime_s=expected, remaining=remaining)
+            if expected <= self.monitor.max_downtime:
                 break
             if iteration >= self.config.max_iterations:
                 break
@@ -191,12 +216,16 @@ class Source:
                     self.result.throttle = throttle
                     self.workload.throttle(throttle)
 
+        self._check_cancel()
         stop = time.monotonic()
+        self.monitor.set_status(Status.DEVICE)
         if self.workload is not None:
             self.workload.stop()
             self._stopped = True
         for tracker in self.trackers:
             tracker.scan()
+        self.monitor.new_pass(iteration + 1, dirty_pages_rate=(
+            self._dirty_bytes() / PAGE_SIZE / round_s if round_s else 0.0))
         self.stream.begin_round(writer, last=True)
         self._send_dirty()
         self.session.exchange_send(wire.RegisterFinished())
@@ -210,6 +239,13 @@ class Source:
         self.result.iterations = iteration + 1
         self.result.downtime_s = done - stop
         self.result.total_time_s = done - self._start
+        if self.result.downtime_s > self.monitor.max_downtime:
+            log.warning("downtime %.0f ms missed the %.0f ms limit: %s", 1000 *
+                        self.result.downtime_s, 1000 * self.monitor.max_downtime,
+                        f"stopped after the most passes ({self.config.max_iterations})"
+                        if iteration >= self.config.max_iterations else
+                        f"the last pass's estimate was {1000 * expected:.0f} ms, the link "
+                        f"or the registrations were slower when stopped")
         if self.endpoint.capabilities & Capability.VERIFY:
             self._verify()
         if self.endpoint.capabilities & Capability.COMMIT:
@@ -277,6 +313,10 @@ class Source:
 
     # ------------------------------------------------------------ one round
 
+    def _check_cancel(self) -> None:
+        if self.monitor.cancel_requested.is_set():
+            raise MigrationCancelledError("migration cancelled (migrate_cancel)")
+
     def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
@@ -288,6 +328,7 @@ class Source:
             window = self._mode.window_chunks
             size, at = min(self.config.batch_chunks, window), 0
             while at < len(ordered):
+                self._check_cancel()
                 self._send_window(index, block, dirty, ordered[at:at + size])
                 at += size
                 size = min(2 * size, window)
@@ -504,8 +545,30 @@ class Source:
                   "pinned_bytes": float(self.endpoint.pinned_bytes),
                   "zero_pages": float(self.result.zero_pages)}
         self.result.timeline.append(sample)
+        self.monitor.update(pinned_bytes=sample["pinned_bytes"], locked_bytes=locked,
+                            transferred=self.result.bytes_written
+                            + self.result.inline_pages * PAGE_SIZE,
+                            remaining=sample["dirty_bytes"], duplicate=self.result.zero_pages,
+                            normal=self.result.bytes_written // PAGE_SIZE
+                            + self.result.inline_pages)
         if self.on_progress is not None:
             self.on_progress(sample)
+        self._pace()
+
+    def _pace(self) -> None:
+        """Keep the writes' average at ``max-bandwidth`` (it may change meanwhile:
+        pacing starts over from each change)."""
+        limit = self.monitor.max_bandwidth
+        if limit is None:
+            self._paced = None
+            return
+        now, written = time.monotonic(), self.result.bytes_written
+        if self._paced is None or self._paced[2] != limit:
+            self._paced = (now, written, limit)
+            return
+        ahead = (written - self._paced[1]) / limit - (now - self._paced[0])
+        if ahead > 0:
+            time.sleep(min(ahead, 1.0))
 
     # ------------------------------------------------------------ the end
 

@@ -1,0 +1,139 @@
+"""Watching and driving a running migration the QEMU way: ``--events`` and a QMP
+control socket, driven from a second process by ``qemu.qmp`` (the library QEMU's
+own tests drive QEMU with)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from hostile import RDMAMIG
+from test_faults import DIRTIER
+
+pytest.importorskip("qemu.qmp", reason="needs qemu.qmp (a test dependency)")
+MiB = 1 << 20
+
+#: The second process: watches through the socket, changes the limits, cancels.
+DRIVER = textwrap.dedent("""
+    import json, os, sys, time
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    deadline = time.monotonic() + 120
+    while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    qmp = QEMUMonitorProtocol(sys.argv[1])
+    qmp.connect(negotiate=True)
+    seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = qmp.cmd_raw("query-migrate")["return"]
+        seen.append(status)
+        if status["status"] == "active" and status["ram"]["dirty-sync-count"] >= 3:
+            break
+        time.sleep(0.05)
+    answers = {
+        "set": qmp.cmd_raw("migrate-set-parameters",
+                           {"downtime-limit": 1, "max-bandwidth": 512 << 20}),
+        "parameters": qmp.cmd_raw("query-migrate-parameters")["return"],
+        "unknown": qmp.cmd_raw("no-such-command"),
+        "bad": qmp.cmd_raw("migrate-set-parameters", {"downtime-limit": -1}),
+        "cancel": qmp.cmd_raw("migrate_cancel"),
+    }
+    events = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            e["data"].get("status") == "cancelled" for e in events):
+        event = qmp.pull_event(wait=5)
+        if event:
+            events.append(event)
+    print(json.dumps({"seen": seen, "answers": answers, "events": events}))
+""")
+
+
+def test_a_second_process_watches_and_cancels_a_running_send(tmp_path: Path) -> None:
+    static, hot = tmp_path / "static.bin", tmp_path / "hot.bin"
+    static.write_bytes(os.urandom(32 * MiB))
+    hot.write_bytes(os.urandom(8 * MiB))
+    before = xxhash.xxh3_128_hexdigest(static.read_bytes())
+    control, events, report = tmp_path / "qmp.sock", tmp_path / "events", tmp_path / "r.json"
+    dirtier = subprocess.Popen([sys.executable, "-c", DIRTIER, str(hot)])
+    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                                 str(tmp_path / "received")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        port = listener.stdout.readline().rsplit(":", 1)[1].strip()
+        source = subprocess.Popen(
+            [*RDMAMIG, "send", f"127.0.0.1:{port}", "--block", f"static={static}",
+             "--block", f"hot={hot}", "--live", "--pause-pid", str(dirtier.pid),
+             "--max-downtime", "0", "--max-iterations", "100000", "--quiet",
+             "--control", f"unix:{control}", "--events", str(events), "--report",
+             str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        driver = subprocess.run([sys.executable, "-c", DRIVER, str(control)],
+                                capture_output=True, text=True, timeout=300)
+        assert driver.returncode == 0, driver.stderr
+        seen = json.loads(driver.stdout)
+        _out, err = source.communicate(timeout=120)
+        listener.wait(60)
+    finally:
+        for process in (dirtier, listener):
+            process.kill()
+            process.wait()
+    # What the driver saw: setup or active, and figures that add up.
+    statuses = [s["status"] for s in seen["seen"]]
+    assert statuses[-1] == "active" and set(statuses) <= {"setup", "active"}
+    last = seen["seen"][-1]["ram"]
+    assert last["total"] == 40 * MiB and last["page-size"] == 4096
+    assert 0 < last["transferred"] and last["dirty-sync-count"] >= 3
+    answers = seen["answers"]
+    assert answers["set"] == {"return": {}}
+    assert answers["parameters"] == {"downtime-limit": 1, "max-bandwidth": 512 << 20}
+    assert answers["unknown"]["error"]["class"] == "CommandNotFound"
+    assert answers["bad"]["error"]["class"] == "GenericError"
+    assert answers["cancel"] == {"return": {}}
+    assert [e["data"]["status"] for e in seen["events"] if e["event"] == "MIGRATION"][-2:] == [
+        "cancelling", "cancelled"]
+    # The source: failed as cancelled, memory intact, its process running, nothing
+    # pinned, the socket gone; the listener kept nothing.
+    assert source.returncode == 1 and "migration cancelled (migrate_cancel)" in err
+    assert xxhash.xxh3_128_hexdigest(static.read_bytes()) == before
+    assert not control.exists()
+    assert listener.returncode == 1 and not (tmp_path / "received").exists()
+    data = json.loads(report.read_text())
+    assert data["query-migrate"]["status"] == "cancelled"
+    assert data["query-migrate"]["rdmamig"] == {"pinned-bytes": 0, "locked-bytes": 0}
+    # The events file: QMP's statuses in order, a MIGRATION_PASS per pass.
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    flow = [e["data"]["status"] for e in lines if e["event"] == "MIGRATION"]
+    assert flow == ["setup", "active", "cancelling", "cancelled"]
+    passes = [e["data"]["pass"] for e in lines if e["event"] == "MIGRATION_PASS"]
+    assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 3
+    assert all(set(e["timestamp"]) == {"seconds", "microseconds"} for e in lines)
+
+
+def test_a_completed_migrations_report_and_events_agree(tmp_path: Path) -> None:
+    events, report = tmp_path / "events", tmp_path / "r.json"
+    result = subprocess.run([*RDMAMIG, "migrate", "--ram", "32MiB", "--dirty-rate", "20MiB",
+                             "--quiet", "--events", str(events), "--report", str(report)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    status = data["query-migrate"]
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    flow = [e["data"]["status"] for e in lines if e["event"] == "MIGRATION"]
+    assert flow == ["setup", "active", "device", "completed"]
+    passes = [e["data"]["pass"] for e in lines if e["event"] == "MIGRATION_PASS"]
+    assert status["status"] == "completed" and status["ram"]["remaining"] == 0
+    assert status["ram"]["dirty-sync-count"] == len(passes) == data["iterations"]
+    assert status["downtime"] == round(data["downtime_ms"])
+    assert status["ram"]["total"] == data["ram_bytes"] == 32 * MiB
+    assert status["ram"]["duplicate"] == data["zero_pages"]
+    assert "verify" in status["capabilities"] and "commit" in status["capabilities"]
+    assert status["rdmamig"]["pinned-bytes"] == 0
