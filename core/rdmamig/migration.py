@@ -1,21 +1,24 @@
 """Running one side of a migration over a backend chosen by name: connect and
 migrate blocks (:func:`run_source`), or listen, accept one source and receive
-(:func:`receive`, :func:`receive_on`)."""
+(:func:`receive`, :func:`receive_on`); and the one-call forms of both for a
+program that has memory to move (:func:`send`, :func:`receive_into`)."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from .auth import PreSharedKey
-from .caps import Capability, is_qemu
+from .caps import SOURCE_DEFAULTS, Capability, is_qemu
 from .engine import (
     ChecksumTracker,
     Destination,
+    DestinationResult,
     RamBlock,
     Source,
     SourceConfig,
@@ -150,3 +153,94 @@ def receive(backend: Backend, host: str, port: int, *, timeout: float,
         endpoint = listener.accept(timeout=timeout)
     return receive_on(endpoint, timeout=timeout, blocks=blocks, make_block=make_block,
                       limits=limits, key=key, keep=keep)
+
+
+# ---------------------------------------------------------------- one call each
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port).
+
+    Raises:
+        ConfigurationError: not such an address.
+    """
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ConfigurationError(f"cannot parse address {text!r} (HOST:PORT or [IPV6]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ConfigurationError(f"port {port} in {text!r} is over 65535")
+    return host, port
+
+
+def _as_blocks(blocks: Mapping[str, Any] | Sequence[RamBlock]) -> list[RamBlock]:
+    if isinstance(blocks, Mapping):
+        return [RamBlock(name, memory) for name, memory in blocks.items()]
+    return list(blocks)
+
+
+def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
+         backend: str = "tcp", policy: str = "pin-until-done",
+         config: SourceConfig | None = None, key: PreSharedKey | None = None,
+         monitor: Monitor | None = None, **backend_options: Any) -> SourceResult:
+    """Migrate memory to the listener at ``address`` (``HOST:PORT``) and return what
+    the source did, once the destination has verified and kept it.
+
+    Args:
+        blocks: ``{name: buffer}`` (a numpy array, a bytearray, an mmap: writable,
+            a multiple of 4 KiB) or :class:`~rdmamig.engine.RamBlock` objects.
+        backend, policy: by name, as ``rdmamig backends`` / ``policies`` list them.
+        backend_options: the backend's own (``channels=4``, ``device="rxe0"``).
+
+    Raises:
+        MigrationError: the migration failed (the memory is as it was).
+        UnreachableError: no listener there, or it refused.
+        ConfigurationError, UnknownNameError: a bad name, option or buffer.
+    """
+    from .plugins import load_registry
+    registry = load_registry()
+    chosen = registry.policy(policy)
+    requested = SOURCE_DEFAULTS | chosen.capabilities
+    if key is not None:
+        requested |= Capability.AUTH
+    plan = Plan(backend=registry.backend(backend), backend_options=backend_options,
+                policy=chosen, options=PolicyOptions(), requested=requested,
+                config=config or SourceConfig(), key=key)
+    host, port = parse_address(address)
+    try:
+        memory = _as_blocks(blocks)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    result, error = run_source(plan, host, port, memory, monitor=monitor)
+    if error is not None:
+        raise MigrationError(error)
+    return result
+
+
+def receive_into(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
+                 backend: str = "tcp", key: PreSharedKey | None = None,
+                 timeout: float = 60.0, announce: Callable[[int], None] = lambda port: None,
+                 **backend_options: Any) -> DestinationResult:
+    """Listen on ``address`` (``HOST:PORT``; port 0: any, told to ``announce``),
+    receive one migration into ``blocks`` (the source's must have the same names
+    and sizes, in order) and return what the destination saw, once verified.
+
+    Raises:
+        MigrationError: the migration failed or could not be verified.
+        TransportError: the address cannot be bound, or no source came in time.
+        ConfigurationError, UnknownNameError: a bad name, option or buffer.
+    """
+    from .plugins import load_registry
+    chosen = available_backend(load_registry().backend(backend), backend_options)
+    host, port = parse_address(address)
+    try:
+        memory = _as_blocks(blocks)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    destination = receive(chosen, host, port, timeout=timeout, blocks=memory,
+                          announce=announce, key=key)
+    result = destination.result
+    if result.error is not None or not result.verified:
+        raise MigrationError(result.error or "the source did not verify the migration")
+    return result

@@ -21,8 +21,9 @@ from ..auth import load_key
 from ..caps import SOURCE_DEFAULTS, Capability
 from ..engine import SourceConfig
 from ..engine.ramblock import PAGES_PER_CHUNK
-from ..errors import UsageError
+from ..errors import ConfigurationError, UsageError
 from ..migration import Plan
+from ..migration import parse_address as split_address
 from ..plugins import Registry
 from ..policy import Hint, PolicyOptions
 from ..qmp import ControlServer, parse_control
@@ -92,15 +93,11 @@ def output_file(text: str) -> Path:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-    if not match:
-        raise UsageError(f"cannot parse address {text!r} (HOST:PORT or [IPV6]:PORT)")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if port > 65535:
-        raise UsageError(f"port {port} in {text!r} is over 65535")
-    return host, port
+    """``HOST:PORT`` or ``[IPv6]:PORT`` (:func:`rdmamig.migration.parse_address`)."""
+    try:
+        return split_address(text)
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
