@@ -28,6 +28,9 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
     # A QEMU peer has no hash check to offer: its migrations complete unverified.
     peer = "qemu" if "qemu" in (src.peer, dst.peer) else "rdmamig"
     report: dict[str, Any] = {
+        #: Which side this report is of: ``source``, ``destination`` or ``both``.
+        "side": ("both" if source is not None and destination is not None
+                 else "destination" if destination is not None else "source"),
         "succeeded": completed and (verified or peer == "qemu"),
         "verified": verified,
         "verification": ("verified" if verified else "not offered by the peer (QEMU)"
@@ -44,6 +47,7 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
         "iterations": src.iterations or dst.iterations,
         "bytes_written": src.bytes_written,
         "zero_pages": src.zero_pages or dst.zero_pages,
+        "duplicate_pages": src.duplicate_pages,
         "inline_pages": src.inline_pages or dst.inline_pages,
         "registrations": src.registrations,
         "unregistrations": src.unregistrations,
@@ -83,23 +87,39 @@ def summary_table(report: dict[str, Any]) -> Any:
              if report["succeeded"] else "[red]FAILED[/]")
     table = Table(title="migration " + title, show_header=False)
     mib = 2**20
+    # A side shows what it measured, not the other side's figures as zeros.
+    source = report.get("side", "both") != "destination"
+    destination = report.get("side", "both") != "source"
     rows = [
-        ("backend / policy", f"{report['backend']} / {report['policy']}"),
+        ("backend / policy", f"{report['backend']} / {report['policy']}") if source
+        else ("backend", report["backend"]),
         ("peer / verification", f"{report['peer']} / {report['verification']}"),
         ("RAM", f"{report['ram_bytes'] / mib:.0f} MiB"),
         ("total time", f"{report['total_time_s']:.3f} s"),
-        ("throughput", f"{report['throughput_gbps']:.2f} GB/s"),
-        ("downtime", f"{report['downtime_ms']:.1f} ms"),
-        ("iterations", str(report["iterations"])),
-        ("written", f"{report['bytes_written'] / mib:.1f} MiB"),
-        ("zero pages / inline pages", f"{report['zero_pages']} / {report['inline_pages']}"),
-        ("registrations / unregistrations",
-         f"{report['registrations']} / {report['unregistrations']}"),
-        ("pinned peak (source / destination)",
-         f"{report['pinned_peak_bytes_source'] / mib:.0f} / "
-         f"{report['pinned_peak_bytes_destination'] / mib:.0f} MiB"),
-        ("verify time", f"{report['verify_time_s']:.3f} s"),
     ]
+    if report["succeeded"]:
+        rows.append(("throughput", f"{report['throughput_gbps']:.2f} GB/s"))
+    if source:
+        rows += [
+            ("downtime", f"{report['downtime_ms']:.1f} ms" if report["succeeded"] else "-"),
+            ("iterations", str(report["iterations"])),
+            ("written", f"{report['bytes_written'] / mib:.1f} MiB"),
+            ("zero pages (sent as COMPRESS) / inline pages",
+             f"{report.get('duplicate_pages') or report['zero_pages']} "
+             f"({report['zero_pages']}) / {report['inline_pages']}"),
+            ("registrations / unregistrations",
+             f"{report['registrations']} / {report['unregistrations']}"),
+        ]
+    else:
+        rows += [("passes", str(report["iterations"])),
+                 ("zero pages / inline pages",
+                  f"{report['zero_pages']} / {report['inline_pages']}")]
+    peaks = [f"{report[f'pinned_peak_bytes_{side}'] / mib:.0f}"
+             for side, shown in (("source", source), ("destination", destination)) if shown]
+    names = " / ".join(n for n, shown in (("source", source), ("destination", destination))
+                       if shown)
+    rows += [(f"pinned peak ({names})", " / ".join(peaks) + " MiB"),
+             ("verify time", f"{report['verify_time_s']:.3f} s")]
     if report.get("error"):
         rows.append(("error", str(report["error"])))
     for key, value in rows:

@@ -313,27 +313,44 @@ def watched(args: argparse.Namespace, monitor: Monitor) -> Iterator[Monitor]:
 
 
 @contextlib.contextmanager
-def progress_display(quiet: bool, total: int) -> Iterator[Callable[[dict[str, float]], None]]:
-    """A live rich display fed by the source's samples: yields the callback."""
+def progress_display(quiet: bool, monitor: Monitor
+                     ) -> Iterator[Callable[[dict[str, float]], None]]:
+    """A live rich display of ``monitor``: the status as it changes (setup, each
+    pass, stop-and-copy), and per batch what ``query-migrate`` would say – sent,
+    the rate over the last fraction of a second, what remains, the dirty rate
+    measured, the expected downtime, what is pinned. Yields the sample callback."""
     if quiet:
         yield lambda sample: None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    progress = Progress(TextColumn("[bold]migrating"), BarColumn(),
+    progress = Progress(TextColumn("[bold]{task.description:>10}"), BarColumn(bar_width=20),
                         TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=True)
-    task = progress.add_task("migrate", total=total, line="")
-    last = {"t": 0.0, "written": 0.0}
+    task = progress.add_task("starting", total=monitor.total_bytes, line="")
+    mib = 2**20
+
+    def on_event(event: Event) -> None:
+        data = event["data"]
+        progress.update(task, description=f"pass {data['pass']}" if "pass" in data
+                        else str(data["status"]))
 
     def update(sample: dict[str, float]) -> None:
-        dt = max(sample["t"] - last["t"], 1e-6)
-        rate = (sample["bytes_written"] - last["written"]) / dt / 1e9
-        last.update(t=sample["t"], written=sample["bytes_written"])
-        progress.update(task, completed=min(sample["bytes_written"], total), line=(
-            f"sent {sample['bytes_written'] / 2**20:,.0f} MiB  {rate:5.2f} GB/s  "
-            f"dirty {sample['dirty_bytes'] / 2**20:,.1f} MiB  "
-            f"pinned {sample['pinned_bytes'] / 2**20:,.0f} MiB"))
-    with progress:
-        yield update
+        status = monitor.query()
+        ram = status.get("ram", {})
+        remaining = ram.get("remaining", monitor.total_bytes)
+        progress.update(task, completed=monitor.total_bytes - min(remaining,
+                                                                  monitor.total_bytes),
+                        line=(f"{ram.get('mbps', 0) / 8000:4.2f} GB/s "
+                              f"left {remaining / mib:,.0f}M "
+                              f"dirty {ram.get('dirty-pages-rate', 0) * 4096 / mib:,.0f}M/s "
+                              f"~{status.get('expected-downtime', 0)} ms "
+                              f"pin {sample['pinned_bytes'] / mib:,.0f}M"))
+
+    monitor.subscribe(on_event)
+    try:
+        with progress:
+            yield update
+    finally:
+        monitor.unsubscribe(on_event)
 
 
 def finish(args: argparse.Namespace, report: dict[str, Any]) -> int:

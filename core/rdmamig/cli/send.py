@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     monitor = Monitor(total_bytes=total, max_downtime=plan.config.max_downtime,
                       max_bandwidth=plan.config.max_bandwidth)
     try:
-        with watched(args, monitor), progress_display(args.quiet, total) as update:
+        with watched(args, monitor), progress_display(args.quiet, monitor) as update:
             source, error = run_source(plan, host, port, blocks, workload=workload,
                                        trackers=trackers, on_progress=update, origin=origin,
                                        monitor=monitor)

@@ -62,7 +62,11 @@ class SourceResult:
     committed: bool = False
     iterations: int = 0
     bytes_written: int = 0
+    #: Pages sent as COMPRESS.
     zero_pages: int = 0
+    #: Dirty pages that were all zero, however they went (QEMU's ``duplicate``: a
+    #: few zero pages between data pages are written with them).
+    duplicate_pages: int = 0
     #: Pages sent inside PAGES messages (Capability.INLINE).
     inline_pages: int = 0
     registrations: int = 0

@@ -147,6 +147,7 @@ class Source:
             if self._stopped and self.workload is not None:
                 self.workload.resume()
             self._release_all()
+            self.result.total_time_s = time.monotonic() - self._start
             self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes,
                                 locked_bytes=locked_bytes())
             cancelled = isinstance(exc, MigrationCancelledError)
@@ -357,6 +358,7 @@ class Source:
                                    min_compress_run=MIN_COMPRESS_RUN,
                                    fill_gaps_below=FILL_GAPS_BELOW)
             self.result.zero_pages += int(np.count_nonzero(plan.compress))
+            self.result.duplicate_pages += int(np.count_nonzero(pages & ~nonzero))
             for run_start, run_end in masks.runs(plan.compress):
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
@@ -548,7 +550,8 @@ class Source:
         self.monitor.update(pinned_bytes=sample["pinned_bytes"], locked_bytes=locked,
                             transferred=self.result.bytes_written
                             + self.result.inline_pages * PAGE_SIZE,
-                            remaining=sample["dirty_bytes"], duplicate=self.result.zero_pages,
+                            remaining=sample["dirty_bytes"],
+                            duplicate=self.result.duplicate_pages,
                             normal=self.result.bytes_written // PAGE_SIZE
                             + self.result.inline_pages)
         if self.on_progress is not None:
