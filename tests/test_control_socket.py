@@ -135,3 +135,22 @@ def test_a_completed_migrations_report_and_events_agree(tmp_path: Path) -> None:
     assert status["ram"]["duplicate"] == data["duplicate_pages"] >= data["zero_pages"]
     assert "verify" in status["capabilities"] and "commit" in status["capabilities"]
     assert status["rdmamig"]["pinned-bytes"] == 0
+
+
+def test_a_listener_reports_each_migrations_statuses(tmp_path: Path) -> None:
+    block, events = tmp_path / "mem.bin", tmp_path / "events"
+    block.write_bytes(os.urandom(4 * MiB))
+    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                                 str(tmp_path / "image"), "--events", str(events), "-q"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert listener.stdout is not None
+    port = listener.stdout.readline().rsplit(":", 1)[1].strip()
+    sent = subprocess.run([*RDMAMIG, "send", f"127.0.0.1:{port}", "--block", f"m={block}",
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    assert listener.wait(60) == 0
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["data"]["status"] for e in lines if e["event"] == "MIGRATION"] == [
+        "setup", "active", "completed"]
+    assert {e["data"]["id"] for e in lines} == {"migration-1"}
+    assert [e["data"]["pass"] for e in lines if e["event"] == "MIGRATION_PASS"] == [1, 2]

@@ -50,6 +50,7 @@ def main() -> None:
             [*RDMAMIG, "listen", f"{host}:{PORT}", "--backend", "verbs", "--into", str(images),
              "--psk-file", str(key), "--timeout", "120"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        failure = None
         try:
             assert listener.stdout is not None
             line = listener.stdout.readline()
@@ -64,9 +65,13 @@ def main() -> None:
                 sent = send(host, block, key)
                 check(sent.returncode == 0, f"migration {attempt + 1} failed: {sent.stderr}")
             check(listener.poll() is None, "the listener exited")
+        except SystemExit as exc:
+            failure = exc
         finally:
             listener.send_signal(signal.SIGTERM)
             _out, err = listener.communicate(timeout=60)
+        if failure is not None:
+            raise SystemExit(f"{failure}; the listener said: {err}")
         check(listener.returncode == 130, f"listen exited {listener.returncode}: {err}")
         made = sorted(p for p in images.iterdir() if not p.name.startswith("."))
         check(len(made) == 2, f"images made: {[p.name for p in made]}; log: {err}")

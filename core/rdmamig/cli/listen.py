@@ -19,6 +19,7 @@ import itertools
 import logging
 import resource
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,12 @@ from ..limits import Limits, physical_memory
 from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
 from ..report import build_report
+from ..status import Event, Monitor
 from ..transport import Endpoint
 from .options import (
     add_connection_arguments,
     backend_options,
+    events_file,
     finish,
     parse_address,
     parse_size,
@@ -54,10 +57,17 @@ class _Service:
         self.key = key
         self.limits = Limits(max_ram=args.max_ram or physical_memory(),
                              max_pinned=args.max_pinned)
+        #: Writes one event of any migration (``--events``), or None.
+        self.events: Callable[[Event], None] | None = None
 
-    def receive(self, endpoint: Endpoint, into: Path) -> dict[str, Any]:
-        """Receive one migration into a new image at ``into``: its report."""
+    def receive(self, endpoint: Endpoint, into: Path, number: int = 1) -> dict[str, Any]:
+        """Receive migration ``number`` into a new image at ``into``: its report."""
         args = self.args
+        monitor = Monitor(total_bytes=0, max_downtime=0.0)
+        write = self.events
+        if write is not None:  # a service's events say which migration they are of
+            monitor.subscribe(lambda event: write(
+                {**event, "data": {**event["data"], "id": f"migration-{number}"}}))
         # Made with the first block: nothing is created before the source has
         # authenticated and its layout passed the limits.
         writer: ImageWriter | None = None
@@ -78,7 +88,8 @@ class _Service:
 
         try:
             destination = receive_on(endpoint, timeout=args.timeout, make_block=make_block,
-                                     limits=self.limits, key=self.key, keep=keep)
+                                     limits=self.limits, key=self.key, keep=keep,
+                                     monitor=monitor)
         finally:
             if writer is not None:
                 writer.close()  # removes the staging files of what was not kept
@@ -108,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("removed %s, left by a listener that was killed", staging)
     service = _Service(args, key)
     _allow_open_files(1 if args.once else args.max_sessions, service.limits.max_blocks)
-    with listen(backend, host, port, key=key) as listener:
+    with events_file(args.events) as write, listen(backend, host, port, key=key) as listener:
+        service.events = write
         bound = listener.address[1]
         print(f"listening on {f'[{host}]' if ':' in host else host}:{bound}", flush=True)
         if args.once:
@@ -152,7 +164,7 @@ def _serve(service: _Service, listener: Any, sessions: int) -> None:
     def serve(number: int, endpoint: Endpoint) -> None:
         try:
             into = _image_path(service.args.into, number)
-            report = service.receive(endpoint, into)
+            report = service.receive(endpoint, into, number)
             if report["succeeded"]:
                 log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
                             report["verification"], report["ram_bytes"] >> 20,

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -293,18 +294,31 @@ def plan_from_args(args: argparse.Namespace, registry: Registry) -> Plan:
 
 
 @contextlib.contextmanager
+def events_file(path: Path | None) -> Iterator[Callable[[Event], None] | None]:
+    """A writer of events as JSON lines into ``path`` (``-``: standard output), safe
+    to call from several threads; None without a path."""
+    if path is None:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if path == STDOUT else stack.enter_context(path.open("w"))
+        lock = threading.Lock()
+
+        def write(event: Event) -> None:
+            with lock:
+                out.write(json.dumps(event) + "\n")
+                out.flush()
+
+        yield write
+
+
+@contextlib.contextmanager
 def watched(args: argparse.Namespace, monitor: Monitor) -> Iterator[Monitor]:
     """``monitor`` with what ``--events`` and ``--control`` ask for attached: events
     written as JSON lines, a QMP socket served, both closed at the end."""
     with contextlib.ExitStack() as stack:
-        if args.events is not None:
-            out = (sys.stdout if args.events == STDOUT
-                   else stack.enter_context(args.events.open("w")))
-
-            def write(event: Event) -> None:
-                out.write(json.dumps(event) + "\n")
-                out.flush()
-
+        write = stack.enter_context(events_file(args.events))
+        if write is not None:
             monitor.subscribe(write)
             stack.callback(monitor.unsubscribe, write)
         if getattr(args, "control", None) is not None:

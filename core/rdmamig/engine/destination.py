@@ -50,6 +50,7 @@ from ..qemu.origin import QemuOrigin
 from ..qemu.ram import RamBlockInfo
 from ..qemu.sink import BlockSink
 from ..session import ControlSession, QemuFileReader
+from ..status import Monitor, Status
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
 from . import stream
@@ -111,13 +112,15 @@ class Destination:
         keep: called with this destination once the migration is complete and
             verified, before the source is told it is done; it makes the migration
             durable. What it raises (RdmamigError, OSError) fails the migration.
+        monitor: hears the destination's status and passes (:mod:`rdmamig.status`).
     """
 
     def __init__(self, endpoint: Endpoint, *, blocks: Sequence[RamBlock] | None = None,
                  make_block: BlockFactory | None = None, timeout: float | None = 60.0,
                  started_at: float | None = None, limits: Limits | None = None,
                  key: PreSharedKey | None = None,
-                 keep: Callable[[Destination], None] | None = None) -> None:
+                 keep: Callable[[Destination], None] | None = None,
+                 monitor: Monitor | None = None) -> None:
         if blocks is None and make_block is None:
             raise ValueError("give the destination blocks or a make_block factory")
         self.endpoint = endpoint
@@ -128,6 +131,7 @@ class Destination:
         self.limits = limits or Limits()
         self._key = key
         self._keep = keep
+        self.monitor = monitor or Monitor(total_bytes=0, max_downtime=0.0)
         self.blocks: list[RamBlock] = []
         self._offsets: list[int] = []
         self._addrs: list[int] = []
@@ -149,6 +153,7 @@ class Destination:
                 endpoint is closed (a write stalled halfway cannot hold its region)
                 and ``result.committed`` stays False.
         """
+        self.monitor.set_status(Status.SETUP)
         try:
             if self._key is not None:
                 if not self.endpoint.capabilities & Capability.AUTH:
@@ -163,11 +168,14 @@ class Destination:
             self.result.error = str(exc)
             self.session.abort(str(exc))
             self.endpoint.close()
+            self._release_all()
+            self.monitor.set_status(Status.FAILED, str(exc))
             raise exc if isinstance(exc, MigrationError) else MigrationError(
                 f"destination failed: {exc}") from exc
         finally:
             self._release_all()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
+        self.monitor.set_status(Status.COMPLETED)
         return self.result
 
     def _receive(self) -> None:
@@ -263,6 +271,7 @@ class Destination:
                 self._sample()
             case wire.RegisterFinished():
                 self.result.iterations += 1
+                self.monitor.new_pass(self.result.iterations, dirty_pages_rate=0.0)
             case _:
                 raise RemoteProtocolError(f"{message.TYPE.label} before the stream's END")
 
@@ -286,6 +295,8 @@ class Destination:
             except (ImageError, OSError) as exc:
                 raise RefusedError(f"cannot make RAM block {name!r} of {length} bytes: "
                                    f"{exc}") from exc
+        self.monitor.total_bytes = sum(block.length for block in self.blocks)
+        self.monitor.set_status(Status.ACTIVE)
         offset = 0
         for block in self.blocks:
             self._owners.append(np.full(block.chunks, -1, dtype=np.int64))
