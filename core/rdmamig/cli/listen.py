@@ -19,6 +19,7 @@ import itertools
 import logging
 import resource
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
 from ..report import build_report
 from ..status import Event, Monitor
-from ..transport import Endpoint
+from ..transport import Endpoint, Listener
 from .options import (
     add_connection_arguments,
     backend_options,
@@ -119,15 +120,21 @@ def run(args: argparse.Namespace) -> int:
         log.info("removed %s, left by a listener that was killed", staging)
     service = _Service(args, key)
     _allow_open_files(1 if args.once else args.max_sessions, service.limits.max_blocks)
-    with events_file(args.events) as write, listen(backend, host, port, key=key) as listener:
+    with events_file(args.events) as write:
         service.events = write
+        listener = listen(backend, host, port, key=key)
         bound = listener.address[1]
         print(f"listening on {f'[{host}]' if ':' in host else host}:{bound}", flush=True)
         if args.once:
-            endpoint = listener.accept(timeout=args.timeout)
+            with listener:
+                endpoint = listener.accept(timeout=args.timeout)
             return finish(args, service.receive(endpoint, args.into))
-        sessions = args.max_sessions if listener.concurrent else 1
-        _serve(service, listener, sessions)
+        if listener.concurrent:
+            with listener:
+                _serve(service, listener, args.max_sessions)
+        else:
+            _serve_one_at_a_time(service, listener,
+                                 lambda: listen(backend, host, bound, key=key))
     return 0
 
 
@@ -153,7 +160,7 @@ def _check_image_directory(path: Path) -> None:
         raise ConfigurationError(f"{path} is not a directory")
 
 
-def _serve(service: _Service, listener: Any, sessions: int) -> None:
+def _serve(service: _Service, listener: Listener, sessions: int) -> None:
     """Accept and serve sources, ``sessions`` at a time, until interrupted; then
     break off the migrations still running (their staging files go) and return."""
     slots = threading.BoundedSemaphore(sessions)
@@ -164,13 +171,7 @@ def _serve(service: _Service, listener: Any, sessions: int) -> None:
     def serve(number: int, endpoint: Endpoint) -> None:
         try:
             into = _image_path(service.args.into, number)
-            report = service.receive(endpoint, into, number)
-            if report["succeeded"]:
-                log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
-                            report["verification"], report["ram_bytes"] >> 20,
-                            report["total_time_s"], into)
-            else:
-                log.warning("migration %d failed: %s", number, report["error"])
+            _log_outcome(number, service.receive(endpoint, into, number), into)
         except Exception as exc:  # one migration's end, whatever it is, is not ours
             log.warning("migration %d failed: %s", number, exc)
         finally:
@@ -183,13 +184,13 @@ def _serve(service: _Service, listener: Any, sessions: int) -> None:
         while True:
             while not slots.acquire(timeout=_POLL_SECONDS):
                 pass
-            endpoint = None
-            while endpoint is None:
-                try:
-                    endpoint = listener.accept(timeout=_POLL_SECONDS)
-                except TransportError as exc:
-                    if exc.errno != errno.ETIMEDOUT:
-                        log.warning("accept failed: %s", exc)
+            try:
+                endpoint = _accept(listener)
+            except TransportError as exc:
+                log.warning("accept failed: %s", exc)
+                slots.release()
+                time.sleep(_POLL_SECONDS)
+                continue
             number = next(numbers)
             thread = threading.Thread(target=serve, args=(number, endpoint),
                                       name=f"rdmamig-migration-{number}", daemon=True)
@@ -203,6 +204,47 @@ def _serve(service: _Service, listener: Any, sessions: int) -> None:
             endpoint.close()  # its destination fails, and its image's staging goes
         for thread, _endpoint in left:
             thread.join(timeout=30)
+
+
+def _accept(listener: Listener) -> Endpoint:
+    """The next source, waking now and then so that a signal is noticed."""
+    while True:
+        try:
+            return listener.accept(timeout=_POLL_SECONDS)
+        except TransportError as exc:
+            if exc.errno != errno.ETIMEDOUT:
+                raise
+
+
+def _serve_one_at_a_time(service: _Service, listener: Listener,
+                         relisten: Callable[[], Listener]) -> None:
+    """Serve sources one after the other on a backend whose listener takes one
+    connection (verbs): a new listener on the same port for each."""
+    for number in itertools.count(1):
+        try:
+            with listener:
+                endpoint = _accept(listener)
+        except TransportError as exc:  # the listener gave up: listen anew
+            log.warning("accept failed: %s", exc)
+            listener = relisten()
+            continue
+        try:
+            into = _image_path(service.args.into, number)
+            _log_outcome(number, service.receive(endpoint, into, number), into)
+        except Exception as exc:  # one migration's end, whatever it is, is not ours
+            log.warning("migration %d failed: %s", number, exc)
+        finally:
+            endpoint.close()
+        listener = relisten()
+
+
+def _log_outcome(number: int, report: dict[str, Any], into: Path) -> None:
+    if report["succeeded"]:
+        log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
+                 report["verification"], report["ram_bytes"] >> 20,
+                 report["total_time_s"], into)
+    else:
+        log.warning("migration %d failed: %s", number, report["error"])
 
 
 def _image_path(directory: Path, number: int) -> Path:

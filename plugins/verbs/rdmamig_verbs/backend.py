@@ -86,11 +86,6 @@ class _ListenerResources:
         self.events, self.cmid = events, cmid
         self._users = 1
 
-    @property
-    def users(self) -> int:
-        """The listener and its open endpoints."""
-        return self._users
-
     def acquire(self) -> _ListenerResources:
         self._users += 1
         return self
@@ -110,11 +105,17 @@ class _ListenerResources:
         self.release()
 
 
+#: Connect requests a listener refuses before it asks to be made anew.
+MAX_REFUSED = 64
+
+
 class VerbsListener(Listener):
-    """An rdma_cm id listening on an address bound to an RDMA device. It serves one
-    connection at a time (accept again once it is closed): events of the accepted
-    id arrive on the listener's channel and pyverbs does not say which id an event
-    belongs to."""
+    """An rdma_cm id listening on an address bound to an RDMA device. It accepts one
+    connection: events of the accepted id arrive on the listener's channel and
+    pyverbs does not say which id an event belongs to; and closing an id made from
+    a connect request clears the listener's own device context and PD in pyverbs
+    (``CMID.close``), so a request it refused is kept, not closed, until the
+    listener is. A service listens anew for each source."""
 
     concurrent: ClassVar[bool] = False
 
@@ -125,21 +126,27 @@ class VerbsListener(Listener):
         self._host, self._port, self._supported = host, port, supported
         self._required = required
         self._closed = False
+        self._accepted = False
+        self._refused: list[Any] = []
 
     @property
     def address(self) -> tuple[str, int]:
         return self._host, self._port
 
     def accept(self, *, timeout: float | None) -> VerbsEndpoint:
-        if self._shared.users > 1:
-            raise TransportError("this verbs listener serves one connection at a time; "
-                                 "close the last one first", errno=errno.EISCONN)
+        if self._accepted:
+            raise TransportError("this verbs listener already accepted its connection",
+                                 errno=errno.EISCONN)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             endpoint = self._accept_one(remaining)
             if endpoint is not None:
+                self._accepted = True
                 return endpoint
+            if len(self._refused) >= MAX_REFUSED:
+                raise TransportError(f"refused {MAX_REFUSED} connect requests: listen anew",
+                                     errno=errno.EAGAIN)
 
     def _accept_one(self, timeout: float | None) -> VerbsEndpoint | None:
         """The next connect request's endpoint, or None when it was refused."""
@@ -159,8 +166,7 @@ class VerbsListener(Listener):
             reason = f"connection refused: {exc}".encode()[:140]
             with contextlib.suppress(Exception):
                 cmid.reject(reason)
-            with contextlib.suppress(Exception):
-                cmid.close()
+            self._refused.append(cmid)
             return None
         try:
             cq, qp, recv_mrs = _queue_pair(pv, cmid)
@@ -171,8 +177,7 @@ class VerbsListener(Listener):
                         what="accept").ack_cm_event()
         except (pv.pyverbs_error.PyverbsError, TransportError) as exc:
             log.warning("dropped a source during the connection: %s", exc)
-            with contextlib.suppress(Exception):
-                cmid.close()
+            self._refused.append(cmid)
             return None
         return VerbsEndpoint(pv, cmid=cmid, events=self._shared.acquire(), pd=listen_id.pd,
                              cq=cq, qp=qp, recv_mrs=recv_mrs,
@@ -181,6 +186,10 @@ class VerbsListener(Listener):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for cmid in self._refused:
+                with contextlib.suppress(Exception):
+                    cmid.close()
+            self._refused.clear()
             self._shared.release()
 
 
