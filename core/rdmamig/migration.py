@@ -30,7 +30,7 @@ from .errors import ConfigurationError, MigrationError, RdmamigError, Unreachabl
 from .limits import Limits
 from .policy import PolicyOptions, UnpinPolicy
 from .status import Monitor, Status
-from .transport import Backend, Endpoint, Listener
+from .transport import Backend, Endpoint, Listener, address_text
 
 
 @attrs.frozen(kw_only=True)
@@ -93,7 +93,8 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                                    timeout=plan.config.timeout)
     except RdmamigError as exc:
         monitor.set_status(Status.FAILED, str(exc))
-        raise UnreachableError(f"cannot reach the destination {host}:{port}: {exc}") from exc
+        raise UnreachableError(f"cannot reach the destination {address_text(host, port)}: "
+                               f"{exc}") from exc
     with endpoint:
         outgoing = outgoing_for(origin, qemu_peer=is_qemu(requested=plan.requested,
                                                           granted=endpoint.capabilities))

@@ -23,6 +23,11 @@ import attrs
 from .caps import Capability
 
 
+def address_text(host: str, port: int) -> str:
+    """``host:port`` as people write it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @attrs.frozen(kw_only=True)
 class MemoryRegion:
     """A registered (pinned) range of local memory.

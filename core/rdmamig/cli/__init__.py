@@ -11,7 +11,9 @@ before any work and exit status 2; a peer that cannot be reached or refuses exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -66,5 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rdmamig {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rdmamig ... | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush into the pipe)
+        return 0
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -33,7 +33,7 @@ from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
 from ..report import build_report
 from ..status import Event, Monitor
-from ..transport import Endpoint, Listener
+from ..transport import Endpoint, Listener, address_text
 from .options import (
     add_connection_arguments,
     backend_options,
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         service.events = write
         listener = listen(backend, host, port, key=key)
         bound = listener.address[1]
-        print(f"listening on {f'[{host}]' if ':' in host else host}:{bound}", flush=True)
+        print(f"listening on {address_text(host, bound)}", flush=True)
         if args.once:
             with listener:
                 endpoint = listener.accept(timeout=args.timeout)

@@ -34,7 +34,7 @@ import attrs
 from rdmamig import caps
 from rdmamig.caps import Capability, PrivateData
 from rdmamig.errors import RemoteProtocolError, TransportError
-from rdmamig.transport import Backend, Listener
+from rdmamig.transport import Backend, Listener, address_text
 
 from .endpoint import TcpEndpoint
 from .frames import (
@@ -110,8 +110,7 @@ def _oserror(what: str, exc: OSError) -> TransportError:
 def _name(peer: object) -> str:
     """A peer's address as people write it (IPv6 in brackets)."""
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return address_text(str(peer[0]), int(peer[1]))
     return str(peer)
 
 
@@ -308,14 +307,14 @@ class TcpBackend(Backend):
             family, kind, proto, _name, address = infos[0]
             sock = socket.socket(family, kind, proto)
         except OSError as exc:
-            raise _oserror(f"cannot listen on {host}:{port}", exc) from None
+            raise _oserror(f"cannot listen on {address_text(host, port)}", exc) from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
             sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
-            raise _oserror(f"cannot listen on {host}:{port}", exc) from None
+            raise _oserror(f"cannot listen on {address_text(host, port)}", exc) from None
         try:
             context = self.tls.server_context() if self.tls is not None else None
         except BaseException:
@@ -346,10 +345,10 @@ class TcpBackend(Backend):
         except BaseException as exc:
             _close_all(socks)
             if isinstance(exc, ssl.SSLError):
-                raise TransportError(f"TLS with {host}:{port}: {exc.reason or exc}",
+                raise TransportError(f"TLS with {address_text(host, port)}: {exc.reason or exc}",
                                      errno=errno.EPROTO) from None
             if isinstance(exc, OSError):
-                raise _oserror(f"handshake with {host}:{port}", exc) from None
+                raise _oserror(f"handshake with {address_text(host, port)}", exc) from None
             raise
         return TcpEndpoint(socks, capabilities=granted)
 
@@ -359,7 +358,7 @@ class TcpBackend(Backend):
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise _oserror(f"cannot connect to {host}:{port}", exc) from None
+            raise _oserror(f"cannot connect to {address_text(host, port)}", exc) from None
         sock.settimeout(timeout if timeout is not None else HANDSHAKE_TIMEOUT)
         if tls is None:
             return sock
@@ -380,6 +379,6 @@ class TcpBackend(Backend):
             # The peer's words, escaped: a reason cannot drive the terminal.
             reason = answer.payload.decode("utf-8", "replace").encode("unicode_escape"
                                                                        ).decode()
-            raise TransportError(f"{host}:{port} refused the connection: {reason}",
+            raise TransportError(f"{address_text(host, port)} refused the connection: {reason}",
                                  errno=errno.ECONNREFUSED)
         return answer

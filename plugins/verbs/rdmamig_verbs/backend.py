@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from rdmamig import caps
 from rdmamig.caps import Capability, PrivateData
 from rdmamig.errors import BackendUnavailableError, RemoteProtocolError, TransportError
-from rdmamig.transport import Backend, Listener
+from rdmamig.transport import Backend, Listener, address_text
 
 from . import compat
 from .endpoint import RECV_DEPTH, SEND_DEPTH, VerbsEndpoint, control_buffer
@@ -222,8 +222,8 @@ class VerbsBackend(Backend):
         if ":" not in host and host not in devices:
             # pyverbs' bind_addr crashes the process on an address without a device.
             raise TransportError(
-                f"cannot listen on {host}:{port}: no RDMA device has that address (RDMA "
-                f"devices' IPv4 addresses here: {', '.join(sorted(devices)) or 'none'})",
+                f"cannot listen on {address_text(host, port)}: no RDMA device has that address "
+                f"(RDMA devices' IPv4 addresses here: {', '.join(sorted(devices)) or 'none'})",
                 errno=errno.EADDRNOTAVAIL)
         ports = [port] if port else random.sample(_PORTS, 20)
         for candidate in ports:
@@ -260,7 +260,7 @@ class VerbsBackend(Backend):
                 timeout: float | None) -> VerbsEndpoint:
         pv = _pyverbs()
         ce = pv.cm_enums
-        what = f"cannot connect to {host}:{port}"
+        what = f"cannot connect to {address_text(host, port)}"
         events = EventChannel(pv)
         cmid = pv.cmid.CMID(creator=events.channel)
         try:
