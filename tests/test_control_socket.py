@@ -135,6 +135,10 @@ def test_a_completed_migrations_report_and_events_agree(tmp_path: Path) -> None:
     assert status["ram"]["duplicate"] == data["duplicate_pages"] >= data["zero_pages"]
     assert "verify" in status["capabilities"] and "commit" in status["capabilities"]
     assert status["rdmamig"]["pinned-bytes"] == 0
+    # What the plot marks: a start per pass, the last when the workload stopped.
+    starts, stopped = data["timeline"]["pass_starts"], data["timeline"]["stopped_at"]
+    assert len(starts) == len(passes) and starts == sorted(starts)
+    assert starts[-1] >= stopped >= starts[-2]
 
 
 def test_a_listener_reports_each_migrations_statuses(tmp_path: Path) -> None:

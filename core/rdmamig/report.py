@@ -64,7 +64,8 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
     if status is not None:
         report["query-migrate"] = {**status,
                                    "capabilities": capability_names(src.capabilities)}
-    report["timeline"] = {"source": src.timeline, "destination_pinned": dst.pinned_timeline}
+    report["timeline"] = {"source": src.timeline, "destination_pinned": dst.pinned_timeline,
+                          "pass_starts": src.pass_starts, "stopped_at": src.stopped_at_s}
     return report
 
 
@@ -144,21 +145,44 @@ def require_matplotlib() -> Any:
     return plt
 
 
+#: Seconds the plotted throughput is averaged over.
+RATE_WINDOW = 0.25
+
+
 def plot_timeline(report: dict[str, Any], path: Path) -> None:
-    """Throughput, dirty bytes remaining and pinned bytes over time, as a PNG.
+    """Throughput, dirty bytes remaining and pinned bytes over time, as a PNG, with
+    the passes marked and the downtime shaded.
 
     Raises:
         ConfigurationError: matplotlib is not installed.
     """
     plt = require_matplotlib()
-    samples = report["timeline"]["source"]
-    t = [s["t"] for s in samples]
-    written = [s["bytes_written"] for s in samples]
-    rate = [0.0] + [(written[i] - written[i - 1]) / max(t[i] - t[i - 1], 1e-9) / 1e9
-                    for i in range(1, len(t))]
+    import numpy as np
+    timeline = report["timeline"]
+    samples = timeline["source"]
+    t = np.array([s["t"] for s in samples])
+    written = np.array([s["bytes_written"] for s in samples])
+    # The rate over the last RATE_WINDOW seconds, not from one batch to the next:
+    # batches complete in bursts, and their spikes say nothing.
+    back = np.searchsorted(t, t - RATE_WINDOW, side="right") - 1
+    back = np.clip(back, 0, None)
+    span = np.maximum(t - t[back], 1e-9)
+    rate = np.where(t - t[back] > 0, (written - written[back]) / span / 1e9, 0.0)
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(8, 7))
     axes[0].plot(t, rate)
-    axes[0].set_ylabel("throughput GB/s")
+    axes[0].set_ylabel(f"GB/s over {RATE_WINDOW} s")
+    stopped = timeline.get("stopped_at")
+    for axis in axes:
+        for number, start in enumerate(timeline.get("pass_starts") or [], start=1):
+            axis.axvline(start, color="grey", linewidth=0.6, linestyle=":")
+            if axis is axes[0]:
+                axis.annotate(f"pass {number}", (start, 1), xycoords=("data", "axes fraction"),
+                              fontsize=7, va="top", rotation=90)
+        if stopped is not None:
+            axis.axvspan(stopped, stopped + report["downtime_ms"] / 1000, color="red",
+                         alpha=0.15, label="downtime" if axis is axes[0] else None)
+    if stopped is not None:
+        axes[0].legend(loc="lower right")
     axes[1].plot(t, [s["dirty_bytes"] / 2**20 for s in samples])
     axes[1].set_ylabel("dirty MiB left")
     axes[2].plot(t, [s["pinned_bytes"] / 2**20 for s in samples], label="source")

@@ -84,3 +84,7 @@ class SourceResult:
     peer: str = "rdmamig"
     #: One sample per batch: seconds, bytes written, dirty bytes left, pinned bytes.
     timeline: list[dict[str, float]] = attrs.Factory(list)
+    #: Seconds (as the timeline's) when each pass began, and when the workload
+    #: stopped for the last one (the downtime begins).
+    pass_starts: list[float] = attrs.Factory(list)
+    stopped_at_s: float | None = None

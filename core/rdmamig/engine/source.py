@@ -184,6 +184,7 @@ class Source:
             self.monitor.new_pass(iteration + 1, dirty_pages_rate=(
                 self._dirty_bytes() / PAGE_SIZE / round_s if round_s else 0.0))
             started = time.monotonic()
+            self.result.pass_starts.append(started - self._start)
             before = attrs.evolve(self.result)
             registering_before = self._registering_s
             self.stream.begin_round(writer, last=False)
@@ -227,6 +228,8 @@ class Source:
             tracker.scan()
         self.monitor.new_pass(iteration + 1, dirty_pages_rate=(
             self._dirty_bytes() / PAGE_SIZE / round_s if round_s else 0.0))
+        self.result.pass_starts.append(time.monotonic() - self._start)
+        self.result.stopped_at_s = stop - self._start
         self.stream.begin_round(writer, last=True)
         self._send_dirty()
         self.session.exchange_send(wire.RegisterFinished())
