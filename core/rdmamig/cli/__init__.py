@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..caps import PROTOCOL_VERSION
@@ -24,9 +25,33 @@ from ..errors import ConfigurationError, RdmamigError, UnknownNameError, Unreach
 from . import backends, image, listen, migrate, policies, send
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows every default and says which options repeat."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and default not in (
+                None, False, [], 0, argparse.SUPPRESS) and not isinstance(default, bool)):
+            shown = (f"{default >> 20} MiB" if isinstance(default, int) and default >= 1 << 20
+                     and not default % (1 << 20) else str(default))
+            text += f" (default: {shown})"
+        if isinstance(action, argparse._AppendAction) and "repeat" not in text:
+            text += " (repeat for more)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser with :class:`_Help` (its verbs' parsers too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rdmamig", description="Live migration of memory over RDMA, QEMU's protocol.",
         epilog="Exit status: 0 done, 1 the migration failed, 2 bad usage or configuration, "
                "3 the peer could not be reached or refused the connection, 130 interrupted "
