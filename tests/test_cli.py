@@ -60,6 +60,7 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["verified"] and data["bytes_written"] > data["ram_bytes"]
     assert data["capabilities"] & Capability.PIN_ALL
+    assert data["policy"] == "pin-until-done + PIN_ALL"
 
 
 @pytest.mark.parametrize(("args", "message"), [

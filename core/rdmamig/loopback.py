@@ -117,7 +117,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     process.join(timeout)
     if process.is_alive():
         process.kill()
-    return build_report(backend=plan.backend.name, policy=plan.policy.name,
+    return build_report(backend=plan.backend.name, policy=plan.label,
                         ram_bytes=ram_bytes, source=source, destination=destination,
                         error=error, status=monitor.query(), pattern=guest.pattern,
                         dirty_rate=guest.dirty_rate,

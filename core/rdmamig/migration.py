@@ -47,6 +47,15 @@ class Plan:
     #: The pre-shared key to prove (then ``requested`` holds AUTH).
     key: PreSharedKey | None = None
 
+    @property
+    def label(self) -> str:
+        """The policy as a report names it: with ``+ PIN_ALL`` when whole blocks are
+        registered up front by request (``--pin-all``), not by the policy."""
+        asked = bool(self.requested & Capability.PIN_ALL)
+        if asked and not self.policy.capabilities & Capability.PIN_ALL:
+            return f"{self.policy.name} + PIN_ALL"
+        return self.policy.name
+
 
 def available_backend(backend: type[Backend], options: dict[str, Any] | None = None) -> Backend:
     """An instance of ``backend`` with ``options``, checked to run here.

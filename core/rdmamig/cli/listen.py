@@ -13,6 +13,7 @@ free space before anything is made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import itertools
@@ -20,7 +21,7 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,10 @@ class _Service:
         #: Writes one event of any migration (``--events``), or None.
         self.events: Callable[[Event], None] | None = None
 
-    def receive(self, endpoint: Endpoint, into: Path, number: int = 1) -> dict[str, Any]:
-        """Receive migration ``number`` into a new image at ``into``: its report."""
+    def receive(self, endpoint: Endpoint, into: Path, number: int = 1, *,
+                display: bool = False) -> dict[str, Any]:
+        """Receive migration ``number`` into a new image at ``into`` (with a live
+        display on a terminal, if ``display``): its report."""
         args = self.args
         monitor = Monitor(total_bytes=0, max_downtime=0.0)
         write = self.events
@@ -88,9 +91,10 @@ class _Service:
                 "not offered by the peer (QEMU)"})
 
         try:
-            destination = receive_on(endpoint, timeout=args.timeout, make_block=make_block,
-                                     limits=self.limits, key=self.key, keep=keep,
-                                     monitor=monitor)
+            with destination_display(display and not args.quiet, monitor):
+                destination = receive_on(endpoint, timeout=args.timeout,
+                                         make_block=make_block, limits=self.limits,
+                                         key=self.key, keep=keep, monitor=monitor)
         finally:
             if writer is not None:
                 writer.close()  # removes the staging files of what was not kept
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         if args.once:
             with listener:
                 endpoint = listener.accept(timeout=args.timeout)
-            return finish(args, service.receive(endpoint, args.into))
+            return finish(args, service.receive(endpoint, args.into, display=True))
         if listener.concurrent:
             with listener:
                 _serve(service, listener, args.max_sessions)
@@ -136,6 +140,37 @@ def run(args: argparse.Namespace) -> int:
             _serve_one_at_a_time(service, listener,
                                  lambda: listen(backend, host, bound, key=key))
     return 0
+
+
+@contextlib.contextmanager
+def destination_display(shown: bool, monitor: Monitor) -> Iterator[None]:
+    """On a terminal (standard error), the destination's own progress: its status,
+    the pass the source is in, what it has pinned."""
+    from rich.console import Console
+    console = Console(stderr=True)
+    if not shown or not console.is_terminal:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description:>10}"),
+                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("waiting", line="")
+
+    def on_event(event: Event) -> None:
+        data = event["data"]
+        status = monitor.query()
+        pinned = status.get("rdmamig", {}).get("pinned-bytes", 0)
+        progress.update(task, description=f"pass {data['pass']}" if "pass" in data
+                        else str(data["status"]),
+                        line=f"{monitor.total_bytes >> 20} MiB, pinned {pinned >> 20} MiB")
+
+    monitor.subscribe(on_event)
+    try:
+        with progress:
+            yield
+    finally:
+        monitor.unsubscribe(on_event)
 
 
 def _allow_open_files(sessions: int, blocks: int) -> None:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                                        monitor=monitor)
     finally:
         workload.resume()
-    report = build_report(backend=args.backend, policy=args.policy, ram_bytes=total,
+    report = build_report(backend=args.backend, policy=plan.label, ram_bytes=total,
                           source=source, destination=None, error=error,
                           status=monitor.query(), channels=args.channels)
     return finish(args, report)

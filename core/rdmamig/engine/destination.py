@@ -459,9 +459,11 @@ class Destination:
 
     def _sample(self) -> None:
         """Record pinned bytes (ours and the kernel's VmLck) after a (un)registration."""
-        self.result.locked_peak_bytes = max(self.result.locked_peak_bytes, locked_bytes())
+        locked = locked_bytes()
+        self.result.locked_peak_bytes = max(self.result.locked_peak_bytes, locked)
         self.result.pinned_timeline.append(
             (time.monotonic() - self._start, self.endpoint.pinned_bytes))
+        self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked)
 
     def _release_all(self) -> None:
         for region in [*self._regions.values(), *self._block_regions]:
