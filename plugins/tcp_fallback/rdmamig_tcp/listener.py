@@ -228,6 +228,9 @@ class TcpListener(Listener):
             joined = sum(sock is not None for sock in joining.socks)
             _close_all(joining.socks[1:])
             raise TimeoutError(f"{joined} of its {lanes} lanes joined")
+        if self._closed.is_set():  # close() woke us: nobody takes the source now
+            _close_all(joining.socks[1:])
+            raise ConnectionError("the listener closed")
         self._hand_out(joining)
 
     def _join(self, conn: socket.socket, join: _Handshake, peer: str) -> None:
