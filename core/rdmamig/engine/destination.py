@@ -154,6 +154,7 @@ class Destination:
                 and ``result.committed`` stays False.
         """
         self.monitor.set_status(Status.SETUP)
+        error: RdmamigError | None = None
         try:
             if self._key is not None:
                 if not self.endpoint.capabilities & Capability.AUTH:
@@ -165,16 +166,17 @@ class Destination:
                 self._verify()
             self._commit()
         except RdmamigError as exc:
+            error = exc
             self.result.error = str(exc)
             self.session.abort(str(exc))
             self.endpoint.close()
-            self._release_all()
-            self.monitor.set_status(Status.FAILED, str(exc))
             raise exc if isinstance(exc, MigrationError) else MigrationError(
                 f"destination failed: {exc}") from exc
         finally:
             self._release_all()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
+            if error is not None:  # released first: nothing is pinned when it says so
+                self.monitor.set_status(Status.FAILED, str(error))
         self.monitor.set_status(Status.COMPLETED)
         return self.result
 

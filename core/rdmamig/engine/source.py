@@ -140,28 +140,42 @@ class Source:
                 registration is released; the source's memory is untouched and its
                 workload runs again.
         """
+        error: RdmamigError | None = None
         try:
             self._migrate()
         except RdmamigError as exc:
+            error = exc
             self.session.abort(str(exc))
             if self._stopped and self.workload is not None:
                 self.workload.resume()
-            self._release_all()
-            self.result.total_time_s = time.monotonic() - self._start
-            self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes,
-                                locked_bytes=locked_bytes())
-            cancelled = isinstance(exc, MigrationCancelledError)
-            self.monitor.set_status(Status.CANCELLED if cancelled else Status.FAILED, str(exc))
             if isinstance(exc, MigrationError):
                 raise
             raise MigrationError(f"source failed: {exc}") from exc
         finally:
+            # Released before the final status: a watcher that sees it sees nothing
+            # pinned.
             self._release_all()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
-        self.monitor.update(downtime_s=self.result.downtime_s,
-                            pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked_bytes())
-        self.monitor.set_status(Status.COMPLETED)
+            if error is not None:
+                self.result.total_time_s = time.monotonic() - self._start
+                cancelled = isinstance(error, MigrationCancelledError)
+                self._end(Status.CANCELLED if cancelled else Status.FAILED, str(error))
+        self.monitor.update(downtime_s=self.result.downtime_s)
+        self._end(Status.COMPLETED)
         return self.result
+
+    def _end(self, status: Status, error: str | None = None) -> None:
+        self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked_bytes())
+        self.monitor.set_status(status, error)
+
+    def _new_pass(self, number: int, previous_round_s: float) -> float:
+        """Pass ``number`` begins: its event, with the dirty rate the pages now dirty
+        make over the last round; the time it began."""
+        self.monitor.new_pass(number, dirty_pages_rate=(
+            self._dirty_bytes() / PAGE_SIZE / previous_round_s if previous_round_s else 0.0))
+        started = time.monotonic()
+        self.result.pass_starts.append(started - self._start)
+        return started
 
     def _migrate(self) -> None:
         if self.key is not None:
@@ -181,10 +195,7 @@ class Source:
             self._check_cancel()
             for tracker in self.trackers:
                 tracker.scan()
-            self.monitor.new_pass(iteration + 1, dirty_pages_rate=(
-                self._dirty_bytes() / PAGE_SIZE / round_s if round_s else 0.0))
-            started = time.monotonic()
-            self.result.pass_starts.append(started - self._start)
+            started = self._new_pass(iteration + 1, round_s)
             before = attrs.evolve(self.result)
             registering_before = self._registering_s
             self.stream.begin_round(writer, last=False)
@@ -226,9 +237,7 @@ class Source:
             self._stopped = True
         for tracker in self.trackers:
             tracker.scan()
-        self.monitor.new_pass(iteration + 1, dirty_pages_rate=(
-            self._dirty_bytes() / PAGE_SIZE / round_s if round_s else 0.0))
-        self.result.pass_starts.append(time.monotonic() - self._start)
+        self._new_pass(iteration + 1, round_s)
         self.result.stopped_at_s = stop - self._start
         self.stream.begin_round(writer, last=True)
         self._send_dirty()
