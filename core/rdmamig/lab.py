@@ -10,11 +10,10 @@ from typing import Any
 
 import attrs
 
-from .caps import SOURCE_DEFAULTS
 from .engine import SourceConfig
 from .errors import ConfigurationError
 from .loopback import Guest, migrate_locally
-from .migration import Plan
+from .migration import Plan, source_capabilities
 from .plugins import Registry
 from .policy import Hint, PolicyOptions
 from .report import require_matplotlib
@@ -66,7 +65,7 @@ def run_lab(registry: Registry, runs: Iterable[LabRun], *, backend: type[Backend
         policy = registry.policy(run.policy)
         plan = Plan(backend=backend, backend_options=backend_options, policy=policy,
                     options=PolicyOptions(pin_cap=run.cap, hints=(hot,)),
-                    requested=policy.capabilities | SOURCE_DEFAULTS, config=config)
+                    requested=source_capabilities(policy), config=config)
         before_each(run)
         results.append(migrate_locally(plan, Guest(ram=ram, dirty_rate=dirty_rate,
                                                    pattern=run.pattern)))

@@ -15,10 +15,10 @@ from typing import Final
 import attrs
 
 from .errors import RefusedError, RemoteProtocolError
+from .wire import PAGE_BYTES as PAGE_SIZE
 
 #: Longest block name (QEMU's idstr holds 255 bytes and a NUL).
 MAX_NAME_BYTES: Final = 255
-PAGE_SIZE: Final = 4096
 
 
 def physical_memory() -> int:

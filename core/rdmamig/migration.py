@@ -57,6 +57,18 @@ class Plan:
         return self.policy.name
 
 
+def source_capabilities(policy: type[UnpinPolicy], *, key: PreSharedKey | None = None,
+                        pin_all: bool = False) -> Capability:
+    """What a source asks for: rdmamig's extensions, what ``policy`` needs, AUTH with
+    a key and PIN_ALL when asked."""
+    requested = SOURCE_DEFAULTS | policy.capabilities
+    if key is not None:
+        requested |= Capability.AUTH
+    if pin_all:
+        requested |= Capability.PIN_ALL
+    return requested
+
+
 def available_backend(backend: type[Backend], options: dict[str, Any] | None = None) -> Backend:
     """An instance of ``backend`` with ``options``, checked to run here.
 
@@ -186,9 +198,18 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def _as_blocks(blocks: Mapping[str, Any] | Sequence[RamBlock]) -> list[RamBlock]:
-    if isinstance(blocks, Mapping):
+    """``{name: buffer}`` as blocks (or the blocks given).
+
+    Raises:
+        ConfigurationError: a buffer that cannot be a block (read-only, not whole
+            pages).
+    """
+    if not isinstance(blocks, Mapping):
+        return list(blocks)
+    try:
         return [RamBlock(name, memory) for name, memory in blocks.items()]
-    return list(blocks)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
@@ -212,18 +233,12 @@ def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
     from .plugins import load_registry
     registry = load_registry()
     chosen = registry.policy(policy)
-    requested = SOURCE_DEFAULTS | chosen.capabilities
-    if key is not None:
-        requested |= Capability.AUTH
     plan = Plan(backend=registry.backend(backend), backend_options=backend_options,
-                policy=chosen, options=PolicyOptions(), requested=requested,
+                policy=chosen, options=PolicyOptions(),
+                requested=source_capabilities(chosen, key=key),
                 config=config or SourceConfig(), key=key)
     host, port = parse_address(address)
-    try:
-        memory = _as_blocks(blocks)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
-    result, error = run_source(plan, host, port, memory, monitor=monitor)
+    result, error = run_source(plan, host, port, _as_blocks(blocks), monitor=monitor)
     if error is not None:
         raise MigrationError(error)
     return result
@@ -245,11 +260,7 @@ def receive_into(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *
     from .plugins import load_registry
     chosen = available_backend(load_registry().backend(backend), backend_options)
     host, port = parse_address(address)
-    try:
-        memory = _as_blocks(blocks)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
-    destination = receive(chosen, host, port, timeout=timeout, blocks=memory,
+    destination = receive(chosen, host, port, timeout=timeout, blocks=_as_blocks(blocks),
                           announce=announce, key=key)
     result = destination.result
     if result.error is not None or not result.verified:

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .caps import Capability
-
-PAGE_SIZE = 4096
+from .wire import PAGE_BYTES as PAGE_SIZE
 
 Event = dict[str, Any]
 

@@ -205,12 +205,8 @@ def _serve(service: _Service, listener: Listener, sessions: int) -> None:
 
     def serve(number: int, endpoint: Endpoint) -> None:
         try:
-            into = _image_path(service.args.into, number)
-            _log_outcome(number, service.receive(endpoint, into, number), into)
-        except Exception as exc:  # one migration's end, whatever it is, is not ours
-            log.warning("migration %d failed: %s", number, exc)
+            _serve_migration(service, number, endpoint)
         finally:
-            endpoint.close()
             with lock:
                 running.pop(number, None)
             slots.release()
@@ -263,23 +259,26 @@ def _serve_one_at_a_time(service: _Service, listener: Listener,
             log.warning("accept failed: %s", exc)
             listener = relisten()
             continue
-        try:
-            into = _image_path(service.args.into, number)
-            _log_outcome(number, service.receive(endpoint, into, number), into)
-        except Exception as exc:  # one migration's end, whatever it is, is not ours
-            log.warning("migration %d failed: %s", number, exc)
-        finally:
-            endpoint.close()
+        _serve_migration(service, number, endpoint)
         listener = relisten()
 
 
-def _log_outcome(number: int, report: dict[str, Any], into: Path) -> None:
-    if report["succeeded"]:
-        log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
-                 report["verification"], report["ram_bytes"] >> 20,
-                 report["total_time_s"], into)
-    else:
-        log.warning("migration %d failed: %s", number, report["error"])
+def _serve_migration(service: _Service, number: int, endpoint: Endpoint) -> None:
+    """Migration ``number`` of a service, into a new image; its outcome logged,
+    whatever it is (it is not the service's), its connection closed."""
+    into = _image_path(service.args.into, number)
+    try:
+        report = service.receive(endpoint, into, number)
+        if report["succeeded"]:
+            log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
+                     report["verification"], report["ram_bytes"] >> 20,
+                     report["total_time_s"], into)
+        else:
+            log.warning("migration %d failed: %s", number, report["error"])
+    except Exception as exc:
+        log.warning("migration %d failed: %s", number, exc)
+    finally:
+        endpoint.close()
 
 
 def _image_path(directory: Path, number: int) -> Path:

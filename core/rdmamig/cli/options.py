@@ -19,11 +19,10 @@ from typing import Any
 
 from .. import __version__
 from ..auth import load_key
-from ..caps import SOURCE_DEFAULTS, Capability
 from ..engine import SourceConfig
 from ..engine.ramblock import PAGES_PER_CHUNK
 from ..errors import ConfigurationError, UsageError
-from ..migration import Plan
+from ..migration import Plan, source_capabilities
 from ..migration import parse_address as split_address
 from ..plugins import Registry
 from ..policy import Hint, PolicyOptions
@@ -274,19 +273,15 @@ def plan_from_args(args: argparse.Namespace, registry: Registry) -> Plan:
         capped = [name for name, cls in registry.policies.items() if cls.takes_cap]
         raise UsageError(f"policy {policy.name!r} keeps no cap; --pin-cap is for "
                          f"{', '.join(capped)}")
-    requested = SOURCE_DEFAULTS | policy.capabilities
-    if args.pin_all:
-        if not policy.keeps_everything:
-            raise UsageError(f"--pin-all registers whole blocks up front, and policy "
-                             f"{policy.name!r} unpins chunks: use one or the other")
-        requested |= Capability.PIN_ALL
+    if args.pin_all and not policy.keeps_everything:
+        raise UsageError(f"--pin-all registers whole blocks up front, and policy "
+                         f"{policy.name!r} unpins chunks: use one or the other")
     key = load_key(args.psk_file)
-    if key is not None:
-        requested |= Capability.AUTH
     if args.plot is not None:
         require_matplotlib()
     return Plan(backend=backend, backend_options=backend_options(args, registry),
-                policy=policy, options=options, requested=requested,
+                policy=policy, options=options,
+                requested=source_capabilities(policy, key=key, pin_all=args.pin_all),
                 config=source_config(args), key=key)
 
 

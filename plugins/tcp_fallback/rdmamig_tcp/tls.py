@@ -26,6 +26,8 @@ from typing import Any, cast
 import attrs
 from rdmamig.errors import ConfigurationError
 
+from .frames import FRAME_TIMEOUT, send_all
+
 #: Bytes read from the socket at a time.
 _READ = 256 << 10
 
@@ -108,7 +110,7 @@ class TlsSocket:
                     total += self._obj.write(buffer)
                     records = self._outgoing.read()
                 try:
-                    self._send_raw(records)
+                    send_all(self._sock, [records], timeout=FRAME_TIMEOUT)
                 except (BrokenPipeError, ConnectionResetError):
                     self._raise_alert()
                     raise
@@ -145,16 +147,6 @@ class TlsSocket:
                 else:
                     self._incoming.write_eof()
                     self._eof = True
-
-    def _send_raw(self, data: bytes) -> None:
-        view, sent = memoryview(data), 0
-        deadline = time.monotonic() + 30.0
-        while sent < len(view):
-            try:
-                sent += self._sock.send(view[sent:])
-            except BlockingIOError:  # a wake-up (SO_SNDTIMEO): the peer reads nothing
-                if time.monotonic() >= deadline:
-                    raise TimeoutError("the peer read nothing for 30.0 s") from None
 
     # ------------------------------------------------------------ the socket's own
 
