@@ -79,8 +79,9 @@ def refused(destination: Destination, source: HandSource, message: wire.Message)
 @pytest.mark.parametrize(("key_at", "chunks", "error"), [
     (2 * MiB, 1, "outside RAM block 1 (ram1)"),  # just past the end
     (-1, 1, "outside RAM block 1 (ram1)"),  # in the block before
-    (MiB, 2, "chunks=2: chunks 1..2 run past block ram1 (2 chunks)"),
-    (0, 3, "chunks=3: chunks 0..2 run past block ram1 (2 chunks)"),
+    # QEMU's meaning of chunks: the chunks after the first (1 is a pair).
+    (MiB, 1, "chunks=1: chunks 1..2 run past block ram1 (2 chunks)"),
+    (0, 2, "chunks=2: chunks 0..2 run past block ram1 (2 chunks)"),
 ])
 def test_a_register_request_outside_its_block_is_refused(key_at: int, chunks: int,
                                                          error: str) -> None:
@@ -92,14 +93,20 @@ def test_a_register_request_outside_its_block_is_refused(key_at: int, chunks: in
         assert destination.result.registrations == 0
 
 
-def test_a_register_request_inside_its_block_is_granted() -> None:
+@pytest.mark.parametrize(("key_at", "chunks", "pinned"), [
+    (MiB, 0, 1),  # QEMU's source for one chunk (every request of the capture)
+    (0, 1, 2),  # QEMU's source for a write of two chunks: length / 1 MiB - 1
+])
+def test_a_register_request_pins_the_chunks_qemu_means(key_at: int, chunks: int,
+                                                       pinned: int) -> None:
     with against_a_destination(MiB, 2 * MiB) as (source, destination, _blocks):
         source.session.wait_ready()
         source.session.send(wire.RegisterRequest(entries=(wire.Register(
-            key=source.remote[1].offset + MiB, current_index=1, chunks=1),)))
+            key=source.remote[1].offset + key_at, current_index=1, chunks=chunks),)))
         reply = source.session.recv_reply(wire.Command.REGISTER_RESULT)
         assert isinstance(reply, wire.RegisterResult) and reply.entries[0].rkey != 0
-        assert destination.result.registrations == 1
+        assert destination.result.registrations == pinned
+        assert destination.endpoint.pinned_bytes == pinned * MiB
 
 
 @pytest.mark.parametrize(("offset", "length"), [

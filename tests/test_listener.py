@@ -253,12 +253,12 @@ def test_pins_over_the_destinations_cap_are_refused(tmp_path: Path) -> None:
     with service(tmp_path / "images", "--max-pinned", "2M") as listener:
         session, remote, endpoint = _hand_source(listener.port, [("mem", 8 * MiB)])
         with endpoint:
-            session.exchange_send(wire.RegisterRequest(entries=(wire.Register(
-                key=remote[0].offset, current_index=0, chunks=2),)),
+            session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                key=remote[0].offset, current_index=0, count=2),)),
                 reply=wire.Command.REGISTER_RESULT)
             with pytest.raises(PeerAbortedError, match=r"allows 2097152 \(--max-pinned\)"):
-                session.exchange_send(wire.RegisterRequest(entries=(wire.Register(
-                    key=remote[0].offset + 2 * MiB, current_index=0, chunks=1),)),
+                session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                    key=remote[0].offset + 2 * MiB, current_index=0, count=1),)),
                     reply=wire.Command.REGISTER_RESULT)
         assert "this destination allows 2097152 (--max-pinned)" in listener.wait_for_log(
             "failed")
@@ -272,17 +272,17 @@ def test_a_registration_overlapping_another_is_refused(tmp_path: Path) -> None:
     with service(tmp_path / "images") as listener:
         session, remote, endpoint = _hand_source(listener.port, [("mem", 8 * MiB)])
         with endpoint:
-            session.exchange_send(wire.RegisterRequest(entries=(wire.Register(
-                key=remote[0].offset, current_index=0, chunks=2),)),
+            session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                key=remote[0].offset, current_index=0, count=2),)),
                 reply=wire.Command.REGISTER_RESULT)
             # Inside the first: the same region again, nothing pinned twice.
-            inner = session.exchange_send(wire.RegisterRequest(entries=(wire.Register(
-                key=remote[0].offset + MiB, current_index=0, chunks=1),)),
+            inner = session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                key=remote[0].offset + MiB, current_index=0, count=1),)),
                 reply=wire.Command.REGISTER_RESULT)
             assert isinstance(inner, wire.RegisterResult)
             with pytest.raises(PeerAbortedError, match="overlap a registration"):
-                session.exchange_send(wire.RegisterRequest(entries=(wire.Register(
-                    key=remote[0].offset + MiB, current_index=0, chunks=2),)),
+                session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                    key=remote[0].offset + MiB, current_index=0, count=2),)),
                     reply=wire.Command.REGISTER_RESULT)
         assert "overlap a registration" in listener.wait_for_log("failed")
         assert_serves(listener)
@@ -301,8 +301,8 @@ def test_a_write_that_stops_halfway_ends_its_migration_and_unpins(tmp_path: Path
         blocks = peer.recv()
         assert isinstance(blocks, wire.RamBlocksResult)
         assert isinstance(peer.recv(), wire.Ready)
-        peer.send(wire.RegisterRequest(entries=(wire.Register(
-            key=blocks.blocks[0].offset, current_index=0, chunks=1),)))
+        peer.send(wire.RegisterRequest(entries=(wire.Register.covering(
+            key=blocks.blocks[0].offset, current_index=0, count=1),)))
         keys = peer.recv()
         assert isinstance(keys, wire.RegisterResult)
         assert listener.status("VmLck") >= MiB
@@ -343,8 +343,8 @@ def test_a_write_after_the_hashes_changes_nothing_exposed(tmp_path: Path) -> Non
         size = 2 * MiB
         session, remote, endpoint = _hand_source(listener.port, [("mem", size)])
         with endpoint:
-            reply = session.exchange_send(wire.RegisterRequest(entries=(wire.Register(
-                key=remote[0].offset, current_index=0, chunks=2),)),
+            reply = session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                key=remote[0].offset, current_index=0, count=2),)),
                 reply=wire.Command.REGISTER_RESULT)
             assert isinstance(reply, wire.RegisterResult)
             key = reply.entries[0]

@@ -182,6 +182,42 @@ def test_capture_ram_blocks_result_lists_six_blocks() -> None:
         64 << 20, 128 << 10, 256 << 10, 128 << 10, 4096, 4096]
 
 
+def _capture_requests() -> list[bytes]:
+    return [bytes.fromhex(str(r["hex"])) for r in _capture() if r["what"] == "control"
+            and str(r["hex"])[8:16] == f"{wire.Command.REGISTER_REQUEST:08x}"]
+
+
+def test_qemus_register_requests_count_the_chunks_after_the_first() -> None:
+    # QEMU 7.2's source asks for one chunk at a time with chunks=0 (its destination
+    # pins chunk .. chunk + chunks, inclusive): the capture's every request.
+    requests = _capture_requests()
+    assert len(requests) == 68
+    first = requests[0]
+    assert first.hex() == (hdr(24, 7) + "0000000000000000" "00000000" "937f0000"
+                           "0000000000000000")
+    entries = [e for raw in requests for e in wire.decode_untrusted(raw).entries]
+    assert {(e.chunks, e.count) for e in entries} == {(0, 1)}
+    # rdmamig asking for the same chunk sends QEMU's bytes (padding aside).
+    assert wire.encode(wire.RegisterRequest(entries=(wire.Register.covering(
+        key=0, current_index=0, count=1),))) == _zero_padding(first)
+
+
+def test_a_pair_of_chunks_is_chunks_1_as_qemus_source_computes_it() -> None:
+    # qemu_rdma_write_one: chunks = length / 1 MiB, less one for a whole number of
+    # chunks; a 2 MiB registration at 3 MiB of block 2 is therefore chunks=1.
+    length = 2 * wire.CHUNK_SIZE
+    qemu_chunks = length // wire.CHUNK_SIZE - (length % wire.CHUNK_SIZE == 0)
+    raw = bytes.fromhex(hdr(24, 7) + "0000000000300000" "00000002" "00000000"
+                        "0000000000000001")
+    entry = wire.Register.covering(key=0x30_0000, current_index=2, count=2)
+    assert entry.chunks == qemu_chunks == 1
+    assert wire.encode(wire.RegisterRequest(entries=(entry,))) == raw
+    decoded = wire.decode_untrusted(raw)
+    assert isinstance(decoded, wire.RegisterRequest) and decoded.entries[0].count == 2
+    with pytest.raises(LocalProtocolError, match="at least one chunk, not 0"):
+        wire.Register.covering(key=0, current_index=0, count=0)
+
+
 # ------------------------------------------------------------------ fuzz
 
 _VALID = [raw for _m, hexbytes in GOLDEN for raw in [bytes.fromhex(hexbytes)]]

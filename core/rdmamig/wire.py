@@ -132,11 +132,29 @@ class DestBlock:
 @attrs.frozen(kw_only=True)
 class Register:
     """One entry of REGISTER REQUEST (``key`` = offset in the destination RAM space)
-    or UNREGISTER REQUEST (``key`` = chunk index)."""
+    or UNREGISTER REQUEST (``key`` = the first chunk of the registration to drop).
+
+    ``chunks`` is QEMU's field as it travels: how many chunks *after* the first a
+    registration covers (QEMU's destination pins ``first .. first + chunks``
+    inclusive, so a single chunk is 0). Build entries with :meth:`covering` and
+    read them with :attr:`count`, which say the number of chunks itself.
+    """
 
     key: int
     current_index: int
     chunks: int
+
+    @classmethod
+    def covering(cls, *, key: int, current_index: int, count: int) -> Register:
+        """The entry for ``count`` (at least 1) chunks from the one ``key`` names."""
+        if count < 1:
+            raise LocalProtocolError(f"a registration covers at least one chunk, not {count}")
+        return cls(key=key, current_index=current_index, chunks=count - 1)
+
+    @property
+    def count(self) -> int:
+        """How many chunks this entry covers, the first included (``chunks + 1``)."""
+        return self.chunks + 1
 
 
 @attrs.frozen(kw_only=True)

@@ -346,7 +346,7 @@ class Destination:
             raise RemoteProtocolError(f"key={entry.key:#x}: outside RAM block "
                                       f"{entry.current_index} ({block.name})")
         first = start >> CHUNK_SHIFT
-        count = max(entry.chunks, 1)  # QEMU 7.2 sends 0 for a single chunk
+        count = entry.count  # QEMU's meaning: chunks first .. first + entry.chunks
         if first + count > block.chunks:
             raise RemoteProtocolError(f"chunks={entry.chunks}: chunks {first}..{first + count - 1}"
                                       f" run past block {block.name} ({block.chunks} chunks)")
@@ -357,7 +357,7 @@ class Destination:
         return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
 
     def _region_for(self, index: int, first: int, count: int) -> MemoryRegion:
-        """The region for chunks ``first`` to ``first + count`` of block ``index``:
+        """The region for the ``count`` chunks from ``first`` of block ``index``:
         the one that holds them all already, or a new one. A request that overlaps
         a region without lying inside it is refused: every chunk is pinned by one
         region at most, so pinned bytes are counted once and unpinning one region
@@ -369,7 +369,7 @@ class Destination:
             return self._regions[(index, head)]
         if bool((owners >= 0).any()):
             raise RemoteProtocolError(
-                f"chunks={count}: chunks {first}..{first + count - 1} of block {block.name!r} "
+                f"chunks {first}..{first + count - 1} of block {block.name!r} "
                 f"overlap a registration they do not lie inside")
         end = min((first + count) * CHUNK_SIZE, block.length)
         self._check_pin_cap(end - first * CHUNK_SIZE)

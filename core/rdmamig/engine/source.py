@@ -454,8 +454,8 @@ class Source:
         for part in self._batches(units):
             self.session.wait_ready()
             self.session.send(wire.RegisterRequest(entries=tuple(
-                wire.Register(key=self._remote[b].offset + first * CHUNK_SIZE,
-                              current_index=b, chunks=count)
+                wire.Register.covering(key=self._remote[b].offset + first * CHUNK_SIZE,
+                                       current_index=b, count=count)
                 for (b, first, count), _region in part)))
             # The queued writes of the window before go out once the request is on
             # its way: it is not ordered behind them, and they keep the link busy
@@ -516,7 +516,8 @@ class Source:
         for part in requests:
             self.session.wait_ready()
             self.session.send(wire.UnregisterRequest(entries=tuple(
-                wire.Register(key=pin.first, current_index=pin.block, chunks=pin.count)
+                wire.Register.covering(key=pin.first, current_index=pin.block,
+                                       count=pin.count)
                 for pin in part)))
             self._mode.after_unregister_sent(self.pipeline)
             self.session.recv_reply(wire.Command.UNREGISTER_FINISHED)
