@@ -58,3 +58,19 @@ def test_units_cover_each_chunk_once_pairs_only_even_neighbours(
     assert sorted(covered) == sorted(chunks)
     for _block, first, count in units:
         assert count == 1 or (pairs and count == 2 and first % 2 == 0)
+
+
+def test_the_peak_is_the_most_chunk_bytes_registered_at_once() -> None:
+    # What the peer was asked to pin: a short last chunk counts its own bytes.
+    pins = PinTable(lambda cid: MiB // 2 if cid.index == 9 else MiB)
+    pair, last = pin(0, 0, 2), pin(0, 9, 1)
+    pins.add(pair)
+    pins.add(last)
+    assert pins.peak_bytes == 2 * MiB + MiB // 2
+    pins.remove(pair)
+    pins.add(pin(0, 4, 1))
+    assert pins.peak_bytes == 2 * MiB + MiB // 2  # 1.5 MiB now: the peak stays
+    pins.clear()
+    pins.add(pin(0, 2, 2))
+    pins.add(pin(0, 6, 1))
+    assert pins.peak_bytes == 3 * MiB  # cleared to 0, then 3 MiB: a new peak

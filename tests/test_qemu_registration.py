@@ -115,6 +115,9 @@ def test_qemu_pins_each_chunk_once_and_is_never_asked_to_drop_a_stranger(
     model = _run(migration, POLICIES[policy](), requested=requested)
     assert model.faults == []
     assert model.pmr or policy != "pin-until-done"
+    # rdmamig's own account of what it had the peer pin is what QEMU pinned.
+    assert migration.source is not None
+    assert migration.source.result.peer_pinned_peak_bytes == model.peak_bytes
 
 
 @pytest.mark.parametrize("async_unregister", [True, False], ids=["async", "inline"])

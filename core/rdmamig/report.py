@@ -54,6 +54,9 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
         "reregistrations": src.reregistrations,
         "pinned_peak_bytes_source": src.pinned_peak_bytes,
         "pinned_peak_bytes_destination": dst.pinned_peak_bytes,
+        #: What the source asked the peer to pin at most, by its own accounting: the
+        #: figure for a QEMU destination, which reports none of its own.
+        "peer_pinned_peak_bytes": src.peer_pinned_peak_bytes,
         "locked_peak_bytes_source": src.locked_peak_bytes,
         "locked_peak_bytes_destination": dst.locked_peak_bytes,
         "throughput_gbps": ram_bytes / total / 1e9 if total else 0.0,
@@ -110,6 +113,8 @@ def summary_table(report: dict[str, Any]) -> Any:
              f"({report['zero_pages']}) / {report['inline_pages']}"),
             ("registrations / unregistrations",
              f"{report['registrations']} / {report['unregistrations']}"),
+            ("asked the peer to pin, at most",
+             f"{report.get('peer_pinned_peak_bytes', 0) / mib:.0f} MiB"),
         ]
     else:
         rows += [("passes", str(report["iterations"])),

@@ -73,6 +73,9 @@ class SourceResult:
     unregistrations: int = 0
     reregistrations: int = 0
     pinned_peak_bytes: int = 0
+    #: The most bytes this source had the peer pin at once, by its own accounting of
+    #: the registrations it asked for (a QEMU peer reports nothing of its own).
+    peer_pinned_peak_bytes: int = 0
     #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
     locked_peak_bytes: int = 0
     downtime_s: float = 0.0

@@ -49,6 +49,10 @@ class PinTable:
         self._sizes_view = MappingProxyType(self._sizes)
         self._holds: dict[ChunkId, int] = {}
         self._ever_unpinned: set[ChunkId] = set()
+        self._chunk_total = 0
+        #: The most chunk bytes registered at once: what the peer was asked to pin
+        #: (each registration pins its chunks there, no more).
+        self.peak_bytes = 0
 
     # ------------------------------------------------------------ registrations
 
@@ -86,7 +90,9 @@ class PinTable:
         for cid in pin.chunks():
             self._pins[cid] = pin
             self._sizes[cid] = size = self._chunk_bytes(cid)
+            self._chunk_total += size
             added.append((cid, size, cid in self._ever_unpinned))
+        self.peak_bytes = max(self.peak_bytes, self._chunk_total)
         return added
 
     def remove(self, pin: Pin) -> list[ChunkId]:
@@ -94,7 +100,7 @@ class PinTable:
         chunks = pin.chunks()
         for cid in chunks:
             del self._pins[cid]
-            del self._sizes[cid]
+            self._chunk_total -= self._sizes.pop(cid)
             self._ever_unpinned.add(cid)
         return chunks
 
@@ -103,6 +109,7 @@ class PinTable:
         regions = [pin.region for pin in self.registrations()]
         self._pins.clear()
         self._sizes.clear()
+        self._chunk_total = 0
         return regions
 
     # ------------------------------------------------------------ what may go

@@ -156,6 +156,9 @@ class Source:
             # pinned.
             self._release_all()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
+            self.result.peer_pinned_peak_bytes = (
+                sum(b.length for b in self.blocks) if self.pin_all and self._remote
+                else self.pins.peak_bytes)
             if error is not None:
                 self.result.total_time_s = time.monotonic() - self._start
                 cancelled = isinstance(error, MigrationCancelledError)
