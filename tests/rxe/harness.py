@@ -77,10 +77,12 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         "rdmamig-to-qemu": [python, *qemu, "to-qemu", host],
         "rdmamig-to-qemu-pin-all": [python, *qemu, "to-qemu", "--pin-all", host],
         "qemu-round-trip": [python, *qemu, "round-trip", host],
+        "qemu-pins": [python, *qemu, "pins", host],
         # The same against the newest QEMU the registries have (Debian 13's, in the
         # debootstrap root the harness builds), as QEMU's migration-compat jobs do.
         "qemu10-to-rdmamig": [python, *qemu, "to-rdmamig", "--qemu-root", QEMU_ROOT, host],
         "rdmamig-to-qemu10": [python, *qemu, "to-qemu", "--qemu-root", QEMU_ROOT, host],
+        "qemu10-pins": [python, *qemu, "pins", "--qemu-root", QEMU_ROOT, host],
         # A benchmark line, not a pass/fail check: QEMU -> QEMU, QEMU -> rdmamig and
         # rdmamig -> QEMU for the same guest, in this run.
         "qemu-speed": [python, *qemu, "speed", host],

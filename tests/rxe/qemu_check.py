@@ -5,6 +5,7 @@ into rdmamig and out of it, inside the soft-RoCE guest (run by harness.py).
     python tests/rxe/qemu_check.py to-qemu [--pin-all] HOST
     python tests/rxe/qemu_check.py to-rdmamig-refused HOST
     python tests/rxe/qemu_check.py round-trip HOST
+    python tests/rxe/qemu_check.py pins HOST
     python tests/rxe/qemu_check.py speed HOST
 
 ``--qemu-root DIR`` runs another QEMU release (Debian 13's, by chroot) instead of the
@@ -16,7 +17,9 @@ and the image's blocks are byte-identical to the source's RAM. ``to-qemu``: that
 guest saved to a file and imported is sent with ``rdmamig send --image --backend
 verbs`` into a QEMU started with ``-incoming rdma:HOST:PORT``; QEMU reports completed
 and its RAM is byte-identical. ``round-trip``: a running guest (SeaBIOS with no boot
-device) migrates live A -> rdmamig -> B; B runs after ``cont``. Exits non-zero with
+device) migrates live A -> rdmamig -> B; B runs after ``cont``. ``pins``: what
+QEMU's destination pins (its ``VmPin``) when rdmamig sends into it, against what
+QEMU's own source makes it pin, and under an unpin policy's cap. Exits non-zero with
 the reason on any failure.
 """
 
@@ -27,6 +30,7 @@ import contextlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -238,6 +242,102 @@ def round_trip(work: Path, host: str) -> None:
         b.close()
 
 
+class PinPeak:
+    """The most memory a process has pinned for RDMA (``VmPin`` of /proc/PID/status,
+    what ``ibv_reg_mr`` pins) while the ``with`` block runs, polled every 2 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self._status = Path(f"/proc/{pid}/status")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self.peak_bytes = 0
+        self.samples = 0
+
+    def _read(self) -> int:
+        for line in self._status.read_text().splitlines():
+            if line.startswith("VmPin:"):
+                return int(line.split()[1]) * 1024
+        raise SystemExit(f"FAILED: no VmPin in {self._status}")
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.002):
+            try:
+                pinned = self._read()
+            except FileNotFoundError:
+                return  # the process ended
+            self.peak_bytes = max(self.peak_bytes, pinned)
+            self.samples += 1
+
+    def __enter__(self) -> PinPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+
+#: What rdmamig sends with into QEMU's destination, and the most QEMU may pin for
+#: it: QEMU -> QEMU's own peak (``None``) plus 1 MiB, or the cap plus one 1 MiB
+#: registration unit.
+PIN_RUNS: dict[str, tuple[list[str], int | None]] = {
+    "pin-until-done": ([], None),
+    "lru --pin-cap 8MiB": (["--policy", "lru", "--pin-cap", "8MiB"], 9 * MiB),
+    "eager": (["--policy", "eager"], None),
+}
+
+
+def pins(work: Path, host: str) -> None:
+    """rdmamig sending into QEMU's destination pins there what QEMU's own source
+    makes it pin, no more; an unpin policy holds QEMU's pinned memory to its cap.
+    QEMU's side is read from QEMU's ``VmPin``; each run completes with the RAM
+    byte-identical."""
+    import json
+    image, ram = saved_image(work)  # the same random RAM as the source below (seed 7)
+    a = Guest(work, "pins-a", ram=RAM, paused=True, random_ram=True, command=COMMAND)
+    b = Guest(work, "pins-b", ram=RAM, incoming=f"rdma:{host}:{PORT}", command=COMMAND)
+    try:
+        time.sleep(1)
+        with PinPeak(b.process.pid) as watch:
+            info = migrate(a, f"rdma:{host}:{PORT}", pin_all=False)
+            check(info["status"] == "completed", f"QEMU -> QEMU: {info}")
+            check(b.wait_migration()["status"] == "completed", "QEMU -> QEMU: destination")
+        qemu_peak = watch.peak_bytes
+        check(watch.samples > 0 and qemu_peak > 0, f"no VmPin seen in {watch.samples} samples")
+    finally:
+        a.close()
+        b.close()
+    figures = [f"QEMU -> QEMU {qemu_peak / MiB:.1f} MiB"]
+    for name, (options, cap) in PIN_RUNS.items():
+        limit = qemu_peak + MiB if cap is None else cap
+        destination = Guest(work, "pins-dst", ram=RAM, incoming=f"rdma:{host}:{PORT}",
+                            command=COMMAND)
+        try:
+            time.sleep(1)
+            report = work / "pins.json"
+            with PinPeak(destination.process.pid) as watch:
+                send_image(image, host, f"rdmamig ({name}) -> QEMU", "--timeout", "600",
+                           "--report", str(report), *options)
+                info = destination.wait_migration(timeout=120)
+            check(info["status"] == "completed", f"{name}: QEMU's incoming migration: {info}")
+            check(destination.ram_bytes() == ram, f"{name}: QEMU's RAM differs from the image")
+            asked = json.loads(report.read_text())
+            check(watch.peak_bytes <= limit,
+                  f"{name}: QEMU pinned {watch.peak_bytes / MiB:.1f} MiB at most, over "
+                  f"{limit / MiB:.1f} MiB (rdmamig asked it to pin "
+                  f"{asked['peer_pinned_peak_bytes'] / MiB:.1f} MiB at most)")
+            check(asked["peer_pinned_peak_bytes"] <= limit,
+                  f"{name}: rdmamig's account says {asked['peer_pinned_peak_bytes']} bytes")
+            figures.append(f"rdmamig {name} {watch.peak_bytes / MiB:.1f} MiB (asked "
+                           f"{asked['peer_pinned_peak_bytes'] / MiB:.1f}, "
+                           f"{asked['registrations']} reg / {asked['unregistrations']} "
+                           f"unreg)")
+        finally:
+            destination.close()
+    print(f"{version()} destination's VmPin peak, 64 MiB random guest: " + ", ".join(figures)
+          + "; RAM byte-identical, completed")
+
+
 def version() -> str:
     """``QEMU 7.2.x`` or ``QEMU 10.0.x``: the release these checks ran against."""
     out = subprocess.run([*COMMAND, "--version"], capture_output=True, text=True).stdout
@@ -285,7 +385,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("check", choices=("to-rdmamig", "to-rdmamig-refused", "to-qemu",
-                                          "round-trip", "speed"))
+                                          "round-trip", "pins", "speed"))
     parser.add_argument("host")
     parser.add_argument("--pin-all", action="store_true")
     parser.add_argument("--qemu-root", type=Path, metavar="DIR",
@@ -303,6 +403,8 @@ def main() -> None:
             to_qemu(work, args.host, args.pin_all)
         elif args.check == "round-trip":
             round_trip(work, args.host)
+        elif args.check == "pins":
+            pins(work, args.host)
         else:
             speed(work, args.host)
 
