@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 from rdmamig.engine.pages import plan_span, runs, runs_of_consecutive
-from rdmamig.engine.ramblock import PAGES_PER_CHUNK
+from rdmamig.memory import PAGES_PER_CHUNK
 
 
 @given(st.lists(st.booleans(), max_size=300), st.sampled_from([None, 1, 7, 64]))

@@ -4,7 +4,7 @@ blocks start zeroed."""
 from __future__ import annotations
 
 import numpy as np
-from rdmamig.engine import RamBlock
+from rdmamig.memory import RamBlock
 from rdmamig.qemu.sink import BlockSink
 
 PAGE = 4096

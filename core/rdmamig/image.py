@@ -34,8 +34,8 @@ from typing import Any, Final
 import attrs
 import xxhash
 
-from .engine import RamBlock
 from .errors import ConfigurationError, ImageError, RemoteProtocolError
+from .memory import RamBlock
 from .qemu.origin import QemuOrigin
 
 FORMAT: Final = "rdmamig-image"

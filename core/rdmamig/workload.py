@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .engine.ramblock import PAGE_SIZE, RamBlock
+from .memory import PAGE_SIZE, RamBlock
 
 PATTERNS = ("uniform", "hotspot", "sequential")
 #: How often the workload wakes up to write its share of pages.

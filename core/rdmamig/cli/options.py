@@ -20,8 +20,8 @@ from typing import Any
 from .. import __version__
 from ..auth import load_key
 from ..engine import SourceConfig
-from ..engine.ramblock import PAGES_PER_CHUNK
 from ..errors import ConfigurationError, UsageError
+from ..memory import PAGES_PER_CHUNK
 from ..migration import Plan, source_capabilities
 from ..migration import parse_address as split_address
 from ..plugins import Registry

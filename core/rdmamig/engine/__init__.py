@@ -1,8 +1,8 @@
 """The live-migration engine: RAM blocks, the source (pre-copy) and the destination."""
 
+from ..memory import PAGE_SIZE, ChecksumTracker, RamBlock
 from .config import SourceConfig, SourceResult, Workload
 from .destination import Destination, DestinationResult
-from .ramblock import PAGE_SIZE, ChecksumTracker, RamBlock
 from .source import Source
 
 __all__ = [

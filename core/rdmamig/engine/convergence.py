@@ -8,7 +8,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from .ramblock import PAGE_SIZE
+from ..memory import PAGE_SIZE
 
 #: auto-converge's first throttle, its step and its ceiling (QEMU's defaults).
 THROTTLE_INITIAL = 0.2

@@ -43,6 +43,7 @@ from ..errors import (
     VerificationError,
 )
 from ..limits import Limits, check_layout
+from ..memory import RamBlock
 from ..pinning import buffer_address, locked_bytes
 from ..qemu import stream as qemu_stream
 from ..qemu.decoder import PrecopyDecoder
@@ -54,7 +55,6 @@ from ..status import Monitor, Status
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
 from . import stream
-from .ramblock import RamBlock
 
 BlockFactory = Callable[[str, int], RamBlock]
 

@@ -17,13 +17,13 @@ from typing import Any, Protocol
 
 from .. import wire
 from ..errors import ConfigurationError
+from ..memory import RamBlock
 from ..qemu import ram as qemu_ram
 from ..qemu import stream as qemu_stream
 from ..qemu.origin import QemuOrigin
 from ..qemu.stream import Kind, SectionHeader
 from ..session import ControlSession, QemuFileWriter
 from . import stream
-from .ramblock import RamBlock
 
 
 class OutgoingStream(Protocol):

@@ -9,7 +9,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from .ramblock import PAGES_PER_CHUNK, BoolArray
+from ..memory import PAGES_PER_CHUNK, BoolArray
 
 IntArray = npt.NDArray[np.intp]
 

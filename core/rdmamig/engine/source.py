@@ -39,6 +39,7 @@ from ..errors import (
     RdmamigError,
     VerificationError,
 )
+from ..memory import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
 from ..pinning import locked_bytes
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
@@ -51,7 +52,6 @@ from .config import SourceConfig, SourceResult, Workload
 from .outgoing import NativeStream, OutgoingStream
 from .pins import Pin, PinTable, registration_units
 from .pipeline import WritePipeline, posting_mode
-from .ramblock import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
 
 _T = TypeVar("_T")
 log = logging.getLogger("rdmamig.source")

@@ -12,9 +12,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..engine import RamBlock
 from ..errors import ConfigurationError, RemoteProtocolError
 from ..image import Image, ImageWriter, check_new_image
+from ..memory import RamBlock
 from . import ram, stream
 from .decoder import PrecopyDecoder
 from .origin import QemuOrigin

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from ..memory import RamBlock
 from .ram import PAGE_SIZE
-
-if TYPE_CHECKING:  # the engine imports this module: no import of it at run time
-    from ..engine.ramblock import RamBlock
 
 
 class BlockSink:

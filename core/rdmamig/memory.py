@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from ..wire import CHUNK_SIZE
+from .wire import CHUNK_SIZE
 
 PAGE_SIZE = 4096
 PAGES_PER_CHUNK = CHUNK_SIZE // PAGE_SIZE

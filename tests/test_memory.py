@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rdmamig.engine import RamBlock
+from rdmamig.memory import RamBlock
 
 
 def test_mark_dirty_covers_every_touched_page() -> None:
