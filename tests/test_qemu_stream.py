@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rdmamig.errors import RemoteProtocolError, TruncatedError
+from rdmamig.errors import RemoteProtocolError, StreamError, TruncatedError
 from rdmamig.qemu import ram, stream
 from rdmamig.qemu.decoder import PrecopyDecoder
 from rdmamig.qemu.ram import RamBlockInfo
@@ -218,11 +218,20 @@ def test_every_prefix_is_refused_as_truncated() -> None:
 
 
 def _refused(data: bytes, message: str) -> None:
-    sink = Pages()
-    with pytest.raises(RemoteProtocolError, match=message):
-        decoder = PrecopyDecoder(sink.setup)
-        decoder.feed(data)
-        decoder.finish()
+    """``data`` is refused with ``message`` whole and fed in two pieces alike: the
+    error's offset is counted from the stream's start, as a field and in its text."""
+    seen = []
+    for cut in (len(data), len(data) // 2, len(data) - 3):
+        sink = Pages()
+        with pytest.raises(RemoteProtocolError, match=message) as info:
+            decoder = PrecopyDecoder(sink.setup)
+            decoder.feed(data[:cut])
+            decoder.feed(data[cut:])
+            decoder.finish()
+        seen.append((type(info.value), str(info.value)))
+        if isinstance(info.value, StreamError):
+            assert f" at offset {info.value.at}: " in str(info.value)
+    assert len(set(seen)) == 1, seen
 
 
 def test_what_precopy_ram_migration_does_not_send_is_refused_by_offset() -> None:
@@ -290,3 +299,64 @@ def test_any_bytes_after_the_head_decode_or_raise_protocol_error(data: bytes) ->
         decoder.finish()
     except RemoteProtocolError:
         pass
+
+
+# ---------------------------------------------------------------- the stream's end
+
+
+class _CountsJson:
+    """Counts the bytes the stream codec hands to ``json.loads``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.bytes = 0
+        real = json.loads
+
+        def loads(text: bytes | bytearray) -> object:
+            self.bytes += len(text)
+            return real(text)
+
+        monkeypatch.setattr(stream.json, "loads", loads)
+
+
+def test_the_end_is_found_once_however_the_device_state_is_cut(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    description = {"devices": [{"name": "timer", "instance_id": 0}], "pad": "}" * 5000}
+    tail = device_state(description)
+    counts = _CountsJson(monkeypatch)
+    state = stream.DeviceStateTail(1000)
+    for at in range(0, len(tail), 7):  # many pieces, some ending in "}"
+        state.feed(tail[at:at + 7])
+        assert state.complete() == (at + 7 >= len(tail))
+    assert state.finish().description == description
+    assert counts.bytes == len(json.dumps(description))  # parsed once, at the end
+
+
+def test_near_descriptions_cost_no_more_parsing_than_the_bytes_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A peer's tail of EOF + VMDESCRIPTION pairs, each claiming a description that
+    # ends where a later piece does and is not JSON: every piece completes one.
+    pairs, piece = 300, 100
+    head = bytes([Kind.SECTION_FULL]) + b"x" * 15
+    first = bytearray(head)
+    for i in range(pairs):
+        end = len(head) + pairs * 6 + piece * (i + 1)
+        at = len(first) + 1
+        first += bytes([Kind.EOF, Kind.VMDESCRIPTION]) + struct.pack("!I", end - at - 5)
+    counts = _CountsJson(monkeypatch)
+    state = stream.DeviceStateTail(0)
+    state.feed(bytes(first))
+    given = len(first)
+    for _ in range(pairs):
+        state.feed(b"{" * (piece - 1) + b"}")
+        given += piece
+        assert not state.complete()
+    assert counts.bytes <= given + (1 << 20)
+    with pytest.raises(StreamError, match=r"VM description at offset \d+: not JSON"):
+        state.finish()
+
+
+def test_a_shifted_error_keeps_its_type_and_fields() -> None:
+    error = TruncatedError("ram setup", at=3, reason="ends early", offset=1).shifted(10)
+    assert type(error) is TruncatedError
+    assert (error.at, error.offset, error.reason) == (13, 11, "ends early")
+    assert str(error) == "ram setup at offset 13: ends early"

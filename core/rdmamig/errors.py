@@ -9,6 +9,7 @@ Failures of the transport itself carry the errno, the way pyverbs'
 from __future__ import annotations
 
 import argparse
+from typing import Self
 
 
 class RdmamigError(Exception):
@@ -27,17 +28,46 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes or a message that break the protocol."""
 
 
-class TruncatedError(RemoteProtocolError):
+class StreamError(RemoteProtocolError):
+    """Bytes of a stream that break it, at a known place: ``{what} at offset {at}:
+    {reason}``.
+
+    Attributes:
+        what: the field or record at fault, with its value (``flags=0x40``).
+        at: where it is, in bytes from the start of the stream.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, what: str, *, at: int, reason: str) -> None:
+        super().__init__(f"{what} at offset {at}: {reason}")
+        self.what, self.at, self.reason = what, at, reason
+
+    def shifted(self, by: int) -> Self:
+        """The same error, of the same type, with its offsets ``by`` bytes later (a
+        decoder that was given only the stream's tail)."""
+        moved = type(self).__new__(type(self))
+        moved.__dict__.update(self.__dict__)
+        moved.at = self.at + by
+        moved.args = (f"{moved.what} at offset {moved.at}: {moved.reason}",)
+        return moved
+
+
+class TruncatedError(StreamError):
     """The bytes end inside a record: more may complete it (a stream read in parts),
     or the stream was cut short.
 
     Attributes:
-        offset: where the incomplete record starts.
+        offset: where the incomplete record starts (a decoder resumes there).
     """
 
-    def __init__(self, message: str, *, offset: int) -> None:
-        super().__init__(message)
+    def __init__(self, what: str, *, at: int, reason: str, offset: int) -> None:
+        super().__init__(what, at=at, reason=reason)
         self.offset = offset
+
+    def shifted(self, by: int) -> Self:
+        moved = super().shifted(by)
+        moved.offset = self.offset + by
+        return moved
 
 
 class PeerAbortedError(ProtocolError):

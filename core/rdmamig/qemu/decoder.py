@@ -11,15 +11,14 @@ state before the RAM is done) is refused with the offset where it appears.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable
 
 import attrs
 
-from ..errors import RemoteProtocolError, TruncatedError
+from ..errors import StreamError, TruncatedError
 from . import ram, stream
 from .ram import RamBlockInfo, RecordSink, Stop
-from .stream import Configuration, DeviceState, Kind, SectionHeader
+from .stream import Configuration, DeviceState, DeviceStateTail, Kind, SectionHeader
 
 #: The iterable section rdmamig moves.
 RAM_IDSTR = "ram"
@@ -79,14 +78,13 @@ class PrecopyDecoder:
         self._consumed = 0  # stream offset of the buffer's first byte
         self._section: SectionHeader | None = None
         self._current: int | None = None
-        self._tail = bytearray()
-        self._tail_at = 0
+        self._tail: DeviceStateTail | None = None
         self._ended = False
 
     @property
     def offset(self) -> int:
         """Bytes of the stream taken so far."""
-        return self._consumed + len(self._buffer) + len(self._tail)
+        return self._consumed + len(self._buffer) + (len(self._tail) if self._tail else 0)
 
     @property
     def in_device_state(self) -> bool:
@@ -97,13 +95,7 @@ class PrecopyDecoder:
         """Whether the stream has ended as QEMU ends one: the device state is done
         and ends with the VM description (a stream without one ends only where its
         channel does)."""
-        if self.phase is not Phase.DEVICE_STATE or not self._tail.endswith(b"}"):
-            return False
-        try:
-            state = stream.decode_device_state_untrusted(bytes(self._tail), self._tail_at)
-        except RemoteProtocolError:
-            return False
-        return state.description is not None
+        return self._tail is not None and self._tail.complete()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next bytes of the stream.
@@ -112,8 +104,8 @@ class PrecopyDecoder:
             RemoteProtocolError: they break the stream (named by offset).
         """
         if self._ended:
-            raise RemoteProtocolError(f"{len(data)} bytes at offset {self.offset}: after "
-                                      f"the end of the stream")
+            raise StreamError(f"{len(data)} bytes", at=self.offset,
+                              reason="after the end of the stream")
         if self.phase is Phase.DEVICE_STATE:
             self._take_tail(data)
             return
@@ -127,7 +119,7 @@ class PrecopyDecoder:
         if self.in_device_state:  # reached now
             self._buffer = bytearray()
             self._consumed += at
-            self._tail_at = self._consumed
+            self._tail = DeviceStateTail(self._consumed)
             self._take_tail(rest)
             return
         self._buffer = bytearray(rest)
@@ -143,18 +135,19 @@ class PrecopyDecoder:
         """
         self._ended = True
         if self.phase is not Phase.DEVICE_STATE:
-            raise TruncatedError(f"{self.phase.value} at offset {self._consumed}: the stream "
-                                 f"ends {len(self._buffer)} bytes into it, at offset "
-                                 f"{self.offset} (truncated)", offset=self._consumed)
-        self.device_state = stream.decode_device_state_untrusted(bytes(self._tail),
-                                                                 self._tail_at)
+            raise TruncatedError(self.phase.value, at=self._consumed,
+                                 reason=f"the stream ends {len(self._buffer)} bytes into it, at "
+                                        f"offset {self.offset} (truncated)", offset=self._consumed)
+        assert self._tail is not None
+        self.device_state = self._tail.finish()
         return self.device_state
 
     def _take_tail(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._tail is not None
         if len(self._tail) + len(data) > MAX_DEVICE_STATE:
-            raise RemoteProtocolError(f"device state at offset {self._tail_at}: more than "
-                                      f"{MAX_DEVICE_STATE} bytes")
-        self._tail += data
+            raise StreamError("device state", at=self._tail.offset,
+                              reason=f"more than {MAX_DEVICE_STATE} bytes")
+        self._tail.feed(data)
 
     # ------------------------------------------------------------ the walk
 
@@ -170,8 +163,8 @@ class PrecopyDecoder:
                 at = after
         except TruncatedError as exc:
             return exc.offset
-        except RemoteProtocolError as exc:
-            raise _shifted(exc, self._consumed) from None
+        except StreamError as exc:
+            raise exc.shifted(self._consumed) from None
         return at
 
     def _step(self, buf: memoryview, at: int) -> int | None:
@@ -221,27 +214,25 @@ class PrecopyDecoder:
         if kind is Kind.COMMAND:
             command, data, after = stream.decode_command_untrusted(buf, at)
             if command is not stream.Command.SWITCHOVER_START or data:
-                raise RemoteProtocolError(
-                    f"command={int(command)} at offset {at + 1}: {command.name}, a "
-                    f"QEMU_VM_COMMAND that precopy RAM migration does not send (postcopy, "
-                    f"COLO, return path)")
+                raise StreamError(f"command={int(command)}", at=at + 1,
+                                  reason=f"{command.name}, a QEMU_VM_COMMAND that precopy RAM "
+                                         "migration does not send (postcopy, COLO, return path)")
             self.switchover_start = True
             return after
         if kind is Kind.EOF:
-            raise RemoteProtocolError(f"section type=0x00 at offset {at}: EOF before the "
-                                      f"ram section ended")
+            raise StreamError("section type=0x00", at=at, reason="EOF before the ram section ended")
         header, after = stream.decode_section_header_untrusted(buf, at)
         if header.kind is Kind.SECTION_FULL:
-            raise RemoteProtocolError(
-                f"section {header.idstr!r} at offset {at}: device state (FULL) before the "
-                f"ram section's END; rdmamig moves streams whose devices follow the RAM")
+            raise StreamError(f"section {header.idstr!r}", at=at,
+                              reason="device state (FULL) before the ram section's END; rdmamig "
+                                     "moves streams whose devices follow the RAM")
         if header.kind is Kind.SECTION_START:
             if header.idstr != RAM_IDSTR:
-                raise RemoteProtocolError(
-                    f"section {header.idstr!r} at offset {at}: an iterable section other "
-                    f"than 'ram' (block migration, dirty bitmaps, VFIO), not supported")
+                raise StreamError(f"section {header.idstr!r}", at=at,
+                                  reason="an iterable section other than 'ram' (block migration, "
+                                         "dirty bitmaps, VFIO), not supported")
             if self.ram_section is not None:
-                raise RemoteProtocolError(f"section 'ram' at offset {at}: started twice")
+                raise StreamError("section 'ram'", at=at, reason="started twice")
             self.ram_section = RamSection(section_id=header.section_id,
                                           instance_id=header.instance_id or 0,
                                           version_id=header.version_id or 0)
@@ -249,19 +240,10 @@ class PrecopyDecoder:
             self.phase = Phase.SETUP
             return after
         if self.ram_section is None or header.section_id != self.ram_section.section_id:
-            raise RemoteProtocolError(f"section_id={header.section_id} at offset {at + 1}: "
-                                      f"{header.kind.name} of a section that did not start")
+            raise StreamError(f"section_id={header.section_id}", at=at + 1,
+                              reason=f"{header.kind.name} of a section that did not start")
         self._section = header
         self.parts += header.kind is Kind.SECTION_PART
         self.phase = Phase.RECORDS
         return after
 
-
-def _shifted(exc: RemoteProtocolError, by: int) -> RemoteProtocolError:
-    """``exc`` with its offsets counted from the start of the stream (a decoder sees
-    only the bytes kept since it was last fed)."""
-    if not by:
-        return exc
-    message = re.sub(r"at offset (\d+)", lambda m: f"at offset {int(m.group(1)) + by}",
-                     str(exc))
-    return RemoteProtocolError(message)

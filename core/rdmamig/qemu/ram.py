@@ -25,7 +25,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import RemoteProtocolError, TruncatedError
+from ..errors import StreamError, TruncatedError
+from .fields import decode_name_untrusted, encode_name, need_bytes
 
 #: The target page size of x86 (TARGET_PAGE_SIZE): the unit of every record.
 PAGE_SIZE: Final = 4096
@@ -109,41 +110,6 @@ class Stop(enum.Enum):
     NEED_MORE = "need-more"
 
 
-def need_bytes(buf: memoryview, at: int, size: int, what: str, start: int) -> None:
-    """Raise :class:`TruncatedError` (for the record at ``start``) unless ``buf``
-    holds ``size`` bytes from ``at``."""
-    if len(buf) - at < size:
-        raise TruncatedError(f"{what} at offset {at}: the stream ends after "
-                             f"{max(len(buf) - at, 0)} of its {size} bytes", offset=start)
-
-
-def decode_name_untrusted(buf: memoryview, at: int, what: str, start: int) -> tuple[str, int]:
-    """A u8-length-prefixed name (an idstr) at ``at``; ``what`` names it in errors.
-
-    Raises:
-        TruncatedError: the bytes end inside it.
-        RemoteProtocolError: empty or not UTF-8.
-    """
-    need_bytes(buf, at, 1, f"{what} length", start)
-    size = buf[at]
-    need_bytes(buf, at + 1, size, what, start)
-    raw = bytes(buf[at + 1:at + 1 + size])
-    if not size:
-        raise RemoteProtocolError(f"{what} at offset {at}: empty")
-    try:
-        return raw.decode("utf-8"), at + 1 + size
-    except UnicodeDecodeError:
-        raise RemoteProtocolError(f"{what}={raw!r} at offset {at}: not UTF-8") from None
-
-
-def encode_name(name: str) -> bytes:
-    """A u8-length-prefixed name."""
-    raw = name.encode()
-    if not 0 < len(raw) <= 255:
-        raise ValueError(f"name {name!r} is not 1 to 255 bytes")
-    return bytes([len(raw)]) + raw
-
-
 # ---------------------------------------------------------------- setup
 
 
@@ -160,8 +126,8 @@ def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = Fa
     need_bytes(buf, at, RECORD_HEADER.size, "ram setup", start)
     (word,) = RECORD_HEADER.unpack_from(buf, at)
     if word & _FLAG_BITS != RamFlag.MEM_SIZE:
-        raise RemoteProtocolError(f"flags={word & _FLAG_BITS:#x} at offset {at}: the ram "
-                                  f"section starts without MEM_SIZE")
+        raise StreamError(f"flags={word & _FLAG_BITS:#x}", at=at,
+                          reason="the ram section starts without MEM_SIZE")
     left = word & ~_FLAG_BITS
     at += RECORD_HEADER.size
     blocks: list[RamBlockInfo] = []
@@ -171,11 +137,11 @@ def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = Fa
         need_bytes(buf, at, U64.size, f"length of RAM block {name!r}", start)
         (length,) = U64.unpack_from(buf, at)
         if not length or length % PAGE_SIZE or length > left:
-            raise RemoteProtocolError(
-                f"length={length} at offset {at}: RAM block {name!r} is not a whole "
-                f"number of pages within the {left} bytes of MEM_SIZE left")
+            raise StreamError(f"length={length}", at=at,
+                              reason=f"RAM block {name!r} is not a whole number of pages within "
+                                     f"the {left} bytes of MEM_SIZE left")
         if name in names:
-            raise RemoteProtocolError(f"RAM block name {name!r} at offset {at}: listed twice")
+            raise StreamError(f"RAM block name {name!r}", at=at, reason="listed twice")
         at += U64.size
         addr = None
         if ignore_shared:
@@ -241,8 +207,8 @@ def _record(buf: memoryview, at: int, word: int, blocks: Sequence[RamBlockInfo],
     flags = word & _FLAG_BITS
     for flag, meaning in UNSUPPORTED.items():
         if flags & flag:
-            raise RemoteProtocolError(f"flags={flags:#x} at offset {at}: {meaning}, which "
-                                      f"rdmamig does not support")
+            raise StreamError(f"flags={flags:#x}", at=at,
+                              reason=f"{meaning}, which rdmamig does not support")
     kind = flags & ~RamFlag.CONTINUE
     at += RECORD_HEADER.size
     if kind == RamFlag.EOS:
@@ -250,23 +216,23 @@ def _record(buf: memoryview, at: int, word: int, blocks: Sequence[RamBlockInfo],
     if kind == RamFlag.HOOK:
         return at, current, Stop.HOOK
     if kind not in (RamFlag.ZERO, RamFlag.PAGE):
-        raise RemoteProtocolError(f"flags={flags:#x} at offset {start}: an unknown "
-                                  f"combination of ram flags")
+        raise StreamError(f"flags={flags:#x}", at=start,
+                          reason="an unknown combination of ram flags")
     if flags & RamFlag.CONTINUE:
         if current is None:
-            raise RemoteProtocolError(f"flags={flags:#x} at offset {start}: CONTINUE "
-                                      f"before any record named a RAM block")
+            raise StreamError(f"flags={flags:#x}", at=start,
+                              reason="CONTINUE before any record named a RAM block")
     else:
         name, at = decode_name_untrusted(buf, at, "RAM block name", start)
         if name not in names:
-            raise RemoteProtocolError(f"RAM block name {name!r} at offset {start + 8}: "
-                                      f"not in the setup's list")
+            raise StreamError(f"RAM block name {name!r}", at=start + 8,
+                              reason="not in the setup's list")
         current = names[name]
     block = blocks[current]
     offset = word & ~_FLAG_BITS
     if offset >= block.length:
-        raise RemoteProtocolError(f"offset={offset:#x} at offset {start}: outside RAM "
-                                  f"block {block.name!r} ({block.length} bytes)")
+        raise StreamError(f"offset={offset:#x}", at=start,
+                          reason=f"outside RAM block {block.name!r} ({block.length} bytes)")
     number = np.array([offset // PAGE_SIZE], dtype=np.uint64)
     if kind == RamFlag.ZERO:
         need_bytes(buf, at, 1, "fill byte of a ZERO record", start)
@@ -295,9 +261,8 @@ def _run(buf: memoryview, at: int, flags: int, block: RamBlockInfo, index: int,
     outside = offsets >= block.length
     if outside.any():
         bad = int(np.argmax(outside))
-        raise RemoteProtocolError(f"offset={int(offsets[bad]):#x} at offset "
-                                  f"{at + bad * stride}: outside RAM block {block.name!r} "
-                                  f"({block.length} bytes)")
+        raise StreamError(f"offset={int(offsets[bad]):#x}", at=at + bad * stride,
+                          reason=f"outside RAM block {block.name!r} ({block.length} bytes)")
     numbers = (offsets // np.uint64(PAGE_SIZE)).astype(np.uint64)
     if stride == PAGE_RECORD:
         data = np.ndarray((count, PAGE_SIZE), dtype=np.uint8, buffer=buf,

@@ -34,8 +34,8 @@ from typing import Any, Final
 
 import attrs
 
-from ..errors import RemoteProtocolError, TruncatedError
-from .ram import decode_name_untrusted, encode_name, need_bytes
+from ..errors import StreamError, TruncatedError
+from .fields import decode_name_untrusted, encode_name, need_bytes
 
 MAGIC: Final = b"QEVM"
 #: QEMU_VM_FILE_VERSION (version 2 streams predate QEMU 1.2 and are refused).
@@ -77,7 +77,7 @@ def kind_at_untrusted(buf: memoryview, at: int) -> Kind:
     try:
         return Kind(buf[at])
     except ValueError:
-        raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: unknown") from None
+        raise StreamError(f"section type={buf[at]:#x}", at=at, reason="unknown") from None
 
 
 # ---------------------------------------------------------------- header
@@ -92,11 +92,11 @@ def decode_header_untrusted(buf: memoryview, at: int = 0) -> int:
     need_bytes(buf, at, HEADER.size, "stream header", at)
     magic, version = HEADER.unpack_from(buf, at)
     if magic != MAGIC:
-        raise RemoteProtocolError(f"magic={bytes(magic)!r} at offset {at}: not a QEMU "
-                                  f"migration stream (QEVM)")
+        raise StreamError(f"magic={bytes(magic)!r}", at=at,
+                          reason="not a QEMU migration stream (QEVM)")
     if version != VERSION:
-        raise RemoteProtocolError(f"version={version} at offset {at + 4}: rdmamig reads "
-                                  f"version {VERSION} streams")
+        raise StreamError(f"version={version}", at=at + 4,
+                          reason=f"rdmamig reads version {VERSION} streams")
     return at + HEADER.size
 
 
@@ -136,13 +136,13 @@ def decode_configuration_untrusted(buf: memoryview, at: int) -> tuple[Configurat
     """
     start = at
     if kind_at_untrusted(buf, at) is not Kind.CONFIGURATION:
-        raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: expected "
-                                  f"the configuration (0x07)")
+        raise StreamError(f"section type={buf[at]:#x}", at=at,
+                          reason="expected the configuration (0x07)")
     need_bytes(buf, at + 1, U32.size, "machine type length", start)
     (size,) = U32.unpack_from(buf, at + 1)
     if not 0 < size <= MAX_MACHINE:
-        raise RemoteProtocolError(f"len={size} at offset {at + 1}: a machine type of 1 to "
-                                  f"{MAX_MACHINE} bytes expected")
+        raise StreamError(f"len={size}", at=at + 1,
+                          reason=f"a machine type of 1 to {MAX_MACHINE} bytes expected")
     at += 1 + U32.size
     need_bytes(buf, at, size, "machine type", start)
     machine = bytes(buf[at:at + size]).decode("ascii", "replace")
@@ -166,8 +166,7 @@ def _subsection(buf: memoryview, at: int, name: str, fields: dict[str, Any],
         need_bytes(buf, at, U32.size, "capability count", start)
         (count,) = U32.unpack_from(buf, at)
         if count > MAX_CAPABILITIES:
-            raise RemoteProtocolError(f"caps_count={count} at offset {at}: more than "
-                                      f"{MAX_CAPABILITIES}")
+            raise StreamError(f"caps_count={count}", at=at, reason=f"more than {MAX_CAPABILITIES}")
         at += U32.size
         capabilities = []
         for _ in range(count):
@@ -179,8 +178,8 @@ def _subsection(buf: memoryview, at: int, name: str, fields: dict[str, Any],
         need_bytes(buf, at, 16, name, start)
         fields["uuid"] = bytes(buf[at:at + 16])
         return at + 16
-    raise RemoteProtocolError(f"subsection {name!r} at offset {at}: a configuration "
-                              f"subsection rdmamig does not know")
+    raise StreamError(f"subsection {name!r}", at=at,
+                      reason="a configuration subsection rdmamig does not know")
 
 
 def encode_configuration(machine: str) -> bytes:
@@ -215,8 +214,8 @@ def decode_section_header_untrusted(buf: memoryview, at: int) -> tuple[SectionHe
     kind = kind_at_untrusted(buf, at)
     if kind not in (Kind.SECTION_START, Kind.SECTION_PART, Kind.SECTION_END,
                     Kind.SECTION_FULL):
-        raise RemoteProtocolError(f"section type={int(kind):#x} at offset {at}: "
-                                  f"{kind.name}, where a section was expected")
+        raise StreamError(f"section type={int(kind):#x}", at=at,
+                          reason=f"{kind.name}, where a section was expected")
     need_bytes(buf, at + 1, U32.size, "section id", start)
     (section_id,) = U32.unpack_from(buf, at + 1)
     at += 1 + U32.size
@@ -247,12 +246,12 @@ def decode_footer_untrusted(buf: memoryview, at: int, section_id: int) -> int:
     """
     need_bytes(buf, at, 1 + U32.size, "section footer", at)
     if buf[at] != Kind.SECTION_FOOTER:
-        raise RemoteProtocolError(f"section type={buf[at]:#x} at offset {at}: expected the "
-                                  f"footer of section {section_id}")
+        raise StreamError(f"section type={buf[at]:#x}", at=at,
+                          reason=f"expected the footer of section {section_id}")
     (found,) = U32.unpack_from(buf, at + 1)
     if found != section_id:
-        raise RemoteProtocolError(f"section_id={found} at offset {at + 1}: the footer of "
-                                  f"section {section_id} expected")
+        raise StreamError(f"section_id={found}", at=at + 1,
+                          reason=f"the footer of section {section_id} expected")
     return at + 1 + U32.size
 
 
@@ -306,8 +305,8 @@ def decode_command_untrusted(buf: memoryview, at: int) -> tuple[Command, bytes, 
     try:
         command = Command(number)
     except ValueError:
-        raise RemoteProtocolError(f"command={number} at offset {at + 1}: an unknown "
-                                  f"QEMU_VM_COMMAND") from None
+        raise StreamError(f"command={number}", at=at + 1,
+                          reason="an unknown QEMU_VM_COMMAND") from None
     end = at + 1 + COMMAND.size + size
     return command, bytes(buf[at + 1 + COMMAND.size:end]), end
 
@@ -342,40 +341,99 @@ class DeviceState:
                 for d in self.description.get("devices", []) if isinstance(d, dict)]
 
 
-def decode_device_state_untrusted(raw: bytes, offset: int = 0) -> DeviceState:
-    """Check that ``raw`` – the rest of a stream from its first device section –
-    ends as QEMU ends a stream: EOF, then the VM description (or nothing);
-    ``offset`` is where ``raw`` starts in the stream, for messages.
+class DeviceStateTail:
+    """The rest of a stream from its first device section, taken as it arrives, and
+    told complete once it ends as QEMU ends a stream: EOF, then the VM description
+    (``VMDESCRIPTION``, a u32 length and that much JSON), or EOF alone where the
+    channel ends.
 
-    Raises:
-        TruncatedError: it does not end with EOF or a whole VM description.
-        RemoteProtocolError: the description is not JSON.
+    Linear in what it is given: each byte is searched once for an EOF + VMDESCRIPTION
+    pair, each pair remembered by where its description would end, and JSON is
+    parsed only for a pair that ends where the bytes do – at most about as many
+    bytes in all as were given (then only :meth:`finish` parses).
+
+    Args:
+        offset: where the tail starts in the stream, for messages.
     """
-    if not raw or raw[0] != Kind.SECTION_FULL:
-        kind = f"{raw[0]:#x}" if raw else "nothing"
-        raise RemoteProtocolError(f"section type={kind} at offset {offset}: the device "
-                                  f"state starts with a FULL section (0x04)")
-    at = len(raw)
-    while True:
-        at = raw.rfind(bytes([Kind.VMDESCRIPTION]), 0, at)
-        if at < 1:
-            break
-        (size,) = U32.unpack_from(raw, at + 1) if len(raw) - at >= 5 else (-1,)
-        if size == len(raw) - at - 5 and raw[at - 1] == Kind.EOF:
-            if size > MAX_DESCRIPTION:
-                raise RemoteProtocolError(f"len={size} at offset {offset + at + 1}: a VM "
-                                          f"description over {MAX_DESCRIPTION} bytes")
-            try:
-                description = json.loads(raw[at + 5:])
-            except ValueError as exc:
-                raise RemoteProtocolError(f"VM description at offset {offset + at + 5}: "
-                                          f"not JSON ({exc})") from None
-            if not isinstance(description, dict):
-                raise RemoteProtocolError(f"VM description at offset {offset + at + 5}: "
-                                          f"not a JSON object")
-            return DeviceState(raw=raw, description=description)
-    if raw[-1] == Kind.EOF:
-        return DeviceState(raw=raw, description=None)
-    raise TruncatedError(f"device state at offset {offset}: the stream ends after "
-                         f"{len(raw)} bytes without EOF and the VM description",
-                         offset=offset)
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self._raw = bytearray()
+        self._search_from = 0
+        #: Where a description would end -> where its VMDESCRIPTION byte is (the last
+        #: such pair wins, as the last is what QEMU wrote).
+        self._ends: dict[int, int] = {}
+        self._parsed = 0
+        self._described: DeviceState | None = None
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next bytes of the tail.
+
+        Raises:
+            StreamError: it does not start with a device section (FULL).
+        """
+        if not self._raw and len(data) and data[0] != Kind.SECTION_FULL:
+            raise StreamError(f"section type={data[0]:#x}", at=self.offset,
+                              reason="the device state starts with a FULL section (0x04)")
+        self._raw += data
+        self._described = None
+        pair = bytes([Kind.EOF, Kind.VMDESCRIPTION])
+        at = self._raw.find(pair, self._search_from)
+        while at >= 0 and at + 6 <= len(self._raw):
+            (size,) = U32.unpack_from(self._raw, at + 2)
+            self._ends[at + 6 + size] = at + 1
+            at = self._raw.find(pair, at + 1)
+        self._search_from = at if at >= 0 else max(len(self._raw) - 1, 0)
+
+    def complete(self) -> bool:
+        """Whether the bytes so far end with a VM description that parses."""
+        at = self._ends.get(len(self._raw))
+        if at is None or len(self._raw) - at - 5 > MAX_DESCRIPTION:
+            return False
+        if self._described is not None:
+            return True
+        self._parsed += len(self._raw) - at
+        if self._parsed > len(self._raw) + (1 << 20):
+            return False  # a peer feeding near-descriptions: leave it to finish()
+        try:
+            self._described = self._describe(at)
+        except StreamError:
+            return False
+        return True
+
+    def finish(self) -> DeviceState:
+        """The stream has ended here: the device state.
+
+        Raises:
+            TruncatedError: it does not end with EOF or a whole VM description.
+            StreamError: no device section, or the description is bad.
+        """
+        if not self._raw:
+            raise StreamError("section type=nothing", at=self.offset,
+                              reason="the device state starts with a FULL section (0x04)")
+        at = self._ends.get(len(self._raw))
+        if at is not None:
+            return self._described or self._describe(at)
+        if self._raw[-1] == Kind.EOF:
+            return DeviceState(raw=bytes(self._raw), description=None)
+        raise TruncatedError("device state", at=self.offset,
+                             reason=f"the stream ends after {len(self._raw)} bytes without "
+                                    "EOF and the VM description", offset=self.offset)
+
+    def _describe(self, at: int) -> DeviceState:
+        size = len(self._raw) - at - 5
+        if size > MAX_DESCRIPTION:
+            raise StreamError(f"len={size}", at=self.offset + at + 1,
+                              reason=f"a VM description over {MAX_DESCRIPTION} bytes")
+        try:
+            description = json.loads(self._raw[at + 5:])
+        except ValueError as exc:
+            raise StreamError("VM description", at=self.offset + at + 5,
+                              reason=f"not JSON ({exc})") from None
+        if not isinstance(description, dict):
+            raise StreamError("VM description", at=self.offset + at + 5,
+                              reason="not a JSON object")
+        return DeviceState(raw=bytes(self._raw), description=description)
