@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from rdmamig.cli.options import parse_size
+from rdmamig.convert import export_image, import_stream
 from rdmamig.image import open_image
-from rdmamig.qemu.convert import export_image, import_stream
 
 
 def _qemu(size: int, ram: Path, qmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes],

@@ -3,12 +3,15 @@ gets one line and the right exit status, and nothing partial is left behind."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rdmamig.convert import import_stream
+from rdmamig.errors import RemoteProtocolError
 from test_qemu_stream import small_stream
 
 RDMAMIG = [sys.executable, "-m", "rdmamig"]
@@ -69,6 +72,31 @@ def test_a_truncated_stream_fails_with_one_line_and_leaves_nothing(
     assert result.stderr.startswith(b"rdmamig image: failed: ") and message in result.stderr
     assert result.stderr.count(b"\n") == 1 and b"Traceback" not in result.stderr
     assert not (tmp_path / "image").exists() and leftovers(tmp_path) == []
+
+
+class _Pieces(io.RawIOBase):
+    """A pipe that hands out the given pieces, one per read."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_bytes_after_the_vm_description_are_refused(tmp_path: Path, saved: Path) -> None:
+    data = saved.read_bytes()
+    saved.write_bytes(data + b"junk")
+    result = run("image", "import", str(saved), str(tmp_path / "image"))
+    assert result.returncode == 1 and b"without EOF and the VM description" in result.stderr
+    # From a pipe, the junk after a whole stream comes in a read of its own.
+    with pytest.raises(RemoteProtocolError, match=r"4 bytes at offset \d+: after the VM desc"):
+        import_stream(_Pieces(data, b"junk"), tmp_path / "image")
+    assert not (tmp_path / "image").exists() and leftovers(tmp_path) == []
+    assert import_stream(_Pieces(data), tmp_path / "image").manifest.qemu is not None
 
 
 def test_an_unknown_flag_names_it_and_its_offset(tmp_path: Path, saved: Path) -> None:

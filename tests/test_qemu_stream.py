@@ -360,3 +360,11 @@ def test_a_shifted_error_keeps_its_type_and_fields() -> None:
     assert type(error) is TruncatedError
     assert (error.at, error.offset, error.reason) == (13, 11, "ends early")
     assert str(error) == "ram setup at offset 13: ends early"
+
+
+def test_a_stream_without_configuration_has_no_origin_to_replay() -> None:
+    data = small_stream().replace(stream.encode_configuration("pc-i440fx-7.2"), b"", 1)
+    decoder, _sink = decode(data)
+    with pytest.raises(RemoteProtocolError, match="no configuration section"):
+        decoder.origin()
+    assert decode(small_stream())[0].origin().machine == "pc-i440fx-7.2"

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..convert import export_image, import_stream
 from ..errors import ConfigurationError
 from ..image import open_image
-from ..qemu.convert import export_image, import_stream
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -47,7 +47,6 @@ from ..memory import RamBlock
 from ..pinning import buffer_address, locked_bytes
 from ..qemu import stream as qemu_stream
 from ..qemu.decoder import PrecopyDecoder
-from ..qemu.origin import QemuOrigin
 from ..qemu.ram import RamBlockInfo
 from ..qemu.sink import BlockSink
 from ..session import ControlSession, QemuFileReader
@@ -217,26 +216,18 @@ class Destination:
             # Blocks given to the destination may hold anything; made ones are new.
             return BlockSink(self.blocks, zeroed=self._given is None)
 
-        decoder = PrecopyDecoder(on_setup)
-        decoder.feed(start)
-        while not decoder.stream_complete():
+        def next_piece() -> bytes | None:
             try:
-                data = self._fill()
+                return self._fill()
             except TransportError:
                 if decoder.in_device_state:  # QEMU ends a stream by disconnecting
-                    break
+                    return None
                 raise
-            decoder.feed(data)
-        state = decoder.finish()
-        assert decoder.configuration is not None and decoder.ram_section is not None
-        section = decoder.ram_section
-        self.result.state = state.raw
-        self.result.origin = QemuOrigin(
-            machine=decoder.configuration.machine, configuration=decoder.configuration.raw,
-            ram_section_id=section.section_id, ram_instance_id=section.instance_id,
-            ram_version_id=section.version_id, footers=section.footers,
-            devices=tuple(state.devices()),
-            switchover_start=decoder.switchover_start).record([b.addr for b in decoder.blocks])
+
+        decoder = PrecopyDecoder(on_setup)
+        decoder.feed(start)
+        self.result.state = decoder.read_all(next_piece).raw
+        self.result.origin = decoder.origin().record([b.addr for b in decoder.blocks])
         self.result.total_time_s = time.monotonic() - self._start
         self.result.completed = True
         if self.endpoint.capabilities & Capability.VERIFY:

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import attrs
 
-from ..errors import StreamError, TruncatedError
+from ..errors import RemoteProtocolError, StreamError, TruncatedError
 from . import ram, stream
+from .origin import QemuOrigin
 from .ram import RamBlockInfo, RecordSink, Stop
 from .stream import Configuration, DeviceState, DeviceStateTail, Kind, SectionHeader
 
@@ -124,6 +125,43 @@ class PrecopyDecoder:
             return
         self._buffer = bytearray(rest)
         self._consumed += at
+
+    def read_all(self, next_piece: Callable[[], bytes | bytearray | memoryview | None]
+                 ) -> DeviceState:
+        """Feed what ``next_piece`` returns until the stream ends as QEMU ends one or
+        ``next_piece`` returns None (its channel ended: QEMU ends a migration by
+        disconnecting); returns the device state (:meth:`finish`).
+
+        Raises:
+            RemoteProtocolError: the stream is malformed or ended early.
+        """
+        while not self.stream_complete():
+            piece = next_piece()
+            if piece is None:
+                break
+            self.feed(piece)
+        return self.finish()
+
+    def origin(self) -> QemuOrigin:
+        """What replaying this stream needs beside RAM and device state, once it is
+        finished: the one place a stream's :class:`QemuOrigin` is made.
+
+        Raises:
+            RemoteProtocolError: the stream had no configuration section (every
+                machine type QEMU migrates since 2.x sends one).
+        """
+        if self.configuration is None:
+            raise RemoteProtocolError("the stream has no configuration section (machine "
+                                      "type); rdmamig cannot replay it")
+        assert self.ram_section is not None and self.device_state is not None
+        section = self.ram_section
+        return QemuOrigin(machine=self.configuration.machine,
+                          configuration=self.configuration.raw,
+                          ram_section_id=section.section_id,
+                          ram_instance_id=section.instance_id,
+                          ram_version_id=section.version_id, footers=section.footers,
+                          devices=tuple(self.device_state.devices()),
+                          switchover_start=self.switchover_start)
 
     def finish(self) -> DeviceState:
         """The stream has ended: check it ended where a stream may; returns the

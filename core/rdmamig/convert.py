@@ -1,5 +1,6 @@
 """A saved QEMU migration stream into a migration image (:func:`import_stream`) and
-an image back into a stream QEMU loads (:func:`export_image`)."""
+an image back into a stream QEMU loads (:func:`export_image`): the application of
+the QEMU stream codec (:mod:`rdmamig.qemu`) to images (:mod:`rdmamig.image`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import ConfigurationError, RemoteProtocolError
-from ..image import Image, ImageWriter, check_new_image
-from ..memory import RamBlock
-from . import ram, stream
-from .decoder import PrecopyDecoder
-from .origin import QemuOrigin
-from .ram import PAGE_SIZE, RamBlockInfo
-from .sink import BlockSink
-from .stream import Kind, SectionHeader
+from .errors import ConfigurationError, RemoteProtocolError
+from .image import Image, ImageWriter, check_new_image
+from .memory import RamBlock
+from .qemu import ram, stream
+from .qemu.decoder import PrecopyDecoder
+from .qemu.ram import PAGE_SIZE, RamBlockInfo
+from .qemu.sink import BlockSink
+from .qemu.stream import Kind, SectionHeader
 
 #: Bytes read at a time from a pipe.
 READ_SIZE = 8 << 20
@@ -46,48 +46,45 @@ def import_stream(source: BinaryIO, path: Path, *, name: str = "-") -> Image:
     decoder = PrecopyDecoder(on_setup)
     check_new_image(path)  # before the stream is read, not once its setup is
     try:
-        _feed(decoder, source)
-        state = decoder.finish()
+        with _pieces(source) as next_piece:
+            state = decoder.read_all(next_piece)
+            if extra := next_piece():
+                raise RemoteProtocolError(f"{len(extra)} bytes at offset {decoder.offset}: "
+                                          f"after the VM description, which ends the stream")
         if not writers:
             raise RemoteProtocolError("the stream has no ram section")
         writer = writers[0]
         writer.set_state(state.raw)
-        assert decoder.configuration is not None and decoder.ram_section is not None
-        section = decoder.ram_section
-        origin = QemuOrigin(machine=decoder.configuration.machine,
-                            configuration=decoder.configuration.raw,
-                            ram_section_id=section.section_id,
-                            ram_instance_id=section.instance_id,
-                            ram_version_id=section.version_id, footers=section.footers,
-                            devices=tuple(state.devices()),
-                            switchover_start=decoder.switchover_start)
-        return writer.commit(origin="qemu", qemu=origin, source={
+        return writer.commit(origin="qemu", qemu=decoder.origin(), source={
             "stream": name, "stream_bytes": decoder.offset, "iterations": decoder.parts})
     finally:
         for writer in writers:
             writer.close()
 
 
-def _feed(decoder: PrecopyDecoder, source: BinaryIO) -> None:
+@contextlib.contextmanager
+def _pieces(source: BinaryIO) -> Iterator[Callable[[], bytes | memoryview | None]]:
+    """What :meth:`PrecopyDecoder.read_all` reads ``source`` with: a regular file
+    mapped and given whole, a pipe in pieces; None at its end."""
     try:
         fd = source.fileno()
         regular = os.path.isfile(f"/proc/self/fd/{fd}") and os.fstat(fd).st_size > 0
     except (OSError, ValueError):
         regular = False
-    if regular:
-        mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        view = memoryview(mapping)
-        try:
-            decoder.feed(view)
-        finally:
-            # A decoding error's traceback may still hold views into the mapping:
-            # then it closes once they are gone.
-            with contextlib.suppress(BufferError):
-                view.release()
-                mapping.close()
+    if not regular:
+        yield lambda: source.read(READ_SIZE) or None
         return
-    while chunk := source.read(READ_SIZE):
-        decoder.feed(chunk)
+    mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    whole: list[memoryview] = [memoryview(mapping)]
+    view = whole[0]
+    try:
+        yield lambda: whole.pop() if whole else None
+    finally:
+        # A decoding error's traceback may still hold views into the mapping: then
+        # it closes once they are gone.
+        with contextlib.suppress(BufferError):
+            view.release()
+            mapping.close()
 
 
 # ---------------------------------------------------------------- export
