@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-import numpy as np
 
 from .. import wire
 from ..auth import PreSharedKey, authenticate_destination
@@ -54,13 +53,9 @@ from ..status import Monitor, Status
 from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
 from . import stream
+from .grants import GrantTable
 
 BlockFactory = Callable[[str, int], RamBlock]
-
-
-def _chunks_in(region: MemoryRegion) -> int:
-    """How many chunks a registration covers (counts are kept per chunk)."""
-    return -(-region.length // CHUNK_SIZE)
 
 
 @attrs.define(kw_only=True)
@@ -134,11 +129,7 @@ class Destination:
         self.blocks: list[RamBlock] = []
         self._offsets: list[int] = []
         self._addrs: list[int] = []
-        # (block index, first chunk) -> the region registered for that request
-        self._regions: dict[tuple[int, int], MemoryRegion] = {}
-        # Per block, for each chunk: the first chunk of the region holding it, or -1.
-        self._owners: list[np.ndarray] = []
-        self._block_regions: list[MemoryRegion] = []
+        self.grants = GrantTable([])
         self.result = DestinationResult()
         self._start = started_at if started_at is not None else time.monotonic()
 
@@ -290,9 +281,9 @@ class Destination:
                                    f"{exc}") from exc
         self.monitor.total_bytes = sum(block.length for block in self.blocks)
         self.monitor.set_status(Status.ACTIVE)
+        self.grants = GrantTable([block.chunks for block in self.blocks])
         offset = 0
         for block in self.blocks:
-            self._owners.append(np.full(block.chunks, -1, dtype=np.int64))
             self._offsets.append(offset)
             self._addrs.append(buffer_address(block.view))
             offset += block.length
@@ -301,15 +292,18 @@ class Destination:
         if not self.blocks:
             raise RemoteProtocolError("RAM BLOCKS REQUEST before the stream listed the blocks")
         pin_all = bool(self.endpoint.capabilities & Capability.PIN_ALL)
-        if pin_all and not self._block_regions:
+        if pin_all and not self.grants.whole_blocks:
             self._check_pin_cap(sum(block.length for block in self.blocks))
-            for block in self.blocks:
-                self._block_regions.append(
-                    self.endpoint.register(buffer=block.view, remote_write=True))
-                self.result.registrations += 1
+            regions: list[MemoryRegion] = []
+            try:
+                for block in self.blocks:
+                    regions.append(self.endpoint.register(buffer=block.view, remote_write=True))
+            finally:
+                self.grants.add_whole(regions)  # released with the rest, whatever happens
+            self.result.registrations += len(regions)
         self.session.send(wire.RamBlocksResult(blocks=tuple(
             wire.DestBlock(remote_host_addr=addr, offset=offset, length=block.length,
-                           remote_rkey=self._block_regions[i].rkey if pin_all else 0)
+                           remote_rkey=self.grants.whole(i).rkey if pin_all else 0)
             for i, (block, offset, addr) in enumerate(
                 zip(self.blocks, self._offsets, self._addrs, strict=True)))))
 
@@ -341,35 +335,15 @@ class Destination:
         if first + count > block.chunks:
             raise RemoteProtocolError(f"chunks={entry.chunks}: chunks {first}..{first + count - 1}"
                                       f" run past block {block.name} ({block.chunks} chunks)")
-        if self._block_regions:
-            rkey = self._block_regions[entry.current_index].rkey
-        else:
-            rkey = self._region_for(entry.current_index, first, count).rkey
-        return wire.RegisterKey(rkey=rkey, host_addr=self._addrs[entry.current_index])
-
-    def _region_for(self, index: int, first: int, count: int) -> MemoryRegion:
-        """The region for the ``count`` chunks from ``first`` of block ``index``:
-        the one that holds them all already, or a new one. A request that overlaps
-        a region without lying inside it is refused: every chunk is pinned by one
-        region at most, so pinned bytes are counted once and unpinning one region
-        never unpins another's pages."""
-        block = self.blocks[index]
-        owners = self._owners[index][first:first + count]
-        head = int(owners[0])
-        if head >= 0 and bool((owners == head).all()):
-            return self._regions[(index, head)]
-        if bool((owners >= 0).any()):
-            raise RemoteProtocolError(
-                f"chunks {first}..{first + count - 1} of block {block.name!r} "
-                f"overlap a registration they do not lie inside")
-        end = min((first + count) * CHUNK_SIZE, block.length)
-        self._check_pin_cap(end - first * CHUNK_SIZE)
-        region = self.endpoint.register(buffer=block.view[first * CHUNK_SIZE:end],
-                                        remote_write=True)
-        self._regions[(index, first)] = region
-        owners[:] = first
-        self.result.registrations += _chunks_in(region)
-        return region
+        region = self.grants.holding(entry.current_index, first, count)
+        if region is None:
+            end = min((first + count) * CHUNK_SIZE, block.length)
+            self._check_pin_cap(end - first * CHUNK_SIZE)
+            region = self.endpoint.register(buffer=block.view[first * CHUNK_SIZE:end],
+                                            remote_write=True)
+            self.grants.add(entry.current_index, first, count, region)
+            self.result.registrations += count
+        return wire.RegisterKey(rkey=region.rkey, host_addr=self._addrs[entry.current_index])
 
     def _check_pin_cap(self, more: int) -> None:
         cap = self.limits.max_pinned
@@ -379,13 +353,9 @@ class Destination:
 
     def _unregister(self, entry: wire.Register) -> None:
         self._locate(entry.current_index, 0, 0, field="current_index")
-        region = self._regions.pop((entry.current_index, entry.key), None)
-        if region is None:
-            raise RemoteProtocolError(f"key={entry.key}: chunk {entry.key} of block "
-                                      f"{entry.current_index} is not registered")
+        region = self.grants.remove(entry.current_index, entry.key)
         self.endpoint.deregister(region=region)
-        self._owners[entry.current_index][entry.key:entry.key + _chunks_in(region)] = -1
-        self.result.unregistrations += _chunks_in(region)
+        self.result.unregistrations += -(-region.length // CHUNK_SIZE)
 
     def _compress(self, entry: wire.CompressRange) -> None:
         block, start, inside = self._locate(entry.block_idx, entry.offset, entry.length,
@@ -459,10 +429,8 @@ class Destination:
         self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked)
 
     def _release_all(self) -> None:
-        for region in [*self._regions.values(), *self._block_regions]:
+        for region in self.grants.clear():
             # Already gone if the endpoint was closed under us: that released it too.
             with contextlib.suppress(RdmamigError):
                 self.endpoint.deregister(region=region)
-        self._regions.clear()
-        self._block_regions.clear()
 
