@@ -107,6 +107,10 @@ class RamBlock:
 
     # ------------------------------------------------------------ dirty tracking
 
+    def chunk_bytes(self, index: int) -> int:
+        """The length of chunk ``index`` (the last chunk may be short)."""
+        return min(CHUNK_SIZE, self.length - index * CHUNK_SIZE)
+
     def mark_dirty(self, offset: int, length: int) -> None:
         """Record that ``length`` bytes at ``offset`` were written (call it after
         writing: a page marked after the engine took the bitmap goes next round)."""

@@ -43,26 +43,25 @@ class _Batch:
 class WritePipeline:
     """Queues one-sided writes in batches of ``batch_chunks`` chunks and posts,
     completes and drains them. Each queued chunk is held in ``pins`` until the batch
-    holding it completes.
+    holding it completes; :meth:`take_written` returns the chunks completed since it
+    was last called.
 
     Args:
         endpoint: where the writes go.
         pins: the source's pin table.
         batch_chunks: chunks per signalled batch.
         timeout: seconds to wait for one batch.
-        on_written: called for each chunk of a completed batch.
         on_progress: called after each post, and by a mode's window that posted
-            nothing (the source samples its progress).
+            nothing (the source's meter samples its progress and paces there).
     """
 
     def __init__(self, endpoint: Endpoint, pins: PinTable, *, batch_chunks: int,
-                 timeout: float | None, on_written: Callable[[ChunkId], None],
-                 on_progress: Callable[[], None]) -> None:
+                 timeout: float | None, on_progress: Callable[[], None]) -> None:
         self.endpoint = endpoint
         self.batch_chunks = batch_chunks
         self.timeout = timeout
         self._pins = pins
-        self._on_written = on_written
+        self._written: list[ChunkId] = []
         self.sample = on_progress
         self._queued: list[_Batch] = []
         # Posted batches not yet seen complete, oldest first.
@@ -128,7 +127,12 @@ class WritePipeline:
         self.endpoint.wait_writes(ticket=ticket, timeout=self.timeout)
         for cid in chunks:
             self._pins.release(cid)
-            self._on_written(cid)
+        self._written += chunks
+
+    def take_written(self) -> list[ChunkId]:
+        """The chunks whose writes completed since the last call, in order."""
+        written, self._written = self._written, []
+        return written
 
     def complete_all(self) -> None:
         """Post everything queued and wait for all of it."""
