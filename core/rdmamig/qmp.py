@@ -173,7 +173,7 @@ class ControlServer:
             "migrate_cancel": self._cancel,
             "migrate-cancel": self._cancel,
             "migrate-set-parameters": self._set_parameters,
-            "query-migrate-parameters": lambda _arguments: self.monitor.parameters(),
+            "query-migrate-parameters": lambda _arguments: self.monitor.parameters.query(),
             "qmp_capabilities": lambda _arguments: {},
         }
         handlers["query-commands"] = lambda _arguments: [{"name": n} for n in handlers]
@@ -193,7 +193,7 @@ class ControlServer:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Parameter '{name}' expects a number 0 or more")
             values[name] = value
-        self.monitor.set_parameters(downtime_limit_ms=values.get("downtime-limit"),
+        self.monitor.parameters.set(downtime_limit_ms=values.get("downtime-limit"),
                                     max_bandwidth=values.get("max-bandwidth"))
         return {}
 

@@ -4,8 +4,11 @@ answer, and the requests of whoever drives it (``migrate_cancel``, the live
 parameters ``downtime-limit`` and ``max-bandwidth``).
 
 A :class:`Monitor` is shared by the migration's thread, which tells it what
-happens, and any number of watchers (the ``--events`` file, the control socket of
-:mod:`rdmamig.qmp`), which hear events and ask for figures.
+happens (its status, and its figures as a typed :class:`Progress`), and any number
+of watchers (the ``--events`` file, the control socket of :mod:`rdmamig.qmp`),
+which hear events and ask for figures. What a watcher may change while the
+migration runs is apart from that, in :class:`Parameters` (``Monitor.parameters``),
+which the engine reads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from .caps import Capability
 from .wire import PAGE_BYTES as PAGE_SIZE
@@ -52,32 +57,84 @@ def capability_names(capabilities: int) -> list[str]:
             if flag.name and capabilities & flag]
 
 
+@attrs.define
+class Parameters:
+    """What whoever drives a migration may change while it runs, read by the
+    engine: QMP's ``downtime-limit`` and ``max-bandwidth``, and ``migrate_cancel``.
+
+    Attributes:
+        max_downtime: the downtime limit, in seconds.
+        max_bandwidth: bytes per second the writes may use (None: no limit).
+        cancel_requested: set by ``migrate_cancel``; the engine stops at its next step.
+    """
+
+    max_downtime: float
+    max_bandwidth: int | None = None
+    cancel_requested: threading.Event = attrs.Factory(threading.Event)
+
+    def set(self, *, downtime_limit_ms: float | None = None,
+            max_bandwidth: int | None = None) -> None:
+        """``migrate-set-parameters``: the live tunables (a bandwidth of 0: none)."""
+        if downtime_limit_ms is not None:
+            self.max_downtime = downtime_limit_ms / 1000
+        if max_bandwidth is not None:
+            self.max_bandwidth = max_bandwidth or None
+
+    def query(self) -> dict[str, Any]:
+        """``query-migrate-parameters``' answer, for the parameters rdmamig has."""
+        return {"downtime-limit": round(self.max_downtime * 1000),
+                "max-bandwidth": self.max_bandwidth or 0}
+
+
+@attrs.define
+class Progress:
+    """The figures of a running migration, as the engine last recorded them."""
+
+    #: Bytes of RAM sent (written and inline).
+    transferred: int = 0
+    #: Bytes of dirty RAM still to send.
+    remaining: int = 0
+    #: Pages found all zero.
+    duplicate: int = 0
+    #: Pages sent with their data.
+    normal: int = 0
+    #: The pass under way (1: the bulk round).
+    passes: int = 0
+    #: Megabits per second of ``transferred``, over the last 0.2 s or more.
+    mbps: float = 0.0
+    #: Pages dirtied per second in the last pass.
+    dirty_pages_rate: float = 0.0
+    expected_downtime_s: float = 0.0
+    downtime_s: float = 0.0
+    #: What the endpoint has registered.
+    pinned_bytes: int = 0
+    #: What the kernel counts against RLIMIT_MEMLOCK.
+    locked_bytes: int = 0
+
+
 class Monitor:
-    """The status, figures and requests of one migration.
+    """The status and figures of one migration (out), and its live parameters (in).
 
     Args:
         total_bytes: the RAM being migrated.
         max_downtime: the downtime limit in seconds (``downtime-limit`` changes it).
         max_bandwidth: bytes per second the writes may use (None: no limit).
+
+    Attributes:
+        parameters: what the engine reads and whoever drives the migration changes.
     """
 
     def __init__(self, *, total_bytes: int, max_downtime: float,
                  max_bandwidth: int | None = None) -> None:
         self.total_bytes = total_bytes
-        self.max_downtime = max_downtime
-        self.max_bandwidth = max_bandwidth
-        self.cancel_requested = threading.Event()
+        self.parameters = Parameters(max_downtime=max_downtime, max_bandwidth=max_bandwidth)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[Event], None]] = []
         self._status = Status.NONE
         self._started = time.monotonic()
         self._setup_s: float | None = None
         self._ended_s: float | None = None
-        self._figures: dict[str, float] = {"transferred": 0, "remaining": total_bytes,
-                                          "duplicate": 0, "normal": 0, "passes": 0,
-                                          "mbps": 0.0, "dirty_pages_rate": 0.0,
-                                          "expected_downtime_s": 0.0, "downtime_s": 0.0,
-                                          "pinned_bytes": 0, "locked_bytes": 0}
+        self._progress = Progress(remaining=total_bytes)
         self._last_rate: tuple[float, float] = (self._started, 0.0)
         self.error: str | None = None
 
@@ -126,28 +183,40 @@ class Monitor:
         """Pass ``number`` (1 for the bulk round) starts: a MIGRATION_PASS event,
         with the figures at its start under ``rdmamig`` (QMP's event has only
         ``pass``; a client that knows no more ignores the rest)."""
-        with self._lock:
-            self._figures["passes"] = number
-            self._figures["dirty_pages_rate"] = dirty_pages_rate
+        self.update(passes=number, dirty_pages_rate=dirty_pages_rate)
         ram = self.query().get("ram", {})
         self._emit("MIGRATION_PASS", {"pass": number, "rdmamig": {
             "transferred": ram.get("transferred", 0), "remaining": ram.get("remaining", 0),
             "dirty-pages-rate": ram.get("dirty-pages-rate", 0),
-            "expected-downtime": round(self._figures["expected_downtime_s"] * 1000)}})
+            "expected-downtime": round(self._progress.expected_downtime_s * 1000)}})
 
-    def update(self, **figures: float) -> None:
-        """New figures: ``transferred``, ``remaining``, ``duplicate``, ``normal``
-        (pages), ``expected_downtime_s``, ``downtime_s``, ``pinned_bytes`` (what the
-        endpoint has registered), ``locked_bytes`` (what the kernel counts)."""
+    def update(self, *, transferred: int | None = None, remaining: int | None = None,
+               duplicate: int | None = None, normal: int | None = None,
+               passes: int | None = None, dirty_pages_rate: float | None = None,
+               expected_downtime_s: float | None = None, downtime_s: float | None = None,
+               pinned_bytes: int | None = None, locked_bytes: int | None = None) -> None:
+        """New figures (:class:`Progress`); those not given stay as they were."""
+        given = {name: value for name, value in (
+            ("transferred", transferred), ("remaining", remaining), ("duplicate", duplicate),
+            ("normal", normal), ("passes", passes), ("dirty_pages_rate", dirty_pages_rate),
+            ("expected_downtime_s", expected_downtime_s), ("downtime_s", downtime_s),
+            ("pinned_bytes", pinned_bytes), ("locked_bytes", locked_bytes))
+            if value is not None}
         with self._lock:
-            self._figures.update(figures)
-            if "transferred" in figures:
+            for name, value in given.items():
+                setattr(self._progress, name, value)
+            if transferred is not None:
                 now = time.monotonic()
                 then, before = self._last_rate
                 if now - then >= 0.2:  # a rate over a window, not one batch's spike
-                    self._figures["mbps"] = (figures["transferred"] - before) * 8 / (
-                        now - then) / 1e6
-                    self._last_rate = (now, figures["transferred"])
+                    self._progress.mbps = (transferred - before) * 8 / (now - then) / 1e6
+                    self._last_rate = (now, transferred)
+
+    @property
+    def progress(self) -> Progress:
+        """The figures as last recorded (a copy)."""
+        with self._lock:
+            return attrs.evolve(self._progress)
 
     # ------------------------------------------------------------ watchers ask
 
@@ -155,26 +224,13 @@ class Monitor:
         """``migrate_cancel``: the migration stops at its next step, as failed
         migrations do (workload resumed, pins released) and ends ``cancelled``."""
         if self._status not in FINAL:
-            self.cancel_requested.set()
+            self.parameters.cancel_requested.set()
             self.set_status(Status.CANCELLING)
-
-    def set_parameters(self, *, downtime_limit_ms: float | None = None,
-                       max_bandwidth: int | None = None) -> None:
-        """``migrate-set-parameters``: the live tunables."""
-        if downtime_limit_ms is not None:
-            self.max_downtime = downtime_limit_ms / 1000
-        if max_bandwidth is not None:
-            self.max_bandwidth = max_bandwidth or None
-
-    def parameters(self) -> dict[str, Any]:
-        """``query-migrate-parameters``' answer, for the parameters rdmamig has."""
-        return {"downtime-limit": round(self.max_downtime * 1000),
-                "max-bandwidth": self.max_bandwidth or 0}
 
     def query(self) -> dict[str, Any]:
         """``query-migrate``'s answer, shaped and named as QEMU's."""
         with self._lock:
-            f = dict(self._figures)
+            f = self._progress
             status = self._status
             now = time.monotonic() - self._started
             setup, ended = self._setup_s, self._ended_s
@@ -186,24 +242,23 @@ class Monitor:
         if setup is not None:
             answer["setup-time"] = round(setup * 1000)
         if status == Status.COMPLETED:
-            answer["downtime"] = round(f["downtime_s"] * 1000)
+            answer["downtime"] = round(f.downtime_s * 1000)
         elif status in (Status.ACTIVE, Status.DEVICE):
-            answer["expected-downtime"] = round(f["expected_downtime_s"] * 1000)
+            answer["expected-downtime"] = round(f.expected_downtime_s * 1000)
         answer["ram"] = {
-            "transferred": int(f["transferred"]),
-            "remaining": int(f["remaining"]) if status != Status.COMPLETED else 0,
+            "transferred": f.transferred,
+            "remaining": f.remaining if status != Status.COMPLETED else 0,
             "total": self.total_bytes,
-            "duplicate": int(f["duplicate"]),
-            "normal": int(f["normal"]),
-            "normal-bytes": int(f["normal"]) * PAGE_SIZE,
-            "mbps": round(f["mbps"], 3),
-            "dirty-pages-rate": round(f["dirty_pages_rate"]),
-            "dirty-sync-count": int(f["passes"]),
+            "duplicate": f.duplicate,
+            "normal": f.normal,
+            "normal-bytes": f.normal * PAGE_SIZE,
+            "mbps": round(f.mbps, 3),
+            "dirty-pages-rate": round(f.dirty_pages_rate),
+            "dirty-sync-count": f.passes,
             "page-size": PAGE_SIZE,
         }
         if self.error is not None and status == Status.FAILED:
             answer["error-desc"] = self.error
         # rdmamig's own, under its name as QMP extensions are: what is pinned now.
-        answer["rdmamig"] = {"pinned-bytes": int(f["pinned_bytes"]),
-                             "locked-bytes": int(f["locked_bytes"])}
+        answer["rdmamig"] = {"pinned-bytes": f.pinned_bytes, "locked-bytes": f.locked_bytes}
         return answer

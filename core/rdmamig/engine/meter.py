@@ -20,7 +20,8 @@ class Meter:
         blocks: the RAM being migrated (what is dirty is what remains).
         endpoint: the source's endpoint (what it has pinned).
         result: the source's figures so far.
-        monitor: hears the figures; its ``max_bandwidth`` may change meanwhile.
+        monitor: hears the figures; its ``parameters.max_bandwidth`` may change
+            meanwhile.
         started: ``time.monotonic()`` when the migration started.
         on_progress: called with each sample.
     """
@@ -46,16 +47,17 @@ class Meter:
         result = self.result
         locked = locked_bytes()
         result.locked_peak_bytes = max(result.locked_peak_bytes, locked)
+        dirty, pinned = self.dirty_bytes(), self.endpoint.pinned_bytes
         sample = {"t": time.monotonic() - self.started,
                   "locked_bytes": float(locked),
                   "bytes_written": float(result.bytes_written),
-                  "dirty_bytes": float(self.dirty_bytes()),
-                  "pinned_bytes": float(self.endpoint.pinned_bytes),
+                  "dirty_bytes": float(dirty),
+                  "pinned_bytes": float(pinned),
                   "zero_pages": float(result.zero_pages)}
         result.timeline.append(sample)
-        self.monitor.update(pinned_bytes=sample["pinned_bytes"], locked_bytes=locked,
+        self.monitor.update(pinned_bytes=pinned, locked_bytes=locked,
                             transferred=result.bytes_written + result.inline_pages * PAGE_SIZE,
-                            remaining=sample["dirty_bytes"],
+                            remaining=dirty,
                             duplicate=result.duplicate_pages,
                             normal=result.bytes_written // PAGE_SIZE + result.inline_pages)
         if self.on_progress is not None:
@@ -65,7 +67,7 @@ class Meter:
     def _pace(self) -> None:
         """Keep the writes' average at ``max-bandwidth`` (it may change meanwhile:
         pacing starts over from each change)."""
-        limit = self.monitor.max_bandwidth
+        limit = self.monitor.parameters.max_bandwidth
         if limit is None:
             self._paced = None
             return

@@ -208,7 +208,7 @@ class Source:
             round_s = round_.elapsed_s
             expected = self.downtime_estimate(remaining, round_)
             self.monitor.update(expected_downtime_s=expected, remaining=remaining)
-            if expected <= self.monitor.max_downtime:
+            if expected <= self.monitor.parameters.max_downtime:
                 break
             if iteration >= self.config.max_iterations:
                 break
@@ -243,9 +243,9 @@ class Source:
         self.result.iterations = iteration + 1
         self.result.downtime_s = done - stop
         self.result.total_time_s = done - self._start
-        if self.result.downtime_s > self.monitor.max_downtime:
+        if self.result.downtime_s > self.monitor.parameters.max_downtime:
             log.warning("downtime %.0f ms missed the %.0f ms limit: %s", 1000 *
-                        self.result.downtime_s, 1000 * self.monitor.max_downtime,
+                        self.result.downtime_s, 1000 * self.monitor.parameters.max_downtime,
                         f"stopped after the most passes ({self.config.max_iterations})"
                         if iteration >= self.config.max_iterations else
                         f"the last pass's estimate was {1000 * expected:.0f} ms, the link "
@@ -289,7 +289,7 @@ class Source:
     # ------------------------------------------------------------ one round
 
     def _check_cancel(self) -> None:
-        if self.monitor.cancel_requested.is_set():
+        if self.monitor.parameters.cancel_requested.is_set():
             raise MigrationCancelledError("migration cancelled (migrate_cancel)")
 
     def _send_dirty(self) -> None:

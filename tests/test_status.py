@@ -1,0 +1,34 @@
+"""The monitor: typed figures out, live parameters in, QMP's shapes."""
+
+from __future__ import annotations
+
+import pytest
+from rdmamig.status import Monitor, Parameters, Status
+
+
+def test_a_misspelt_figure_is_an_error_not_a_new_figure() -> None:
+    monitor = Monitor(total_bytes=1 << 20, max_downtime=0.3)
+    with pytest.raises(TypeError, match="transfered"):
+        monitor.update(transfered=4096)  # type: ignore[call-arg]
+    monitor.update(transferred=4096, remaining=8192)
+    monitor.set_status(Status.ACTIVE)
+    ram = monitor.query()["ram"]
+    assert (ram["transferred"], ram["remaining"], ram["total"]) == (4096, 8192, 1 << 20)
+
+
+def test_progress_is_a_copy_of_the_figures() -> None:
+    monitor = Monitor(total_bytes=4096, max_downtime=0.3)
+    seen = monitor.progress
+    seen.transferred = 99
+    assert monitor.progress.transferred == 0 and monitor.progress.remaining == 4096
+
+
+def test_parameters_are_what_a_driver_changes_and_the_engine_reads() -> None:
+    monitor = Monitor(total_bytes=4096, max_downtime=0.3, max_bandwidth=1 << 20)
+    parameters: Parameters = monitor.parameters
+    parameters.set(downtime_limit_ms=50, max_bandwidth=0)
+    assert (parameters.max_downtime, parameters.max_bandwidth) == (0.05, None)
+    assert parameters.query() == {"downtime-limit": 50, "max-bandwidth": 0}
+    monitor.set_status(Status.ACTIVE)
+    monitor.cancel()
+    assert parameters.cancel_requested.is_set() and monitor.status is Status.CANCELLING
