@@ -115,7 +115,7 @@ def real_migration(port: int, *, size: int = 4 << 20, key: PreSharedKey | None =
     block.array[:] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
     more = [RamBlock.anonymous(f"{name}{index}", 4096) for index in range(1, blocks)]
     result, error = run_source(plan, HOST, port, [block, *more])
-    return result, error, block
+    return result, None if error is None else str(error), block
 
 
 def assert_serves(listener: Service, *, key: PreSharedKey | None = None,

@@ -3,6 +3,8 @@ a peer names is checked before memory is touched, and a refusal writes nothing."
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +14,7 @@ from rdmamig import wire
 from rdmamig.caps import SOURCE_DEFAULTS
 from rdmamig.control import Role
 from rdmamig.engine import Destination, RamBlock, stream
-from rdmamig.errors import MigrationError, PeerAbortedError
+from rdmamig.errors import MigrationError, PeerAbortedError, RemoteProtocolError
 from rdmamig.session import ControlSession, QemuFileWriter
 from rdmamig.testing import connected_pair
 from rdmamig_tcp import TcpBackend
@@ -149,3 +151,18 @@ def test_a_pages_entry_inside_its_block_is_written() -> None:
         assert blocks[1].array[PAGE:2 * PAGE].tolist() == [7] * PAGE
         assert blocks[1].reads_zero(0, PAGE) and blocks[0].reads_zero(0, MiB)
         assert destination.result.inline_pages == 1
+
+
+@pytest.mark.parametrize(("origin", "error"), [
+    ({"origin": "vmware"}, "ORIGIN origin='vmware': neither 'qemu' nor 'rdmamig'"),
+    ({"origin": "qemu", "addrs": [0]}, "ORIGIN addrs: not one address or null per block (2)"),
+    ({"origin": "qemu", "addrs": [0, -1]}, "ORIGIN addrs: not one address"),
+    ({"origin": "qemu", "qemu": {"machine": "pc"}}, "ORIGIN qemu: "),
+    ([1, 2], "ORIGIN record is not a JSON object"),
+])
+def test_an_origin_record_is_checked_whole_by_the_stream_codec(origin: object,
+                                                               error: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=re.escape(error)):
+        stream.decode_origin_untrusted(json.dumps(origin).encode(), blocks=2)
+    good = {"origin": "rdmamig", "addrs": [None, 4096]}
+    assert stream.decode_origin_untrusted(json.dumps(good).encode(), blocks=2) == good

@@ -8,7 +8,6 @@ Failures of the transport itself carry the errno, the way pyverbs'
 
 from __future__ import annotations
 
-import argparse
 from typing import Self
 
 
@@ -146,7 +145,3 @@ class AuthenticationError(MigrationError):
 class RefusedError(MigrationError):
     """The destination refused what the source asked of it (a layout over its
     limits, more pinned memory than it allows); the reason says which limit."""
-
-
-class UsageError(ConfigurationError, argparse.ArgumentTypeError):
-    """A command-line argument is wrong (the CLI exits with status 2)."""

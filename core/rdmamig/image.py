@@ -34,7 +34,7 @@ from typing import Any, Final
 import attrs
 import xxhash
 
-from .errors import ConfigurationError, ImageError, RemoteProtocolError
+from .errors import ConfigurationError, ImageError
 from .memory import RamBlock
 from .qemu.origin import QemuOrigin
 
@@ -340,28 +340,20 @@ class ImageWriter:
                     source: dict[str, Any] | None = None,
                     digests: Sequence[bytes] = ()) -> Image:
         """:meth:`commit` with what a source said of its image (:meth:`Image.origin`),
-        or as a native rdmamig migration when it said nothing.
+        or as a native rdmamig migration when it said nothing. ``origin`` is a record
+        the peer's stream codec has checked
+        (:func:`rdmamig.engine.stream.decode_origin_untrusted`).
 
         Raises:
-            RemoteProtocolError: what it said is malformed.
+            ImageError: ``origin`` is not such a record.
         """
         if origin is None:
             return self.commit(origin="rdmamig", source=source, digests=digests)
-        kind, addrs = origin.get("origin"), origin.get("addrs") or []
-        if kind not in ("qemu", "rdmamig"):
-            raise RemoteProtocolError(f"ORIGIN origin={kind!r}: neither 'qemu' nor 'rdmamig'")
-        if (not isinstance(addrs, list) or len(addrs) not in (0, len(self.blocks))
-                or not all(a is None or (isinstance(a, int) and 0 <= a < 2**64)
-                           for a in addrs)):
-            raise RemoteProtocolError(f"ORIGIN addrs: not one address or null per block "
-                                      f"({len(self.blocks)})")
-        try:
-            qemu = QemuOrigin.from_json(origin["qemu"]) if origin.get("qemu") else None
-        except ImageError as exc:
-            raise RemoteProtocolError(f"ORIGIN qemu: {exc}") from None
-        if addrs:
-            self._addrs = list(addrs)
-        return self.commit(origin=kind, qemu=qemu, source=source, digests=digests)
+        qemu = QemuOrigin.from_json(origin["qemu"]) if origin.get("qemu") else None
+        if origin.get("addrs"):
+            self._addrs = list(origin["addrs"])
+        return self.commit(origin=origin["origin"], qemu=qemu, source=source,
+                           digests=digests)
 
     def abort(self) -> None:
         """Remove the staging directory and everything in it."""

@@ -93,7 +93,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     fill_guest(blocks, zero_fraction=guest.zero_fraction)
     workload = SyntheticWorkload(blocks, rate=guest.dirty_rate, pattern=guest.pattern)
     source: SourceResult | None = None
-    error = None
+    error: MigrationError | str | None = None
     try:
         if not parent.poll(timeout):
             raise MigrationError("the destination process did not start listening")
@@ -104,7 +104,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
         source, error = run_source(plan, host, port, blocks, workload=workload,
                                    on_progress=on_progress, monitor=monitor)
     except MigrationError as exc:
-        error = str(exc)
+        error = exc
     finally:
         workload.close()
     destination = None

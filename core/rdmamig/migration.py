@@ -47,6 +47,21 @@ class Plan:
     #: The pre-shared key to prove (then ``requested`` holds AUTH).
     key: PreSharedKey | None = None
 
+    def __attrs_post_init__(self) -> None:
+        """The rules that make a plan valid, whoever made it (the CLI, :func:`send`).
+
+        Raises:
+            ConfigurationError: a cap for a policy that keeps none, or PIN_ALL asked
+                with a policy that unpins.
+        """
+        if self.options.pin_cap is not None and not self.policy.takes_cap:
+            raise ConfigurationError(f"policy {self.policy.name!r} keeps no cap; a pin cap "
+                                     f"is for the policies that take one (rdmamig policies)")
+        if self.requested & Capability.PIN_ALL and not self.policy.keeps_everything:
+            raise ConfigurationError(f"--pin-all registers whole blocks up front, and policy "
+                                     f"{self.policy.name!r} unpins chunks: use one or the "
+                                     f"other")
+
     @property
     def label(self) -> str:
         """The policy as a report names it: with ``+ PIN_ALL`` when whole blocks are
@@ -90,9 +105,9 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
                on_progress: Callable[[dict[str, float]], None] | None = None,
                origin: dict[str, Any] | None = None,
-               monitor: Monitor | None = None) -> tuple[SourceResult, str | None]:
+               monitor: Monitor | None = None) -> tuple[SourceResult, MigrationError | None]:
     """Connect and migrate ``blocks``: the source's result (what it did, also when it
-    failed) and the reason it failed, or None. ``monitor`` hears its status from
+    failed) and the error it failed with, or None. ``monitor`` hears its status from
     ``setup`` on, and may cancel it or change its limits (:mod:`rdmamig.status`).
 
     A destination that grants none of rdmamig's extensions is an unmodified QEMU:
@@ -126,7 +141,7 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
         try:
             source.run()
         except MigrationError as exc:
-            return source.result, str(exc)
+            return source.result, exc
     return source.result, None
 
 
@@ -213,9 +228,10 @@ def _as_blocks(blocks: Mapping[str, Any] | Sequence[RamBlock]) -> list[RamBlock]
 
 
 def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
-         backend: str = "tcp", policy: str = "pin-until-done",
-         config: SourceConfig | None = None, key: PreSharedKey | None = None,
-         monitor: Monitor | None = None, **backend_options: Any) -> SourceResult:
+         backend: str = "tcp", policy: str = "pin-until-done", pin_cap: int | None = None,
+         pin_all: bool = False, config: SourceConfig | None = None,
+         key: PreSharedKey | None = None, monitor: Monitor | None = None,
+         **backend_options: Any) -> SourceResult:
     """Migrate memory to the listener at ``address`` (``HOST:PORT``) and return what
     the source did, once the destination has verified and kept it.
 
@@ -223,6 +239,9 @@ def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
         blocks: ``{name: buffer}`` (a numpy array, a bytearray, an mmap: writable,
             a multiple of 4 KiB) or :class:`~rdmamig.engine.RamBlock` objects.
         backend, policy: by name, as ``rdmamig backends`` / ``policies`` list them.
+        pin_cap: the most a capped policy keeps pinned (``lru``, ``memlock``).
+        pin_all: register whole blocks up front (PIN_ALL), with a policy that keeps
+            everything.
         backend_options: the backend's own (``channels=4``, ``device="rxe0"``).
 
     Raises:
@@ -234,13 +253,13 @@ def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
     registry = load_registry()
     chosen = registry.policy(policy)
     plan = Plan(backend=registry.backend(backend), backend_options=backend_options,
-                policy=chosen, options=PolicyOptions(),
-                requested=source_capabilities(chosen, key=key),
+                policy=chosen, options=PolicyOptions(pin_cap=pin_cap),
+                requested=source_capabilities(chosen, key=key, pin_all=pin_all),
                 config=config or SourceConfig(), key=key)
     host, port = parse_address(address)
     result, error = run_source(plan, host, port, _as_blocks(blocks), monitor=monitor)
     if error is not None:
-        raise MigrationError(error)
+        raise error
     return result
 
 

@@ -13,11 +13,13 @@ from .status import capability_names
 
 
 def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceResult | None,
-                 destination: DestinationResult | None, error: str | None = None,
+                 destination: DestinationResult | None,
+                 error: str | Exception | None = None,
                  status: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """The ``--report`` JSON: every field QEMU's ``query-migrate`` users look for,
     and with ``status`` (a :class:`~rdmamig.status.Monitor`'s ``query()``) the
     ``query-migrate`` answer itself, with the negotiated capabilities by name."""
+    error = None if error is None else str(error)
     src = source or SourceResult()
     dst = destination or DestinationResult()
     total = src.total_time_s or dst.total_time_s

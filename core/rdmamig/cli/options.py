@@ -20,7 +20,7 @@ from typing import Any
 from .. import __version__
 from ..auth import load_key
 from ..engine import SourceConfig
-from ..errors import ConfigurationError, UsageError
+from ..errors import ConfigurationError
 from ..memory import PAGES_PER_CHUNK
 from ..migration import Plan, source_capabilities
 from ..migration import parse_address as split_address
@@ -29,6 +29,12 @@ from ..policy import Hint, PolicyOptions
 from ..qmp import ControlServer, parse_control
 from ..report import plot_timeline, require_matplotlib, summary_table, write_report
 from ..status import Event, Monitor
+
+
+class UsageError(ConfigurationError, argparse.ArgumentTypeError):
+    """A command-line argument is wrong (the CLI exits with status 2); argparse
+    reports one raised by a type function as that argument's error."""
+
 
 _UNITS = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgt", start=1):
@@ -273,16 +279,16 @@ def plan_from_args(args: argparse.Namespace, registry: Registry) -> Plan:
         capped = [name for name, cls in registry.policies.items() if cls.takes_cap]
         raise UsageError(f"policy {policy.name!r} keeps no cap; --pin-cap is for "
                          f"{', '.join(capped)}")
-    if args.pin_all and not policy.keeps_everything:
-        raise UsageError(f"--pin-all registers whole blocks up front, and policy "
-                         f"{policy.name!r} unpins chunks: use one or the other")
     key = load_key(args.psk_file)
     if args.plot is not None:
         require_matplotlib()
-    return Plan(backend=backend, backend_options=backend_options(args, registry),
-                policy=policy, options=options,
-                requested=source_capabilities(policy, key=key, pin_all=args.pin_all),
-                config=source_config(args), key=key)
+    try:
+        return Plan(backend=backend, backend_options=backend_options(args, registry),
+                    policy=policy, options=options,
+                    requested=source_capabilities(policy, key=key, pin_all=args.pin_all),
+                    config=source_config(args), key=key)
+    except ConfigurationError as exc:  # Plan's own rules, said as usage
+        raise UsageError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- the run

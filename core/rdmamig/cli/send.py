@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from ..engine import ChecksumTracker, RamBlock
-from ..errors import UsageError
 from ..image import open_image
 from ..migration import run_source
 from ..plugins import load_registry
@@ -17,6 +16,7 @@ from ..report import build_report
 from ..status import Monitor
 from ..workload import PausedProcess
 from .options import (
+    UsageError,
     add_source_arguments,
     finish,
     parse_address,

@@ -186,7 +186,8 @@ class Destination:
             if tag is stream.Tag.STATE:
                 self.result.state = payload
             elif tag is stream.Tag.ORIGIN:
-                self.result.origin = stream.decode_origin_untrusted(payload)
+                self.result.origin = stream.decode_origin_untrusted(payload,
+                                                                    blocks=len(self.blocks))
             elif tag is stream.Tag.END:
                 break
             else:

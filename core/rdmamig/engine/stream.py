@@ -16,7 +16,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..errors import RemoteProtocolError
+from ..errors import ImageError, RemoteProtocolError
+from ..qemu.origin import QemuOrigin
 
 MAGIC = b"RMIGSTR\x01"
 RECORD = struct.Struct("!BI")
@@ -94,11 +95,13 @@ def encode_origin(origin: dict[str, Any]) -> bytes:
     return json.dumps(origin, separators=(",", ":")).encode()
 
 
-def decode_origin_untrusted(payload: bytes) -> dict[str, Any]:
-    """The JSON object of an ORIGIN record.
+def decode_origin_untrusted(payload: bytes, *, blocks: int) -> dict[str, Any]:
+    """The JSON object of an ORIGIN record, checked whole: ``origin`` is ``qemu`` or
+    ``rdmamig``, ``addrs`` one address or null per each of the ``blocks`` blocks
+    (or none), and ``qemu`` a valid :class:`~rdmamig.qemu.origin.QemuOrigin`.
 
     Raises:
-        RemoteProtocolError: too long, not JSON or not an object.
+        RemoteProtocolError: too long, not JSON, or not such an object.
     """
     if len(payload) > MAX_ORIGIN:
         raise RemoteProtocolError(f"ORIGIN record of {len(payload)} bytes is over "
@@ -109,6 +112,18 @@ def decode_origin_untrusted(payload: bytes) -> dict[str, Any]:
         raise RemoteProtocolError(f"ORIGIN record is not JSON: {exc}") from None
     if not isinstance(origin, dict):
         raise RemoteProtocolError("ORIGIN record is not a JSON object")
+    kind, addrs = origin.get("origin"), origin.get("addrs") or []
+    if kind not in ("qemu", "rdmamig"):
+        raise RemoteProtocolError(f"ORIGIN origin={kind!r}: neither 'qemu' nor 'rdmamig'")
+    if (not isinstance(addrs, list) or len(addrs) not in (0, blocks)
+            or not all(a is None or (isinstance(a, int) and 0 <= a < 2**64) for a in addrs)):
+        raise RemoteProtocolError(f"ORIGIN addrs: not one address or null per block "
+                                  f"({blocks})")
+    if origin.get("qemu"):
+        try:
+            QemuOrigin.from_json(origin["qemu"])
+        except ImageError as exc:
+            raise RemoteProtocolError(f"ORIGIN qemu: {exc}") from None
     return origin
 
 
