@@ -1,0 +1,122 @@
+"""Sans-IO codec for the control messages of PROTOCOL.md.
+
+One control message is one SEND: a 16-byte header and a data portion. Every message
+is a frozen, keyword-only ``attrs`` class named after the command. ``encode`` turns a
+message into bytes; ``decode_untrusted`` parses bytes that came from a peer and raises
+nothing but :class:`~rdmamig.errors.RemoteProtocolError`, naming the field, its value
+and its byte offset. Lengths and repeat counts are checked against their maxima
+before anything is allocated.
+
+Padding is written as zero and ignored on receipt. ``repeat`` is ignored on receipt
+where it carries no count and written as 1: real QEMU senders differ there.
+
+The records (:mod:`.records`) and how they travel (:mod:`.codec`, one row per
+command: size rule, encoder, decoder) are apart; this package is where both are
+imported from.
+"""
+
+from .codec import decode_header_untrusted, decode_untrusted, encode
+from .records import (
+    BLOCK_HASH,
+    CHUNK_SHIFT,
+    CHUNK_SIZE,
+    COMMIT_RESULT,
+    COMPRESS,
+    DEST_BLOCK,
+    EXTENSION_COMMANDS,
+    HEADER,
+    MAX_DATA,
+    MAX_MESSAGE,
+    MAX_PAGES,
+    MAX_REASON,
+    MAX_REPEAT,
+    NONCE_BYTES,
+    PAGE,
+    PAGE_BYTES,
+    PROOF_BYTES,
+    QEMU_FILE_PIECE,
+    REGISTER,
+    REGISTER_RESULT,
+    VERIFY_RESULT,
+    AuthChallenge,
+    AuthHello,
+    AuthProof,
+    BlockHash,
+    BlockHashes,
+    Command,
+    Commit,
+    CommitResult,
+    Compress,
+    CompressRange,
+    DestBlock,
+    ErrorMessage,
+    InlinePage,
+    Message,
+    Pages,
+    QemuFile,
+    RamBlocksRequest,
+    RamBlocksResult,
+    Ready,
+    Register,
+    RegisterFinished,
+    RegisterKey,
+    RegisterRequest,
+    RegisterResult,
+    UnregisterFinished,
+    UnregisterRequest,
+    VerifyResult,
+)
+
+__all__ = [
+    "BLOCK_HASH",
+    "CHUNK_SHIFT",
+    "CHUNK_SIZE",
+    "COMMIT_RESULT",
+    "COMPRESS",
+    "DEST_BLOCK",
+    "EXTENSION_COMMANDS",
+    "HEADER",
+    "MAX_DATA",
+    "MAX_MESSAGE",
+    "MAX_PAGES",
+    "MAX_REASON",
+    "MAX_REPEAT",
+    "NONCE_BYTES",
+    "PAGE",
+    "PAGE_BYTES",
+    "PROOF_BYTES",
+    "QEMU_FILE_PIECE",
+    "REGISTER",
+    "REGISTER_RESULT",
+    "VERIFY_RESULT",
+    "AuthChallenge",
+    "AuthHello",
+    "AuthProof",
+    "BlockHash",
+    "BlockHashes",
+    "Command",
+    "Commit",
+    "CommitResult",
+    "Compress",
+    "CompressRange",
+    "DestBlock",
+    "ErrorMessage",
+    "InlinePage",
+    "Message",
+    "Pages",
+    "QemuFile",
+    "RamBlocksRequest",
+    "RamBlocksResult",
+    "Ready",
+    "Register",
+    "RegisterFinished",
+    "RegisterKey",
+    "RegisterRequest",
+    "RegisterResult",
+    "UnregisterFinished",
+    "UnregisterRequest",
+    "VerifyResult",
+    "decode_header_untrusted",
+    "decode_untrusted",
+    "encode",
+]
