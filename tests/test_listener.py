@@ -67,10 +67,10 @@ def test_a_stranger_that_connects_and_closes_does_not_end_the_listener(tmp_path:
 
 
 def test_silent_strangers_are_dropped_after_the_handshake_deadline(tmp_path: Path) -> None:
-    with service(tmp_path / "images") as listener:
-        # Three of them: served one after the other, they would hold a source up for
-        # 30 s, longer than it waits (20 s). Each handshake runs on its own.
-        silent = [RawPeer(listener.port, timeout=60) for _ in range(3)]
+    with service(tmp_path / "images", "--handshake-timeout", "2") as listener:
+        # Twelve of them: served one after the other, they would hold a source up for
+        # 24 s, longer than it waits (20 s). Each handshake runs on its own.
+        silent = [RawPeer(listener.port, timeout=60) for _ in range(12)]
         assert_serves(listener)  # while the strangers hold their connections
         assert all(peer.is_closed_by_peer(60) for peer in silent)
         assert "timed out" in listener.wait_for_log("dropped")
@@ -78,7 +78,7 @@ def test_silent_strangers_are_dropped_after_the_handshake_deadline(tmp_path: Pat
 
 def test_a_handshake_dripped_a_byte_a_second_is_held_to_its_deadline(tmp_path: Path) -> None:
     body = header(Kind.CONNECT, length=16) + b"RDMAMIG\x02" + bytes(8)
-    with service(tmp_path / "images") as listener:
+    with service(tmp_path / "images", "--handshake-timeout", "2") as listener:
         dripper = RawPeer(listener.port, timeout=60)
         stop = threading.Event()
 
@@ -98,8 +98,8 @@ def test_a_handshake_dripped_a_byte_a_second_is_held_to_its_deadline(tmp_path: P
         assert dripper.is_closed_by_peer(60)
         stop.set()
         thread.join()
-        # 44 bytes at one a second would take 44 s: the deadline (10 s) ended it.
-        assert time.monotonic() - started < 40
+        # 44 bytes at one a second would take 44 s: the deadline (2 s) ended it.
+        assert time.monotonic() - started < 30
         assert "timed out" in listener.wait_for_log("dropped")
 
 

@@ -88,13 +88,16 @@ def available_backend(backend: type[Backend], options: dict[str, Any] | None = N
     """An instance of ``backend`` with ``options``, checked to run here.
 
     Raises:
-        ConfigurationError: it takes no such option, or cannot run on this machine.
+        ConfigurationError: it takes no such option or refuses its value, or cannot
+            run on this machine.
     """
     try:
         instance = backend(**(options or {}))
     except TypeError:
         named = ", ".join("--" + key.replace("_", "-") for key in options or {})
         raise ConfigurationError(f"backend {backend.name!r} takes no option {named}") from None
+    except ValueError as exc:  # an option's value it refuses
+        raise ConfigurationError(f"backend {backend.name!r}: {exc}") from None
     reason = instance.unavailable_reason()
     if reason is not None:
         raise ConfigurationError(f"backend {backend.name!r} cannot run here: {reason}")

@@ -41,6 +41,7 @@ from .options import (
     events_file,
     finish,
     parse_address,
+    parse_seconds,
     parse_size,
     whole_number,
 )
@@ -304,5 +305,8 @@ def add_verb(verbs: Any) -> None:
     listen_.add_argument("--max-pinned", type=parse_size, metavar="BYTES",
                          help="most bytes a source may have pinned here at once "
                               "(default: only RLIMIT_MEMLOCK limits it)")
+    listen_.add_argument("--handshake-timeout", type=parse_seconds, metavar="SECONDS",
+                         help="seconds a connection has for its handshake, first byte to "
+                              "last lane (TCP; default 10)")
     add_connection_arguments(listen_)
     listen_.set_defaults(run=run)

@@ -248,6 +248,8 @@ def backend_options(args: argparse.Namespace, registry: Registry) -> dict[str, A
     if args.tls or args.tls_cert or args.tls_key or args.tls_ca:
         options.update(tls=True, tls_cert=args.tls_cert, tls_key=args.tls_key,
                        tls_ca=args.tls_ca)
+    if getattr(args, "handshake_timeout", None) is not None:
+        options["handshake_timeout"] = args.handshake_timeout
     channels = getattr(args, "channels", 1)
     if channels > backend.max_channels:
         raise UsageError(f"argument --channels: '{channels}' is not a whole number "

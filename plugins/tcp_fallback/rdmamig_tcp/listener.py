@@ -129,8 +129,10 @@ class TcpListener(Listener):
 
     def __init__(self, sock: socket.socket, *, supported: Capability,
                  required: Capability = Capability(0),
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         self._sock = sock
+        self._handshake_timeout = handshake_timeout
         self._tls = tls
         self._supported = supported
         self._required = required
@@ -182,11 +184,11 @@ class TcpListener(Listener):
             if self._tls is not None:
                 # A TLS socket stands in for the socket (tls.TlsSocket says how).
                 conn = cast(socket.socket, wrap(conn, self._tls, server_side=True,
-                                                timeout=HANDSHAKE_TIMEOUT))
+                                                timeout=self._handshake_timeout))
             conn.settimeout(None)
             set_wakeups(conn)
             first = _read_frame(conn, {Kind.CONNECT, Kind.JOIN}, len(MAGIC) + 192,
-                                HANDSHAKE_TIMEOUT)
+                                self._handshake_timeout)
             if first.kind == Kind.CONNECT:
                 self._open(conn, first, peer)
             else:
@@ -221,8 +223,8 @@ class TcpListener(Listener):
                 self._joining[token] = joining
         granted = reply.encode()
         send_all(conn, [header(Kind.ACCEPT, length=len(granted), rkey=lanes, wr_id=token),
-                        granted], timeout=HANDSHAKE_TIMEOUT)
-        if lanes > 1 and not joining.done.wait(HANDSHAKE_TIMEOUT):
+                        granted], timeout=self._handshake_timeout)
+        if lanes > 1 and not joining.done.wait(self._handshake_timeout):
             with self._lock:
                 self._joining.pop(token, None)
             joined = sum(sock is not None for sock in joining.socks)
@@ -241,7 +243,7 @@ class TcpListener(Listener):
             if not 0 < join.lanes < len(joining.socks) or joining.socks[join.lanes]:
                 raise RemoteProtocolError(f"lane={join.lanes} at offset 4: not a lane "
                                           f"still to join")
-            send_all(conn, [header(Kind.ACCEPT)], timeout=HANDSHAKE_TIMEOUT)
+            send_all(conn, [header(Kind.ACCEPT)], timeout=self._handshake_timeout)
             joining.socks[join.lanes] = conn
             if all(joining.socks):
                 del self._joining[join.token]
@@ -284,7 +286,8 @@ class TcpBackend(Backend):
     max_channels: ClassVar[int] = MAX_LANES
 
     def __init__(self, *, channels: int = 1, tls: bool = False, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, tls_ca: Path | None = None) -> None:
+                 tls_key: Path | None = None, tls_ca: Path | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """``channels``: TCP connections a source stripes its writes over (QEMU's
         multifd channels), 1 to 16. A listener takes whatever its source asks for.
 
@@ -292,10 +295,17 @@ class TcpBackend(Backend):
         (:mod:`rdmamig_tcp.tls`): a listener presents ``tls_cert`` / ``tls_key``
         and with ``tls_ca`` requires client certificates; a source checks the
         listener against ``tls_ca`` (default: the system's CAs) and may present
-        its own."""
+        its own.
+
+        ``handshake_timeout``: seconds a listener gives a connection, from its first
+        byte to its last lane joined (OpenSSH's LoginGraceTime)."""
         if not 1 <= channels <= MAX_LANES:
             raise ValueError(f"channels={channels}: must be 1 to {MAX_LANES}")
+        if not 0 < handshake_timeout <= 3600:
+            raise ValueError(f"handshake_timeout={handshake_timeout}: must be over 0 and at "
+                             f"most 3600 s")
         self.channels = channels
+        self.handshake_timeout = handshake_timeout
         self.tls = (TlsOptions(certificate=tls_cert, key=tls_key, ca=tls_ca)
                     if tls or tls_cert or tls_key or tls_ca else None)
 
@@ -324,7 +334,7 @@ class TcpBackend(Backend):
             sock.close()
             raise
         return TcpListener(sock, supported=supported & self.supported, required=required,
-                           tls=context)
+                           tls=context, handshake_timeout=self.handshake_timeout)
 
     def connect(
         self, *, host: str, port: int, requested: Capability, timeout: float | None
