@@ -58,7 +58,7 @@ def test_a_peer_that_is_not_rdmamig_is_refused(caplog: pytest.LogCaptureFixture)
 
 def _lane_socket(endpoint: Endpoint, lane: int = 0) -> socket.socket:
     assert isinstance(endpoint, TcpEndpoint)
-    return endpoint._lanes[lane].sock
+    return endpoint.lane_socket(lane)
 
 
 def test_peer_closing_mid_frame_breaks_the_connection_cleanly() -> None:
@@ -118,7 +118,7 @@ def test_deregistration_waits_for_a_write_into_its_region_and_no_other() -> None
         sock.sendall(header(Kind.WRITE, rkey=region.rkey, remote_addr=region.addr,
                             length=8192) + b"x" * 4096)
         deadline = time.monotonic() + 5
-        while dst._lanes[0].placing_into is not region:
+        while dst.placing_into(0) is not region:
             assert time.monotonic() < deadline, "the write never started"
             time.sleep(0.001)
         elsewhere = threading.Thread(target=dst.deregister, kwargs={"region": unrelated})
@@ -207,17 +207,11 @@ def test_a_send_waits_for_the_writes_posted_before_it_on_other_lanes() -> None:
         local[:] = b"\x5A" * len(local)
         assert isinstance(dst, TcpEndpoint)
         # Hold every data lane's receiver before it places anything.
-        held = [dst._lanes[lane].placing for lane in (1, 2, 3)]
-        for lock in held:
-            lock.acquire()
-        try:
+        with dst.stalled(1, 2, 3):
             src.post_writes(writes=writes)
             src.send_message(data=b"after the writes")
             with pytest.raises(TransportError, match="no control message within"):
                 dst.recv_message(timeout=0.5)
-        finally:
-            for lock in held:
-                lock.release()
         assert dst.recv_message(timeout=5) == b"after the writes"
         assert remote[:] == local[:]
 

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
@@ -331,6 +331,30 @@ class TcpEndpoint(EndpointBase[memoryview]):
         if length:
             recv_exact(lane.sock, memoryview(raw), timeout=FRAME_TIMEOUT)
         return raw.decode("utf-8", "replace")
+
+    # ------------------------------------------------------------ fault injection
+
+    def lane_socket(self, lane: int = 0) -> socket.socket:
+        """Lane ``lane``'s connection, for writing frames past the endpoint (tests of
+        what a peer's malformed or cut-off frames do)."""
+        return self._lanes[lane].sock
+
+    @contextlib.contextmanager
+    def stalled(self, *lanes: int) -> Iterator[None]:
+        """Hold the receivers of ``lanes`` before they place their next write, as a
+        slow path of the network would, until the block ends."""
+        held = [self._lanes[lane].placing for lane in lanes]
+        for lock in held:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in held:
+                lock.release()
+
+    def placing_into(self, lane: int = 0) -> MemoryRegion | None:
+        """The region lane ``lane``'s receiver is placing a write into now, if any."""
+        return self._lanes[lane].placing_into
 
     def close(self) -> None:
         with self._cond:
