@@ -31,45 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rdmamig.cli.options import parse_size
-
-
-class Qmp:
-    """A minimal QMP client over a unix socket."""
-
-    def __init__(self, path: Path) -> None:
-        for _ in range(200):
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw")
-        self.file.readline()  # greeting
-        self.call("qmp_capabilities")
-
-    def call(self, command: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error']}")
-
-
-def _qemu(size: int, mem_path: Path, sock: Path, incoming: bool) -> subprocess.Popen[bytes]:
-    mib = size >> 20
-    args = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-accel", "tcg",
-            "-machine", "pc,memory-backend=mem", "-m", f"{mib}M", "-object",
-            f"memory-backend-file,id=mem,size={mib}M,mem-path={mem_path},share=on,"
-            "prealloc=on", "-qmp", f"unix:{sock},server=on,wait=off"]
-    if incoming:
-        args += ["-incoming", "defer"]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+from rdmamig.testing.qemuvm import Guest
 
 
 def _free_port() -> int:
@@ -96,39 +59,32 @@ class _NoTotalTime(RuntimeError):
 
 def _qemu_migration_once(size: int, *, random: bool, multifd: int) -> float:
     work = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="rdmamig-bench-"))
+    guests: list[Guest] = []
     try:
-        src_mem, dst_mem = work / "src", work / "dst"
-        with open(src_mem, "wb") as f:
-            rng = np.random.default_rng(7)
-            for _ in range(size // (64 << 20)):
-                f.write(rng.bytes(64 << 20) if random else bytes(64 << 20))
-        src = _qemu(size, src_mem, work / "src.qmp", incoming=False)
-        dst = _qemu(size, dst_mem, work / "dst.qmp", incoming=True)
-        try:
-            qs, qd = Qmp(work / "src.qmp"), Qmp(work / "dst.qmp")
-            for q in (qs, qd):
-                q.call("migrate-set-parameters", **{"max-bandwidth": 107374182400})
-                if multifd:
-                    q.call("migrate-set-capabilities",
-                           capabilities=[{"capability": "multifd", "state": True}])
-                    q.call("migrate-set-parameters", **{"multifd-channels": multifd})
-            port = _free_port()
-            qd.call("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-            qs.call("migrate", uri=f"tcp:127.0.0.1:{port}")
-            while True:
-                info = qs.call("query-migrate")
-                if info.get("status") == "completed":
-                    if not info.get("total-time"):
-                        raise _NoTotalTime(f"QEMU reports no total-time: {info}")
-                    return float(info["total-time"]) / 1000
-                if info.get("status") in ("failed", "cancelled"):
-                    raise RuntimeError(f"QEMU migration {info.get('status')}")
-                time.sleep(0.05)
-        finally:
-            for process in (src, dst):
-                process.kill()
-                process.wait()
+        src = Guest(work, "src", ram=size, paused=True, random_ram=random, prealloc=True,
+                    ram_dir=work)
+        guests.append(src)
+        dst = Guest(work, "dst", ram=size, paused=True, incoming="defer", prealloc=True,
+                    ram_dir=work)
+        guests.append(dst)
+        for guest in (src, dst):
+            guest.cmd("migrate-set-parameters", **{"max-bandwidth": 107374182400})
+            if multifd:
+                guest.cmd("migrate-set-capabilities",
+                          capabilities=[{"capability": "multifd", "state": True}])
+                guest.cmd("migrate-set-parameters", **{"multifd-channels": multifd})
+        port = _free_port()
+        dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        info = src.wait_migration(timeout=900)
+        if info.get("status") != "completed":
+            raise RuntimeError(f"QEMU migration {info.get('status')}")
+        if not info.get("total-time"):
+            raise _NoTotalTime(f"QEMU reports no total-time: {info}")
+        return float(info["total-time"]) / 1000
     finally:
+        for guest in guests:
+            guest.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

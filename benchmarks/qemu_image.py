@@ -25,62 +25,40 @@ import time
 from pathlib import Path
 
 import numpy as np
-from qemu.qmp.legacy import QEMUMonitorProtocol
 from rdmamig.cli.options import parse_size
 from rdmamig.convert import export_image, import_stream
 from rdmamig.image import open_image
+from rdmamig.testing.qemuvm import Guest
 
 
-def _qemu(size: int, ram: Path, qmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes],
-                                                                    QEMUMonitorProtocol]:
-    process = subprocess.Popen([
-        "qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none",
-        "-machine", "pc,memory-backend=mem", "-m", f"{size >> 20}",
-        "-object", f"memory-backend-file,id=mem,size={size},mem-path={ram},share=on",
-        "-qmp", f"unix:{qmp},server=on,wait=off", *extra])
-    while not qmp.exists():
-        time.sleep(0.02)
-    monitor = QEMUMonitorProtocol(str(qmp))
-    monitor.connect()
-    return process, monitor
-
-
-def _wait(monitor: QEMUMonitorProtocol) -> dict[str, object]:
-    while True:
-        info = monitor.cmd("query-migrate")
-        if info.get("status") in ("completed", "failed"):
-            assert info["status"] == "completed", info
-            return info
-        time.sleep(0.005)
+def _completed(guest: Guest) -> dict[str, object]:
+    info = guest.wait_migration(timeout=900, interval=0.005)
+    assert info["status"] == "completed", info
+    return info
 
 
 def qemu_save(size: int, work: Path, stream: Path) -> float:
-    process, monitor = _qemu(size, work / "src.ram", work / "src.qmp", "-S")
+    guest = Guest(work, "src", ram=size, paused=True, ram_path=work / "src.ram")
     try:
-        monitor.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
-        monitor.cmd("migrate", uri=f"exec:cat > {stream}")
-        return float(_wait(monitor)["total-time"]) / 1000  # type: ignore[arg-type]
+        guest.cmd("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
+        guest.cmd("migrate", uri=f"exec:cat > {stream}")
+        return float(_completed(guest)["total-time"]) / 1000  # type: ignore[arg-type]
     finally:
-        monitor.close()
-        process.kill()
-        process.wait()
-        (work / "src.qmp").unlink(missing_ok=True)
+        guest.close()
 
 
 def qemu_load(size: int, work: Path, stream: Path) -> float:
-    (work / "dst.ram").unlink(missing_ok=True)
-    process, monitor = _qemu(size, work / "dst.ram", work / "dst.qmp", "-incoming", "defer")
+    ram = work / "dst.ram"
+    ram.unlink(missing_ok=True)
+    guest = Guest(work, "dst", ram=size, incoming="defer", ram_path=ram)
     try:
         started = time.perf_counter()
-        monitor.cmd("migrate-incoming", uri=f"exec:cat {stream}")
-        _wait(monitor)
+        guest.cmd("migrate-incoming", uri=f"exec:cat {stream}")
+        _completed(guest)
         return time.perf_counter() - started
     finally:
-        monitor.close()
-        process.kill()
-        process.wait()
-        (work / "dst.qmp").unlink(missing_ok=True)
-        (work / "dst.ram").unlink(missing_ok=True)
+        guest.close()
+        ram.unlink(missing_ok=True)
 
 
 def timed(function: object, *args: object, **kwargs: object) -> float:

@@ -10,34 +10,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from rdmamig.testing.certificates import make_certificates
+
 sys.path.insert(0, str(Path(__file__).parent))
 from tcp_write import GiB, bench_rdmamig
 
 SIZES = [64 << 10, 1 << 20]
-
-
-def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """(CA, server certificate, server key) for 127.0.0.1, valid for a day."""
-    ca, ca_key = directory / "ca.pem", directory / "ca.key"
-    cert, key, request = directory / "server.pem", directory / "server.key", directory / "r"
-    ext = directory / "ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for command in (
-        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
-         "-subj", "/CN=rdmamig benchmark CA"],
-        ["openssl", "req", *ec, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
-        ["openssl", "x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key,
-         "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext],
-    ):
-        subprocess.run([str(part) for part in command], check=True, capture_output=True)
-    return ca, cert, key
 
 
 def main() -> None:
@@ -46,7 +29,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ca, cert, key = make_certificates(Path(tmp))
+        made = make_certificates(Path(tmp))
+        ca, cert, key = made["ca"], made["cert"], made["key"]
         tls_receiver = {"tls_cert": cert, "tls_key": key}
         print(f"# {time.strftime('%Y-%m-%d')}, loopback, medians of {args.repeat} "
               f"alternating runs of {args.gib} GiB")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 from rdmamig.caps import Capability
 from rdmamig.errors import TransportError
 from rdmamig.testing import connected_pair
+from rdmamig.testing.certificates import make_certificates
 from rdmamig.testing.conformance import BackendConformance
 from rdmamig.transport import Backend
 from rdmamig_tcp import TcpBackend
@@ -20,29 +20,10 @@ from rdmamig_tcp import TcpBackend
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 
-def _certificates(directory: Path, name: str) -> dict[str, Path]:
-    """A CA and a certificate it signed for 127.0.0.1 (usable by either side)."""
-    ca, ca_key = directory / f"{name}-ca.pem", directory / f"{name}-ca.key"
-    cert, key, request = (directory / f"{name}.pem", directory / f"{name}.key",
-                          directory / f"{name}.csr")
-    ext = directory / "ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\n")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    for command in (
-        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1",
-         "-subj", f"/CN={name} CA"],
-        ["openssl", "req", *ec, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
-        ["openssl", "x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key,
-         "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext],
-    ):
-        subprocess.run([str(part) for part in command], check=True, capture_output=True)
-    return {"ca": ca, "cert": cert, "key": key}
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
     directory = tmp_path_factory.mktemp("pki")
-    return {name: _certificates(directory, name) for name in ("ours", "theirs")}
+    return {name: make_certificates(directory, name) for name in ("ours", "theirs")}
 
 
 def _mutual(files: dict[str, Path], **options: object) -> TcpBackend:
