@@ -202,7 +202,7 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
                                      f"{room} send-queue slots for writes")
         pv = self._pv
         ticket = next(self._tickets)
-        requests = []
+        requests: list[Any] = []
         with self._keys:
             for position, write in enumerate(writes):
                 region, _pinned = self._regions.source_of(write)
@@ -212,13 +212,16 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
                                   sg=[sge],
                                   send_flags=pv.enums.IBV_SEND_SIGNALED if last else 0)
                 wr.set_wr_rdma(write.rkey, write.remote_addr)
+                if requests:
+                    requests[-1].next_wr = wr
                 requests.append(wr)
         with self._send_lock:
             # A full send queue refuses a post: wait for earlier batches to complete.
             self._wait(lambda: self._send_queue_used() + len(requests) <= room, timeout=30,
                        what="no room in the send queue: earlier writes not completed")
-            for wr in requests:
-                self._post(wr)
+            # The batch as one chain: one ibv_post_send (one doorbell) for all of it.
+            # ``requests`` keeps every link alive until the post returns.
+            self._post(requests[0])
             self._in_send_queue.append((ticket, len(requests)))
         return ticket
 
