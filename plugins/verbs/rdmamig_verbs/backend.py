@@ -24,7 +24,7 @@ from rdmamig.transport import Backend, Listener, address_text
 
 from . import compat
 from .endpoint import RECV_DEPTH, SEND_DEPTH, VerbsEndpoint, control_buffer
-from .events import EventChannel
+from .events import CompletionChannel, EventChannel
 
 log = logging.getLogger("rdmamig.verbs")
 
@@ -49,10 +49,17 @@ def _rdma_error(pv: Any, what: str, exc: Exception) -> TransportError:
                           else errno.EIO)
 
 
-def _queue_pair(pv: Any, cmid: Any) -> tuple[Any, Any, list[Any]]:
-    """CQ, RC QP in INIT state and the receive buffers, posted."""
+def _queue_pair(pv: Any, cmid: Any) -> tuple[Any, Any, list[Any], CompletionChannel | None]:
+    """CQ, RC QP in INIT state and the receive buffers, posted, and the CQ's
+    completion channel (None where it cannot be waited on: the endpoint polls)."""
     e = pv.enums
-    cq = pv.cq.CQ(cmid.context, SEND_DEPTH + RECV_DEPTH)
+    try:
+        completions: CompletionChannel | None = CompletionChannel(pv, cmid.context)
+    except TransportError as exc:
+        log.info("polling completions without sleeping: %s", exc)
+        completions = None
+    cq = pv.cq.CQ(cmid.context, SEND_DEPTH + RECV_DEPTH, None,
+                  completions.channel if completions is not None else None, 0)
     cap = pv.qp.QPCap(max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH, max_send_sge=1,
                       max_recv_sge=1)
     qp = pv.qp.QP(cmid.pd, pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap))
@@ -60,7 +67,7 @@ def _queue_pair(pv: Any, cmid: Any) -> tuple[Any, Any, list[Any]]:
     recv_mrs = [control_buffer(pv, cmid.pd) for _ in range(RECV_DEPTH)]
     for index, mr in enumerate(recv_mrs):
         VerbsEndpoint.post_recv(pv, qp, mr, index)
-    return cq, qp, recv_mrs
+    return cq, qp, recv_mrs, completions
 
 
 def _move(cmid: Any, qp: Any, state: int) -> None:
@@ -169,7 +176,7 @@ class VerbsListener(Listener):
             self._refused.append(cmid)
             return None
         try:
-            cq, qp, recv_mrs = _queue_pair(pv, cmid)
+            cq, qp, recv_mrs, completions = _queue_pair(pv, cmid)
             _move(cmid, qp, pv.enums.IBV_QPS_RTR)
             cmid.accept(_param(pv, qp, reply.encode()))
             _move(cmid, qp, pv.enums.IBV_QPS_RTS)
@@ -180,7 +187,7 @@ class VerbsListener(Listener):
             self._refused.append(cmid)
             return None
         return VerbsEndpoint(pv, cmid=cmid, events=self._shared.acquire(), pd=listen_id.pd,
-                             cq=cq, qp=qp, recv_mrs=recv_mrs,
+                             cq=cq, qp=qp, recv_mrs=recv_mrs, completions=completions,
                              capabilities=Capability(reply.flags))
 
     def close(self) -> None:
@@ -272,7 +279,7 @@ class VerbsBackend(Backend):
             events.wait({ce.RDMA_CM_EVENT_ROUTE_RESOLVED}, timeout=timeout,
                         what=what).ack_cm_event()
             self._check_device(cmid, host)
-            cq, qp, recv_mrs = _queue_pair(pv, cmid)
+            cq, qp, recv_mrs, completions = _queue_pair(pv, cmid)
             cmid.connect(_param(pv, qp, PrivateData(flags=int(requested)).encode()))
             event = events.wait({ce.RDMA_CM_EVENT_CONNECT_RESPONSE,
                                  ce.RDMA_CM_EVENT_ESTABLISHED}, timeout=timeout, what=what)
@@ -291,4 +298,4 @@ class VerbsBackend(Backend):
             events.close()
             raise
         return VerbsEndpoint(pv, cmid=cmid, events=events, pd=cmid.pd, cq=cq, qp=qp,
-                             recv_mrs=recv_mrs, capabilities=granted)
+                             recv_mrs=recv_mrs, completions=completions, capabilities=granted)

@@ -2,11 +2,13 @@
 WRITE, with completions polled from one CQ.
 
 Receives are posted ahead – ``RECV_DEPTH`` buffers of 512 KiB, the protocol's largest
-message – so a READY promise always has a buffer behind it. Completions are polled
-with short sleeps between empty polls: pyverbs' blocking calls hold the GIL, and a
-completion-channel wait would block the other end of a test in the same process.
-(Polling was not measured against a completion channel.) Writes wait for room in
-the send queue, which also keeps the signalled completions within what the CQ holds.
+message – so a READY promise always has a buffer behind it. A wait polls the CQ with
+short sleeps for up to ``SPIN_SECONDS``, then arms the CQ and sleeps in ``select`` on
+its completion channel (:class:`~rdmamig_verbs.events.CompletionChannel`), as QEMU's
+own RDMA code blocks on its channel: a peer that takes its time (a QEMU source
+between two messages) finds rdmamig asleep, not spinning on the CPU it needs. Writes
+wait for room in the send queue, which also keeps the signalled completions within
+what the CQ holds.
 Any failed work completion puts the endpoint in the error state; every later call
 raises it.
 """
@@ -29,6 +31,8 @@ from rdmamig.errors import LocalProtocolError, TransportError
 from rdmamig.regions import EndpointBase
 from rdmamig.transport import MemoryRegion, RemoteWrite
 
+from .events import CompletionChannel
+
 RECV_DEPTH = 4
 #: Send-queue slots: a few batches of writes in flight plus the control SENDs.
 SEND_DEPTH = 512
@@ -38,6 +42,11 @@ _RECV_BASE = 1 << 48
 _SEND_ID = 1 << 49
 #: Idle wait between two empty polls of the CQ.
 _POLL_SLEEP = 20e-6
+#: How long a wait polls before it sleeps on the completion channel.
+SPIN_SECONDS = 200e-6
+#: The longest sleep on the channel: rdma_cm's events and the deadline are looked at
+#: again after it.
+_SLEEP_SECONDS = 0.05
 
 
 def control_buffer(pv: Any, pd: Any) -> Any:
@@ -65,12 +74,16 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
     """A connected queue pair. Made by :class:`~rdmamig_verbs.VerbsBackend`."""
 
     def __init__(self, pv: Any, *, cmid: Any, events: Any, pd: Any, cq: Any, qp: Any,
-                 recv_mrs: list[Any], capabilities: Capability) -> None:
+                 recv_mrs: list[Any], capabilities: Capability,
+                 completions: CompletionChannel | None = None) -> None:
         super().__init__()
         self._pv = pv
+        self._completions = completions
         self.capabilities = capabilities
         self._cmid, self._events, self._pd, self._cq, self._qp = cmid, events, pd, cq, qp
         self._recv_mrs = recv_mrs
+        self._recv_requests = [self.recv_request(pv, mr, index)
+                               for index, mr in enumerate(recv_mrs)]
         self._send_mr = control_buffer(pv, pd)
         self._poll_lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -85,10 +98,15 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
         self._closed = False
 
     @staticmethod
-    def post_recv(pv: Any, qp: Any, mr: Any, index: int) -> None:
-        """Post receive buffer ``index`` (before connecting and after each use)."""
+    def recv_request(pv: Any, mr: Any, index: int) -> Any:
+        """The work request that posts receive buffer ``index``."""
         sge = pv.wr.SGE(mr.buf, wire.MAX_MESSAGE, mr.lkey)
-        qp.post_recv(pv.wr.RecvWR(wr_id=_RECV_BASE + index, num_sge=1, sg=[sge]))
+        return pv.wr.RecvWR(wr_id=_RECV_BASE + index, num_sge=1, sg=[sge])
+
+    @staticmethod
+    def post_recv(pv: Any, qp: Any, mr: Any, index: int) -> None:
+        """Post receive buffer ``index`` (before connecting)."""
+        qp.post_recv(VerbsEndpoint.recv_request(pv, mr, index))
 
     # ------------------------------------------------------------ completions
 
@@ -107,8 +125,8 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
                     index = wc.wr_id - _RECV_BASE
                     mr = self._recv_mrs[index]
                     self._inbox.append(bytes(mr.read(wc.byte_len, 0)))
-                    if self._error is None:
-                        self.post_recv(pv, self._qp, mr, index)
+                    if self._error is None:  # posted again, the same request each time
+                        self._qp.post_recv(self._recv_requests[index])
                 else:
                     self._completed = max(self._completed, wc.wr_id)
         return bool(count > 0)
@@ -128,16 +146,29 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
                                          f"pair is in the error state", errno=errno.EIO)
 
     def _wait(self, done: Any, *, timeout: float | None, what: str) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = None if timeout is None else now + timeout
+        spin_until = now + SPIN_SECONDS
         while not done():
             if self._error is not None:
                 raise self._error
             if self._poll():
+                spin_until = time.monotonic() + SPIN_SECONDS
                 continue
             self._check_connection()
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise TransportError(f"{what} within {timeout} s", errno=errno.ETIMEDOUT)
-            time.sleep(_POLL_SLEEP)
+            if self._completions is None or now < spin_until:
+                time.sleep(_POLL_SLEEP)
+                continue
+            # Armed, then polled once more: a completion that came in between would
+            # raise no event.
+            self._cq.req_notify()
+            if self._poll():
+                continue
+            self._completions.wait(self._cq, _SLEEP_SECONDS if deadline is None
+                                   else max(min(_SLEEP_SECONDS, deadline - now), 0.0))
 
     def _check_connection(self) -> None:
         # With an external QP, rdma_cm only reports a disconnect as an event: the
@@ -256,8 +287,10 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
         with self._keys:
             for _region, pinned in self._regions.drain():
                 pinned.mr.close()
-        # Children before parents: QP, CQ, buffers, PD's other users, then the id.
-        for resource in (self._qp, self._cq, self._send_mr, *self._recv_mrs, self._cmid,
-                         self._events):
-            with contextlib.suppress(Exception):
-                resource.close()
+        # Children before parents: QP, CQ and its channel, buffers, PD's other users,
+        # then the id.
+        for resource in (self._qp, self._cq, self._completions, self._send_mr,
+                         *self._recv_mrs, self._cmid, self._events):
+            if resource is not None:
+                with contextlib.suppress(Exception):
+                    resource.close()

@@ -18,17 +18,62 @@ from typing import Any
 from rdmamig.errors import TransportError
 
 _RDMA_CM_DEVICE = "/dev/infiniband/rdma_cm"
+#: What /proc/self/fd shows for a uverbs event file (a completion channel's).
+_VERBS_EVENTS = "anon_inode:[infinibandevent]"
 
 
-def _cm_fds() -> set[int]:
+def _fds(target: str) -> set[int]:
+    """This process's descriptors that link to ``target``."""
     found = set()
     for name in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{name}") == _RDMA_CM_DEVICE:
+            if os.readlink(f"/proc/self/fd/{name}") == target:
                 found.add(int(name))
         except OSError:
             continue
     return found
+
+
+def _cm_fds() -> set[int]:
+    return _fds(_RDMA_CM_DEVICE)
+
+
+class CompletionChannel:
+    """A pyverbs ``CompChannel`` whose notifications are awaited with ``select``:
+    ``get_cq_event`` would block holding the GIL, as ``CMEvent`` does. pyverbs does
+    not say which descriptor is the channel's; it is the uverbs event file that
+    appears when the channel is made.
+
+    Raises:
+        TransportError: that descriptor cannot be told apart (another thread made
+            one at the same moment); the caller then polls without sleeping on it.
+    """
+
+    def __init__(self, pv: Any, context: Any) -> None:
+        self._pv = pv
+        before = _fds(_VERBS_EVENTS)
+        self.channel = pv.cq.CompChannel(context)
+        new = _fds(_VERBS_EVENTS) - before
+        if len(new) != 1:
+            self.channel.close()
+            raise TransportError("cannot find the completion channel's descriptor")
+        self.fd = new.pop()
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+    def wait(self, cq: Any, timeout: float) -> None:
+        """Sleep until ``cq`` (armed with ``req_notify``) has a completion, or for
+        ``timeout`` seconds; the notification is taken and acknowledged."""
+        readable, _, _ = select.select([self.fd], [], [], timeout)
+        if readable:
+            try:
+                self.channel.get_cq_event(cq)
+            except self._pv.pyverbs_error.PyverbsRDMAError:
+                return  # another waiter took it
+            cq.ack_events(1)
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 class EventChannel:
