@@ -20,7 +20,6 @@ replaced (``renameat2(RENAME_NOREPLACE)``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime
 import errno
 import json
@@ -391,7 +390,7 @@ def _write_new(path: Path, data: bytes) -> None:
 
 _RENAME_NOREPLACE: Final = 1
 _AT_FDCWD: Final = -100
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc, without find_library's ldconfig run
 
 
 def _rename_new(source: Path, target: Path) -> None:

@@ -8,7 +8,6 @@ backend's ``ibv_reg_mr`` pins the same way inside the kernel and is bound by the
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -16,7 +15,9 @@ import resource
 
 from .errors import MemlockLimitError, RegistrationError
 
-_LIBC = ctypes.util.find_library("c")
+# libc through the process itself (dlopen(NULL)): find_library runs ldconfig, a
+# process of its own, at every start.
+_LIBC = None
 # Two handles on libc: calls through CDLL release the GIL, calls through PyDLL keep
 # it. Pinning a few MiB of resident memory takes microseconds, less than getting
 # the GIL back from the threads that feed the sockets would; long calls release it.
