@@ -62,7 +62,10 @@ def _queue_pair(pv: Any, cmid: Any) -> tuple[Any, Any, list[Any], CompletionChan
                   completions.channel if completions is not None else None, 0)
     cap = pv.qp.QPCap(max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH, max_send_sge=1,
                       max_recv_sge=1)
-    qp = pv.qp.QP(cmid.pd, pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap))
+    # sq_sig_all=0 (pyverbs defaults to 1): only the signalled last write of a batch
+    # completes, so that its completion – not its first write's – ends the batch.
+    qp = pv.qp.QP(cmid.pd, pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap,
+                                            sq_sig_all=0))
     _move(cmid, qp, e.IBV_QPS_INIT)
     recv_mrs = [control_buffer(pv, cmid.pd) for _ in range(RECV_DEPTH)]
     for index, mr in enumerate(recv_mrs):

@@ -239,8 +239,10 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
                 region, _pinned = self._regions.source_of(write)
                 last = position == len(writes) - 1
                 sge = pv.wr.SGE(region.addr + write.offset, write.length, region.lkey)
-                wr = pv.wr.SendWR(wr_id=ticket, opcode=pv.enums.IBV_WR_RDMA_WRITE, num_sge=1,
-                                  sg=[sge],
+                # Only the last write is signalled and names the batch: a completion of
+                # any other (wr_id 0) could never be taken for the batch's end.
+                wr = pv.wr.SendWR(wr_id=ticket if last else 0,
+                                  opcode=pv.enums.IBV_WR_RDMA_WRITE, num_sge=1, sg=[sge],
                                   send_flags=pv.enums.IBV_SEND_SIGNALED if last else 0)
                 wr.set_wr_rdma(write.rkey, write.remote_addr)
                 if requests:
