@@ -76,8 +76,9 @@ class Source:
             own records by default; :class:`.outgoing.QemuStream` for a QEMU
             destination).
         key: the pre-shared key; the destination must prove it (Capability.AUTH).
-        monitor: hears the status, passes and figures, and may cancel the migration
-            or change its downtime limit and bandwidth as it runs (:mod:`rdmamig.status`).
+        monitor: hears the status, passes and figures; its ``parameters`` (the
+            downtime limit, the bandwidth, a cancel) may change as it runs
+            (:mod:`rdmamig.status`).
     """
 
     def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
