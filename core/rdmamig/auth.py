@@ -68,16 +68,19 @@ class PreSharedKey:
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
 
-def load_key(path: Path | None, environ: Mapping[str, str] = os.environ) -> PreSharedKey | None:
-    """The key of ``--psk-file PATH``, else of ``$RDMAMIG_PSK``, else None. Surrounding
-    whitespace (a trailing newline) is not part of it.
+def load_key(path: Path | None,
+             environ: Mapping[str, str] | None = None) -> PreSharedKey | None:
+    """The key of ``--psk-file PATH``, else of ``$RDMAMIG_PSK`` (in ``environ``, by
+    default the process's environment), else None. Surrounding whitespace (a
+    trailing newline) is not part of it. (The default is not ``os.environ`` itself:
+    ``help()`` would print the whole environment, the key included.)
 
     Raises:
         ConfigurationError: the file cannot be read, is a link, is readable by
             others than its owner (as OpenSSH refuses such keys), or the key is short.
     """
     if path is None:
-        value = environ.get(ENVIRONMENT)
+        value = (os.environ if environ is None else environ).get(ENVIRONMENT)
         return PreSharedKey(value.strip().encode()) if value else None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
