@@ -32,3 +32,17 @@ def test_parameters_are_what_a_driver_changes_and_the_engine_reads() -> None:
     monitor.set_status(Status.ACTIVE)
     monitor.cancel()
     assert parameters.cancel_requested.is_set() and monitor.status is Status.CANCELLING
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"max_bandwidth": 10**30}, "'max-bandwidth' expects an integer in the range of 0 to"),
+    ({"max_bandwidth": -1}, "'max-bandwidth' expects"),
+    ({"downtime_limit_ms": 2_000_001}, "'downtime-limit' expects an integer in the range of "
+                                       "0 to 2000000 ms"),
+])
+def test_parameters_are_bounded_as_qemu_bounds_them(changes: dict[str, int],
+                                                    message: str) -> None:
+    parameters = Parameters(max_downtime=0.3, max_bandwidth=1 << 20)
+    with pytest.raises(ValueError, match=message):
+        parameters.set(**changes)  # type: ignore[arg-type]
+    assert parameters.query() == {"downtime-limit": 300, "max-bandwidth": 1 << 20}

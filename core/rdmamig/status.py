@@ -57,6 +57,12 @@ def capability_names(capabilities: int) -> list[str]:
             if flag.name and capabilities & flag]
 
 
+#: QEMU's bounds of the live parameters (migration/options.c): 2000 s of downtime,
+#: SIZE_MAX bytes per second.
+MAX_DOWNTIME_MS = 2_000_000
+MAX_BANDWIDTH = 2**64 - 1
+
+
 @attrs.define
 class Parameters:
     """What whoever drives a migration may change while it runs, read by the
@@ -74,7 +80,18 @@ class Parameters:
 
     def set(self, *, downtime_limit_ms: float | None = None,
             max_bandwidth: int | None = None) -> None:
-        """``migrate-set-parameters``: the live tunables (a bandwidth of 0: none)."""
+        """``migrate-set-parameters``: the live tunables (a bandwidth of 0: none),
+        bounded as QEMU bounds them (``migrate_params_check``).
+
+        Raises:
+            ValueError: a value out of QEMU's range (nothing is changed).
+        """
+        if downtime_limit_ms is not None and not 0 <= downtime_limit_ms <= MAX_DOWNTIME_MS:
+            raise ValueError(f"Parameter 'downtime-limit' expects an integer in the range "
+                             f"of 0 to {MAX_DOWNTIME_MS} ms")
+        if max_bandwidth is not None and not 0 <= max_bandwidth <= MAX_BANDWIDTH:
+            raise ValueError(f"Parameter 'max-bandwidth' expects an integer in the range "
+                             f"of 0 to {MAX_BANDWIDTH} bytes/second")
         if downtime_limit_ms is not None:
             self.max_downtime = downtime_limit_ms / 1000
         if max_bandwidth is not None:
