@@ -153,16 +153,26 @@ def test_a_pages_entry_inside_its_block_is_written() -> None:
         assert destination.result.inline_pages == 1
 
 
+QEMU_ORIGIN = {"machine": "pc-i440fx-7.2", "configuration": "AAAA", "ram_section_id": 2}
+
+
 @pytest.mark.parametrize(("origin", "error"), [
     ({"origin": "vmware"}, "ORIGIN origin='vmware': neither 'qemu' nor 'rdmamig'"),
     ({"origin": "qemu", "addrs": [0]}, "ORIGIN addrs: not one address or null per block (2)"),
     ({"origin": "qemu", "addrs": [0, -1]}, "ORIGIN addrs: not one address"),
     ({"origin": "qemu", "qemu": {"machine": "pc"}}, "ORIGIN qemu: "),
+    ({"origin": "qemu", "qemu": {**QEMU_ORIGIN, "ram_section_id": 2**40}},
+     "ORIGIN qemu: qemu ram_section_id=1099511627776: not a u32"),
+    ({"origin": "qemu", "qemu": {**QEMU_ORIGIN, "machine": "pc\x1b]0;owned\x07"}},
+     "ORIGIN qemu: qemu machine='pc\\x1b]0;owned\\x07': not 1 to 256 printable ASCII"),
+    ({"origin": "qemu", "qemu": {**QEMU_ORIGIN, "devices": ["timer/0", "\x1b[2J"]}},
+     "ORIGIN qemu: qemu device '\\x1b[2J': not 1 to 256 printable"),
     ([1, 2], "ORIGIN record is not a JSON object"),
 ])
 def test_an_origin_record_is_checked_whole_by_the_stream_codec(origin: object,
                                                                error: str) -> None:
     with pytest.raises(RemoteProtocolError, match=re.escape(error)):
         stream.decode_origin_untrusted(json.dumps(origin).encode(), blocks=2)
-    good = {"origin": "rdmamig", "addrs": [None, 4096]}
-    assert stream.decode_origin_untrusted(json.dumps(good).encode(), blocks=2) == good
+    for good in ({"origin": "rdmamig", "addrs": [None, 4096]},
+                 {"origin": "qemu", "qemu": QEMU_ORIGIN}):
+        assert stream.decode_origin_untrusted(json.dumps(good).encode(), blocks=2) == good

@@ -368,3 +368,10 @@ def test_a_stream_without_configuration_has_no_origin_to_replay() -> None:
     with pytest.raises(RemoteProtocolError, match="no configuration section"):
         decoder.origin()
     assert decode(small_stream())[0].origin().machine == "pc-i440fx-7.2"
+
+
+def test_a_device_name_a_terminal_would_act_on_is_refused() -> None:
+    tail = device_state({"devices": [{"name": "\x1b]0;owned\x07", "instance_id": 0}]})
+    decoder, _sink = decode(small_stream(tail=tail))
+    with pytest.raises(RemoteProtocolError, match=r"the stream's qemu device '\\x1b\]0;owned"):
+        decoder.origin()

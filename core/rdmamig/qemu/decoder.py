@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import attrs
 
-from ..errors import RemoteProtocolError, StreamError, TruncatedError
+from ..errors import ImageError, RemoteProtocolError, StreamError, TruncatedError
 from . import ram, stream
 from .origin import QemuOrigin
 from .ram import RamBlockInfo, RecordSink, Stop
@@ -148,20 +148,26 @@ class PrecopyDecoder:
 
         Raises:
             RemoteProtocolError: the stream had no configuration section (every
-                machine type QEMU migrates since 2.x sends one).
+                machine type QEMU migrates since 2.x sends one), or what it says of
+                the VM is not what a stream carries (:meth:`QemuOrigin.check`).
         """
         if self.configuration is None:
             raise RemoteProtocolError("the stream has no configuration section (machine "
                                       "type); rdmamig cannot replay it")
         assert self.ram_section is not None and self.device_state is not None
         section = self.ram_section
-        return QemuOrigin(machine=self.configuration.machine,
-                          configuration=self.configuration.raw,
-                          ram_section_id=section.section_id,
-                          ram_instance_id=section.instance_id,
-                          ram_version_id=section.version_id, footers=section.footers,
-                          devices=tuple(self.device_state.devices()),
-                          switchover_start=self.switchover_start)
+        origin = QemuOrigin(machine=self.configuration.machine,
+                            configuration=self.configuration.raw,
+                            ram_section_id=section.section_id,
+                            ram_instance_id=section.instance_id,
+                            ram_version_id=section.version_id, footers=section.footers,
+                            devices=tuple(self.device_state.devices()),
+                            switchover_start=self.switchover_start)
+        try:
+            origin.check()  # the device names come from the peer's VM description
+        except ImageError as exc:
+            raise RemoteProtocolError(f"the stream's {exc}") from None
+        return origin
 
     def finish(self) -> DeviceState:
         """The stream has ended: check it ended where a stream may; returns the
