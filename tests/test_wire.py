@@ -111,6 +111,10 @@ def test_private_data_is_eight_bytes() -> None:
      "value=256 at offset 16: COMPRESS value must be a byte value"),
     (hdr(24, 6) + "00000000" "00000000" "ffffffffffff8000" "0000000000010000",
      "length=65536 at offset 32: range at offset 18446744073709518848 wraps"),
+    # A block the peer says ends past 2**64: its second entry, so at offset 48.
+    (hdr(64, 5) + "0000000000001000" "0000000000000000" "0000000000001000" "00000000" "00000000"
+     + "fffffffffffff000" "0000000000001000" "0000000000002000" "00000000" "00000000",
+     "remote_host_addr=0xfffffffffffff000 at offset 48: block of 8192 bytes wraps"),
 ])
 def test_malformed_messages_name_field_value_and_offset(hexbytes: str, error: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:
