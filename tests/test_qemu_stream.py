@@ -378,15 +378,17 @@ def test_a_device_name_a_terminal_would_act_on_is_refused() -> None:
 
 
 def test_a_zero_record_hands_its_fill_byte_to_the_sink() -> None:
-    # A PART of ZERO records (fill 0x5A for page 2, 0 for page 5), then an END that
-    # writes nothing: the sink is given each record's own fill byte.
+    # A PART of ZERO records – fill 0x5A for page 2 (the record naming the block),
+    # 0x33 and 0 for pages 5 and 6 (a run of CONTINUE records, decoded together) –
+    # then an END that writes nothing: the sink is given each record's own fill byte.
     end = stream.encode_section_header(SectionHeader(kind=Kind.SECTION_END, section_id=2))
     head = small_stream()[:small_stream().index(end)]
-    zeros = b"".join(ram.page_records("mem", np.array([2, 5]),
-                                      np.array([[0x5A], [0]], np.uint8), ram.RamFlag.ZERO,
-                                      first=True))
+    zeros = b"".join(ram.page_records("mem", np.array([2, 5, 6]),
+                                      np.array([[0x5A], [0x33], [0]], np.uint8),
+                                      ram.RamFlag.ZERO, first=True))
     part = stream.encode_section_header(SectionHeader(kind=Kind.SECTION_PART, section_id=2))
     footer = stream.encode_footer(2)
     _decoder, sink = decode(head + part + zeros + ram.encode_eos() + footer + end
                             + ram.encode_eos() + footer + device_state(None))
-    assert (sink.memory[0][2] == 0x5A).all() and not sink.memory[0][5].any()
+    mem = sink.memory[0]
+    assert (mem[2] == 0x5A).all() and (mem[5] == 0x33).all() and not mem[6].any()
