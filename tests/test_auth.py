@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pydoc
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import rdmamig
-from rdmamig.auth import ENVIRONMENT, load_key
-from rdmamig.caps import Capability
+from rdmamig import wire
+from rdmamig.auth import ENVIRONMENT, PreSharedKey, load_key
+from rdmamig.caps import SOURCE_DEFAULTS, Capability
 from rdmamig.control import Role
-from rdmamig.errors import ConfigurationError
+from rdmamig.engine import RamBlock, Source, SourceConfig
+from rdmamig.errors import ConfigurationError, MigrationError, RdmamigError
+from rdmamig.policy import PolicyOptions
+from rdmamig.session import ControlSession
+from rdmamig.testing import connected_pair
+from rdmamig.transport import Endpoint
+from rdmamig_policies.pin_until_done import PinUntilDone
+from rdmamig_tcp import TcpBackend
 
 
 def test_help_never_shows_the_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,3 +64,47 @@ def test_a_key_file_of_its_owner_alone_is_read(tmp_path: Path) -> None:
     key.write_bytes(b"k" * 32 + b"\n")
     key.chmod(0o600)
     assert load_key(key) is not None
+
+
+def _impostor(endpoint: Endpoint, proof: Callable[[bytes, bytes], bytes],
+              seen: list[wire.Message]) -> None:
+    """A destination that answers AUTH HELLO with ``proof(their nonce, ours)`` and
+    records what the source sends next."""
+    session = ControlSession(endpoint, role=Role.DESTINATION,
+                             capabilities=endpoint.capabilities, timeout=10)
+    hello = session.exchange_recv({wire.Command.AUTH_HELLO})
+    assert isinstance(hello, wire.AuthHello)
+    ours = os.urandom(wire.NONCE_BYTES)
+    session.send(wire.AuthChallenge(nonce=ours, proof=proof(hello.nonce, ours)))
+    with contextlib.suppress(RdmamigError):
+        seen.append(session.exchange_recv())
+
+
+@pytest.mark.parametrize("wrong", ["random proof", "another key", "the source's own role"])
+def test_the_source_checks_the_destinations_proof(wrong: str) -> None:
+    # A destination that cannot prove the key is refused by the source itself, which
+    # then sends it nothing (no proof of its own, no block).
+    key, other = PreSharedKey(b"k" * 32), PreSharedKey(b"o" * 32)
+
+    def proof(theirs: bytes, ours: bytes) -> bytes:
+        facts = (caps, theirs, ours)
+        if wrong == "another key":
+            return other.proof(Role.DESTINATION, *facts)
+        if wrong == "the source's own role":
+            return key.proof(Role.SOURCE, *facts)
+        return os.urandom(wire.PROOF_BYTES)
+
+    with connected_pair(TcpBackend(), requested=SOURCE_DEFAULTS | Capability.AUTH) as (
+            src, dst):
+        caps = dst.capabilities
+        seen: list[wire.Message] = []
+        thread = threading.Thread(target=_impostor, args=(dst, proof, seen))
+        thread.start()
+        source = Source(src, [RamBlock.anonymous("mem", 1 << 20)],
+                        policy=PinUntilDone(PolicyOptions()),
+                        config=SourceConfig(timeout=10), key=key)
+        with pytest.raises(MigrationError, match="the destination could not prove the "
+                                                 "pre-shared key"):
+            source.run()
+        thread.join(20)
+    assert not any(isinstance(m, wire.AuthProof) for m in seen), seen
