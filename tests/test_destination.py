@@ -176,3 +176,23 @@ def test_an_origin_record_is_checked_whole_by_the_stream_codec(origin: object,
     for good in ({"origin": "rdmamig", "addrs": [None, 4096]},
                  {"origin": "qemu", "qemu": QEMU_ORIGIN}):
         assert stream.decode_origin_untrusted(json.dumps(good).encode(), blocks=2) == good
+
+
+@pytest.mark.parametrize("hashes", [[0], [0, 0], []], ids=["one missing", "one twice",
+                                                          "none"])
+def test_a_block_the_source_sent_no_hash_for_is_a_mismatch(hashes: list[int]) -> None:
+    # Two identical zero blocks: any digest sent matches; a block with no digest of
+    # its own must count as a mismatch, not as a match.
+    with against_a_destination(MiB, MiB) as (source, destination, blocks):
+        writer = QemuFileWriter(source.session)
+        stream.write_record(writer, stream.Tag.END)
+        writer.flush()
+        source.session.wait_ready()  # everything before END is in place
+        digest = blocks[0].digest()
+        reply = source.session.send_request(wire.BlockHashes(entries=tuple(
+            wire.BlockHash(block_idx=index, digest=digest) for index in hashes)) if hashes
+            else wire.BlockHashes(entries=(wire.BlockHash(block_idx=7, digest=digest),)),
+            reply=wire.Command.VERIFY_RESULT)
+        assert isinstance(reply, wire.VerifyResult)
+        assert reply.mismatched == 2 - len(set(hashes)) and reply.matched == len(set(hashes))
+    assert destination.result.mismatched_blocks and not destination.result.committed
