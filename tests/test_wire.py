@@ -68,6 +68,68 @@ def test_extension_messages_round_trip_only_when_negotiated() -> None:
     assert wire.decode_untrusted(wire.encode(result), extensions=Capability.VERIFY) == result
 
 
+EVERY_CAPABILITY = (Capability.VERIFY | Capability.INLINE | Capability.AUTH
+                    | Capability.COMMIT | Capability.REASONS)
+
+# The extension messages (docs/protocol-extensions.md), written out by hand.
+EXTENSION_GOLDEN = [
+    (wire.AuthHello(nonce=bytes(range(32))), hdr(32, 15) + bytes(range(32)).hex()),
+    (wire.AuthChallenge(nonce=b"\x11" * 32, proof=b"\x22" * 32),
+     hdr(64, 16) + "11" * 32 + "22" * 32),
+    (wire.AuthProof(proof=b"\x33" * 32), hdr(32, 17) + "33" * 32),
+    (wire.Commit(), hdr(0, 18)),
+    (wire.CommitResult(committed=True), hdr(8, 19) + "00000001" "00000000"),
+    (wire.CommitResult(committed=False, reason="disk full"),
+     hdr(17, 19) + "00000000" "00000000" + b"disk full".hex()),
+    (wire.ErrorMessage(reason="no"), hdr(2, 1) + "6e6f"),
+    (wire.VerifyResult(matched=5, mismatched=1), hdr(8, 13) + "00000005" "00000001"),
+    (wire.Pages(entries=(wire.InlinePage(block_idx=1, offset=0x2000, data=b"\xab" * 4096),)),
+     hdr(4112, 14) + "00000001" "00000000" "0000000000002000" + "ab" * 4096),
+]
+
+
+@pytest.mark.parametrize(("message", "hexbytes"), EXTENSION_GOLDEN,
+                         ids=lambda v: type(v).__name__)
+def test_extension_golden_vectors(message: wire.Message, hexbytes: str) -> None:
+    raw = bytes.fromhex(hexbytes)
+    assert wire.encode(message) == raw
+    assert wire.decode_untrusted(raw, extensions=EVERY_CAPABILITY) == message
+
+
+@pytest.mark.parametrize(("hexbytes", "error"), [
+    (hdr(31, 15) + "00" * 31, "len=31 at offset 0: AUTH HELLO is 32 bytes"),
+    (hdr(65, 16) + "00" * 65, "len=65 at offset 0: AUTH CHALLENGE is 64 bytes"),
+    (hdr(0, 17), "len=0 at offset 0: AUTH PROOF is 32 bytes"),
+    (hdr(1, 18) + "00", "len=1 at offset 0: COMMIT carries no data"),
+    (hdr(7, 19) + "00" * 7, "len=7 at offset 0: COMMIT RESULT is 8 to 1032 bytes"),
+    (hdr(1033, 19) + "00" * 1033, "len=1033 at offset 0: COMMIT RESULT is 8 to 1032 bytes"),
+    (hdr(8, 19) + "00000002" "00000000", "committed=2 at offset 16: COMMIT RESULT committed"),
+    (hdr(1025, 1) + "61" * 1025, "len=1025 at offset 0: ERROR carries no data, or with "
+                                 "REASONS negotiated a reason of at most 1024 bytes"),
+    (hdr(7, 13) + "00" * 7, "len=7 at offset 0: VERIFY RESULT is 8 bytes"),
+    (hdr(4112, 14, 0) + "00" * 4112, "repeat=0 at offset 8: PAGES needs at least one entry"),
+])
+def test_extension_messages_are_held_to_their_sizes(hexbytes: str, error: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        wire.decode_untrusted(bytes.fromhex(hexbytes), extensions=EVERY_CAPABILITY)
+    assert str(info.value).startswith(error)
+
+
+@pytest.mark.parametrize("hexbytes", [h for _m, h in EXTENSION_GOLDEN],
+                         ids=[type(m).__name__ for m, _h in EXTENSION_GOLDEN])
+def test_every_prefix_of_an_extension_message_is_refused(hexbytes: str) -> None:
+    raw = bytes.fromhex(hexbytes)
+    for end in range(len(raw)):
+        with pytest.raises(RemoteProtocolError):
+            wire.decode_untrusted(raw[:end], extensions=EVERY_CAPABILITY)
+
+
+def test_an_error_reason_needs_reasons() -> None:
+    raw = wire.encode(wire.ErrorMessage(reason="no"))
+    with pytest.raises(RemoteProtocolError, match="len=2 at offset 0: ERROR carries no data"):
+        wire.decode_untrusted(raw, extensions=EVERY_CAPABILITY & ~Capability.REASONS)
+
+
 def test_pages_carry_whole_pages_only_when_inline_was_negotiated() -> None:
     page = wire.InlinePage(block_idx=2, offset=0x3000, data=bytes([9]) * 4096)
     raw = wire.encode(wire.Pages(entries=(page,)))
