@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from rdmamig.control import INITIAL, TRANSITIONS, ControlState, Direction, Role, State
 from rdmamig.errors import LocalProtocolError, RemoteProtocolError
@@ -96,3 +98,35 @@ def test_error_ends_the_conversation_from_any_state(role: Role, state: State) ->
         assert not machine.may_send(C.ERROR)
         with pytest.raises(RemoteProtocolError):
             machine.receive(C.READY)
+
+
+# The rdmamig extensions' requests, each with the reply it waits for (None: none).
+EXTENSION_REQUESTS = [(C.AUTH_HELLO, C.AUTH_CHALLENGE), (C.AUTH_PROOF, None),
+                      (C.BLOCK_HASHES, C.VERIFY_RESULT), (C.COMMIT, C.COMMIT_RESULT),
+                      (C.PAGES, None)]
+
+
+@pytest.mark.parametrize(("request_", "reply"), EXTENSION_REQUESTS,
+                         ids=[r.name for r, _ in EXTENSION_REQUESTS])
+def test_extension_requests_are_walked_as_the_others(request_: C, reply: C | None) -> None:
+    source, destination = ControlState(Role.SOURCE), ControlState(Role.DESTINATION)
+    destination.send(C.READY)
+    source.receive(C.READY)
+    source.send(request_)
+    destination.receive(request_)
+    if reply is not None:
+        # Waiting for its answer, the source takes nothing else, READY included.
+        for other in (C.READY, C.QEMU_FILE, C.REGISTER_RESULT, C.COMMIT_RESULT,
+                      C.VERIFY_RESULT, C.AUTH_CHALLENGE):
+            if other is reply:
+                continue
+            with pytest.raises(RemoteProtocolError, match=f"can't handle {other.label} when "
+                                                          f"role=SOURCE state=WAIT_"):
+                copy.copy(source).receive(other)
+        # The destination owes it before anything else.
+        with pytest.raises(LocalProtocolError, match="can't send READY when "
+                                                     "role=DESTINATION state=OWE_"):
+            copy.copy(destination).send(C.READY)
+        destination.send(reply)
+        source.receive(reply)
+    assert source.state is State.WAIT_READY and destination.state is State.IDLE
