@@ -328,31 +328,24 @@ def test_windows_that_register_nothing_keep_two_windows_in_flight(
 
 def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
         migration: Migration) -> None:
-    import threading
-    import time
-
     class DirtiesEverything:
-        """Marks every page dirty every millisecond: always faster than the link."""
+        """A workload that dirties the whole block in every round it runs through,
+        as fast as the link (a tracker the source scans before and after each
+        round: deterministic, where a dirtying thread had to win the GIL in time)."""
 
         def __init__(self, block: RamBlock) -> None:
-            self.block, self.throttled = block, 0.0
-            self.running, self.quit = threading.Event(), threading.Event()
-            self.running.set()
-            self.thread = threading.Thread(target=self._loop)
-            self.thread.start()
+            self.block, self.throttled, self.running = block, 0.0, True
 
-        def _loop(self) -> None:
-            while not self.quit.is_set():
-                if self.running.is_set():
-                    self.block.mark_dirty(0, self.block.length)
-                time.sleep(0.001)
+        def scan(self) -> int:
+            if self.running:
+                self.block.mark_dirty(0, self.block.length)
+            return 0
 
         def stop(self) -> None:
-            self.running.clear()
-            time.sleep(0.005)
+            self.running = False
 
         def resume(self) -> None:
-            self.running.set()
+            self.running = True
 
         def throttle(self, fraction: float) -> None:
             self.throttled = fraction
@@ -362,12 +355,8 @@ def test_auto_converge_throttles_a_workload_that_outpaces_the_link(
 
     blocks = guest(16 * MiB)
     workload = DirtiesEverything(blocks[0])
-    try:
-        migration.run(blocks, workload=workload, config=SourceConfig(
-            max_downtime=0.0001, max_iterations=6, auto_converge=True, timeout=20))
-    finally:
-        workload.quit.set()
-        workload.thread.join()
+    migration.run(blocks, workload=workload, trackers=[workload], config=SourceConfig(
+        max_downtime=0.0001, max_iterations=6, auto_converge=True, timeout=20))
     assert_succeeded(migration, blocks)
     source = migration.source.result  # type: ignore[union-attr]
     assert source.iterations == 7  # the limit, then stop-and-copy
