@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 import rdmamig
 from rdmamig import wire
-from rdmamig.auth import ENVIRONMENT, PreSharedKey, load_key
+from rdmamig.auth import ENVIRONMENT, PreSharedKey, authenticate_destination, load_key
 from rdmamig.caps import SOURCE_DEFAULTS, Capability
 from rdmamig.control import Role
 from rdmamig.engine import RamBlock, Source, SourceConfig
-from rdmamig.errors import ConfigurationError, MigrationError, RdmamigError
+from rdmamig.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    MigrationError,
+    RdmamigError,
+)
 from rdmamig.policy import PolicyOptions
 from rdmamig.session import ControlSession
 from rdmamig.testing import connected_pair
@@ -108,3 +113,51 @@ def test_the_source_checks_the_destinations_proof(wrong: str) -> None:
             source.run()
         thread.join(20)
     assert not any(isinstance(m, wire.AuthProof) for m in seen), seen
+
+
+def _destination_checks(endpoint: Endpoint, key: PreSharedKey,
+                        outcome: list[BaseException | None]) -> None:
+    session = ControlSession(endpoint, role=Role.DESTINATION,
+                             capabilities=endpoint.capabilities, timeout=10)
+    try:
+        authenticate_destination(session, key)
+        outcome.append(None)
+    except RdmamigError as exc:
+        outcome.append(exc)
+
+
+def _hand_source(endpoint: Endpoint, nonce: bytes,
+                 proof: Callable[[bytes], bytes]) -> bytes:
+    """AUTH HELLO with ``nonce``, then AUTH PROOF ``proof(their nonce)``: what was sent."""
+    session = ControlSession(endpoint, role=Role.SOURCE, capabilities=endpoint.capabilities,
+                             timeout=10)
+    challenge = session.exchange_send(wire.AuthHello(nonce=nonce),
+                                      reply=wire.Command.AUTH_CHALLENGE)
+    assert isinstance(challenge, wire.AuthChallenge)
+    sent = proof(challenge.nonce)
+    with contextlib.suppress(RdmamigError):
+        session.exchange_send(wire.AuthProof(proof=sent))
+    return sent
+
+
+def test_a_recorded_proof_does_not_open_a_new_session() -> None:
+    key = PreSharedKey(b"k" * 32)
+    nonce = os.urandom(wire.NONCE_BYTES)
+    recorded: list[bytes] = []
+    for attempt in ("the real source", "a replay"):
+        with connected_pair(TcpBackend(), requested=SOURCE_DEFAULTS | Capability.AUTH) as (
+                src, dst):
+            outcome: list[BaseException | None] = []
+            thread = threading.Thread(target=_destination_checks, args=(dst, key, outcome))
+            thread.start()
+            caps = src.capabilities
+            if attempt == "the real source":
+                recorded.append(_hand_source(src, nonce, lambda theirs, caps=caps: key.proof(
+                    Role.SOURCE, caps, nonce, theirs)))
+            else:  # the same HELLO, and the proof that worked before
+                _hand_source(src, nonce, lambda _theirs: recorded[0])
+            thread.join(20)
+        if attempt == "the real source":
+            assert outcome == [None]
+        else:
+            assert isinstance(outcome[0], AuthenticationError), outcome
