@@ -8,15 +8,18 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from rdmamig import wire
 from rdmamig.caps import SOURCE_DEFAULTS
 from rdmamig.control import Role
-from rdmamig.engine import Destination, RamBlock, stream
+from rdmamig.engine import Destination, RamBlock, Source, SourceConfig, stream
 from rdmamig.errors import MigrationError, PeerAbortedError, RemoteProtocolError
+from rdmamig.policy import PolicyOptions
 from rdmamig.session import ControlSession, QemuFileWriter
 from rdmamig.testing import connected_pair
+from rdmamig_policies.pin_until_done import PinUntilDone
 from rdmamig_tcp import TcpBackend
 
 MiB = 1 << 20
@@ -196,3 +199,38 @@ def test_a_block_the_source_sent_no_hash_for_is_a_mismatch(hashes: list[int]) ->
         assert isinstance(reply, wire.VerifyResult)
         assert reply.mismatched == 2 - len(set(hashes)) and reply.matched == len(set(hashes))
     assert destination.result.mismatched_blocks and not destination.result.committed
+
+
+class _RecordsDeregistrations:
+    """Wraps the destination's endpoint; notes each deregistration in ``events``."""
+
+    def __init__(self, inner: Any, events: list[str]) -> None:
+        self._inner, self._events = inner, events
+
+    def deregister(self, *, region: Any) -> None:
+        self._events.append("deregister")
+        self._inner.deregister(region=region)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_the_destination_revokes_every_write_before_it_compares_hashes() -> None:
+    # Once the hashes are compared, no write may land: every registration is gone
+    # before the first block is hashed.
+    events: list[str] = []
+    source_blocks = [RamBlock.anonymous("ram0", 8 * MiB)]
+    source_blocks[0].array[:] = 3
+    blocks = [RamBlock.anonymous("ram0", 8 * MiB)]
+    hash_block = blocks[0].digest
+    blocks[0].digest = lambda: (events.append("digest"), hash_block())[1]  # type: ignore[method-assign]
+    with connected_pair(TcpBackend(), requested=SOURCE_DEFAULTS) as (src, dst):
+        destination = Destination(_RecordsDeregistrations(dst, events),  # type: ignore[arg-type]
+                                  blocks=blocks, timeout=10)
+        thread = threading.Thread(target=destination.run)
+        thread.start()
+        Source(src, source_blocks, policy=PinUntilDone(PolicyOptions()),
+               config=SourceConfig(timeout=10)).run()
+        thread.join(20)
+    assert destination.result.verified and "deregister" in events and "digest" in events
+    assert events.index("digest") > max(i for i, e in enumerate(events) if e == "deregister")
