@@ -234,3 +234,14 @@ def test_the_destination_revokes_every_write_before_it_compares_hashes() -> None
         thread.join(20)
     assert destination.result.verified and "deregister" in events and "digest" in events
     assert events.index("digest") > max(i for i, e in enumerate(events) if e == "deregister")
+
+
+def test_zero_pages_are_counted_as_pages_not_ranges() -> None:
+    with against_a_destination(MiB) as (source, destination, _blocks):
+        source.send(wire.Compress(entries=(
+            wire.CompressRange(value=0, block_idx=0, offset=source.remote[0].offset,
+                               length=5 * PAGE),
+            wire.CompressRange(value=0, block_idx=0, offset=source.remote[0].offset + 8 * PAGE,
+                               length=PAGE))))
+        source.session.wait_ready()
+        assert destination.result.zero_pages == 6
