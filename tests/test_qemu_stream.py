@@ -392,3 +392,39 @@ def test_a_zero_record_hands_its_fill_byte_to_the_sink() -> None:
                             + ram.encode_eos() + footer + device_state(None))
     mem = sink.memory[0]
     assert (mem[2] == 0x5A).all() and (mem[5] == 0x33).all() and not mem[6].any()
+
+
+def _setup_of(count: int) -> bytes:
+    head = small_stream()
+    start = head.index(ram.encode_setup([RamBlockInfo(name="mem", length=8 * PAGE),
+                                         RamBlockInfo(name="pc.rom", length=2 * PAGE)]))
+    return head[:start] + ram.encode_setup([RamBlockInfo(name=f"rom{i:04d}", length=PAGE)
+                                            for i in range(count)])
+
+
+def test_a_setup_fed_a_byte_at_a_time_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each block of the list is decoded when its bytes are there, and not again:
+    # decoding it all again at every piece made a long setup quadratic, and a
+    # key-less listener's peer chooses the pieces.
+    data = _setup_of(1000)
+    calls = 0
+    real = ram.decode_name_untrusted
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ram, "decode_name_untrusted", counting)
+    sink = Pages()
+    decoder = PrecopyDecoder(sink.setup)
+    for at in range(len(data)):
+        decoder.feed(data[at:at + 1])
+    decoder.feed(ram.encode_eos())  # the records begin: the setup is complete
+    assert [b.name for b in decoder.blocks] == [f"rom{i:04d}" for i in range(1000)]
+    assert calls <= 2 * len(data)  # an attempt per piece, at most: not per block and piece
+
+
+def test_a_setup_of_more_blocks_than_a_vm_has_is_refused() -> None:
+    _refused(_setup_of(ram.MAX_SETUP_BLOCKS + 1) + ram.encode_eos(),
+             r"RAM block 1025 at offset \d+: more than 1024 blocks in the ram setup")

@@ -81,6 +81,10 @@ class PrecopyDecoder:
         self._current: int | None = None
         self._tail: DeviceStateTail | None = None
         self._ended = False
+        # The ram setup as far as it is decoded: MEM_SIZE not yet given to a block
+        # (None before MEM_SIZE), and the names listed.
+        self._setup_left: int | None = None
+        self._setup_names: set[str] = set()
 
     @property
     def offset(self) -> int:
@@ -225,12 +229,7 @@ class PrecopyDecoder:
         if phase is Phase.SECTION:
             return self._section_start(buf, at)
         if phase is Phase.SETUP:
-            ignore_shared = (self.configuration is not None
-                             and "x-ignore-shared" in self.configuration.capabilities)
-            self.blocks, at = ram.decode_setup_untrusted(buf, at, ignore_shared=ignore_shared)
-            self.sink = self._on_setup(self.blocks)
-            self.phase = Phase.RECORDS
-            return at
+            return self._setup_step(buf, at)
         if phase is Phase.RECORDS:
             assert self.sink is not None  # the setup came first
             stop, at_after, self._current = ram.decode_records_untrusted(
@@ -251,6 +250,27 @@ class PrecopyDecoder:
             at = stream.decode_footer_untrusted(buf, at, self._section.section_id)
         self.phase = (Phase.DEVICE_STATE if self._section.kind is Kind.SECTION_END
                       else Phase.SECTION)
+        return at
+
+    def _setup_step(self, buf: memoryview, at: int) -> int:
+        """The setup's ``MEM_SIZE``, or one more block of its list, or – the list
+        complete – the blocks handed to ``on_setup``. One block at a time, so that a
+        setup fed in pieces is decoded once, not again from its start each time."""
+        if self._setup_left is None:
+            self._setup_left, at = ram.decode_mem_size_untrusted(buf, at)
+            return at
+        if self._setup_left:
+            ignore_shared = (self.configuration is not None
+                             and "x-ignore-shared" in self.configuration.capabilities)
+            block, at = ram.decode_setup_entry_untrusted(
+                buf, at, left=self._setup_left, names=self._setup_names,
+                ignore_shared=ignore_shared)
+            self.blocks.append(block)
+            self._setup_names.add(block.name)
+            self._setup_left -= block.length
+            return at
+        self.sink = self._on_setup(self.blocks)
+        self.phase = Phase.RECORDS
         return at
 
     def _section_start(self, buf: memoryview, at: int) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Final, Protocol
 
 import attrs
@@ -37,6 +37,9 @@ RECORD_HEADER = struct.Struct("!Q")
 U64 = struct.Struct("!Q")
 #: A ``PAGE | CONTINUE`` record: header and page.
 PAGE_RECORD: Final = RECORD_HEADER.size + PAGE_SIZE
+#: The most RAM blocks a setup may list (a VM has a few dozen; a destination's own
+#: limit is lower, rdmamig.limits): a bound before the list is kept.
+MAX_SETUP_BLOCKS: Final = 1024
 #: A ``ZERO | CONTINUE`` record: header and fill byte.
 ZERO_RECORD: Final = RECORD_HEADER.size + 1
 #: Records decoded per numpy step (a bound on the work of one look ahead).
@@ -113,6 +116,56 @@ class Stop(enum.Enum):
 # ---------------------------------------------------------------- setup
 
 
+def decode_mem_size_untrusted(buf: memoryview, at: int) -> tuple[int, int]:
+    """The setup's ``MEM_SIZE`` record: the bytes of RAM its blocks add up to, and
+    the offset after it.
+
+    Raises:
+        TruncatedError: the buffer ends inside it.
+        RemoteProtocolError: not a setup.
+    """
+    need_bytes(buf, at, RECORD_HEADER.size, "ram setup", at)
+    (word,) = RECORD_HEADER.unpack_from(buf, at)
+    if word & _FLAG_BITS != RamFlag.MEM_SIZE:
+        raise StreamError(f"flags={word & _FLAG_BITS:#x}", at=at,
+                          reason="the ram section starts without MEM_SIZE")
+    return word & ~_FLAG_BITS, at + RECORD_HEADER.size
+
+
+def decode_setup_entry_untrusted(buf: memoryview, at: int, *, left: int,
+                                 names: Collection[str],
+                                 ignore_shared: bool = False) -> tuple[RamBlockInfo, int]:
+    """One block of the setup's list, at ``at``, with ``left`` bytes of ``MEM_SIZE``
+    not yet given to the blocks before it, named ``names``; returns it and the
+    offset after it (with ``ignore_shared``, the block carries its address).
+
+    Raises:
+        TruncatedError: the buffer ends inside it (resume at ``at``).
+        RemoteProtocolError: more than :data:`MAX_SETUP_BLOCKS` blocks, a length
+            that does not fit, a name listed twice.
+    """
+    start = at
+    if len(names) >= MAX_SETUP_BLOCKS:
+        raise StreamError(f"RAM block {len(names) + 1}", at=at,
+                          reason=f"more than {MAX_SETUP_BLOCKS} blocks in the ram setup")
+    name, at = decode_name_untrusted(buf, at, "RAM block name", start)
+    need_bytes(buf, at, U64.size, f"length of RAM block {name!r}", start)
+    (length,) = U64.unpack_from(buf, at)
+    if not length or length % PAGE_SIZE or length > left:
+        raise StreamError(f"length={length}", at=at,
+                          reason=f"RAM block {name!r} is not a whole number of pages within "
+                                 f"the {left} bytes of MEM_SIZE left")
+    if name in names:
+        raise StreamError(f"RAM block name {name!r}", at=at, reason="listed twice")
+    at += U64.size
+    addr = None
+    if ignore_shared:
+        need_bytes(buf, at, U64.size, f"address of RAM block {name!r}", start)
+        (addr,) = U64.unpack_from(buf, at)
+        at += U64.size
+    return RamBlockInfo(name=name, length=length, addr=addr), at
+
+
 def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = False
                            ) -> tuple[list[RamBlockInfo], int]:
     """The setup's block list, from its ``MEM_SIZE`` record; returns the blocks and
@@ -122,35 +175,15 @@ def decode_setup_untrusted(buf: memoryview, at: int, *, ignore_shared: bool = Fa
         TruncatedError: the buffer ends inside the list.
         RemoteProtocolError: not a setup, or the lengths do not add up.
     """
-    start = at
-    need_bytes(buf, at, RECORD_HEADER.size, "ram setup", start)
-    (word,) = RECORD_HEADER.unpack_from(buf, at)
-    if word & _FLAG_BITS != RamFlag.MEM_SIZE:
-        raise StreamError(f"flags={word & _FLAG_BITS:#x}", at=at,
-                          reason="the ram section starts without MEM_SIZE")
-    left = word & ~_FLAG_BITS
-    at += RECORD_HEADER.size
+    left, at = decode_mem_size_untrusted(buf, at)
     blocks: list[RamBlockInfo] = []
     names: set[str] = set()
     while left:
-        name, at = decode_name_untrusted(buf, at, "RAM block name", start)
-        need_bytes(buf, at, U64.size, f"length of RAM block {name!r}", start)
-        (length,) = U64.unpack_from(buf, at)
-        if not length or length % PAGE_SIZE or length > left:
-            raise StreamError(f"length={length}", at=at,
-                              reason=f"RAM block {name!r} is not a whole number of pages within "
-                                     f"the {left} bytes of MEM_SIZE left")
-        if name in names:
-            raise StreamError(f"RAM block name {name!r}", at=at, reason="listed twice")
-        at += U64.size
-        addr = None
-        if ignore_shared:
-            need_bytes(buf, at, U64.size, f"address of RAM block {name!r}", start)
-            (addr,) = U64.unpack_from(buf, at)
-            at += U64.size
-        names.add(name)
-        blocks.append(RamBlockInfo(name=name, length=length, addr=addr))
-        left -= length
+        block, at = decode_setup_entry_untrusted(buf, at, left=left, names=names,
+                                                 ignore_shared=ignore_shared)
+        blocks.append(block)
+        names.add(block.name)
+        left -= block.length
     return blocks, at
 
 
