@@ -181,6 +181,14 @@ class _Row:
     counted: bool = False
 
 
+def _registers_row(record: type[RegisterRequest] | type[UnregisterRequest]) -> _Row:
+    """REGISTER REQUEST and UNREGISTER REQUEST: the same entries (:class:`Register`)."""
+    return _Row(_array(REGISTER),
+                lambda m: (_rows(REGISTER, [(e.key, e.current_index, 0, e.chunks)
+                                            for e in m.entries]), len(m.entries)),
+                lambda data: record(entries=_registers(data)), counted=True)
+
+
 def _no_data(message: Message) -> _Row:
     return _Row(_fixed(0), lambda _m: (b"", 1), lambda _data: message)
 
@@ -204,11 +212,7 @@ _CODEC: Final[dict[Command, _Row]] = {
         lambda m: (_rows(COMPRESS, [(e.value, e.block_idx, e.offset, e.length)
                                     for e in m.entries]), len(m.entries)),
         _compress, counted=True),
-    Command.REGISTER_REQUEST: _Row(
-        _array(REGISTER),
-        lambda m: (_rows(REGISTER, [(e.key, e.current_index, 0, e.chunks)
-                                    for e in m.entries]), len(m.entries)),
-        lambda data: RegisterRequest(entries=_registers(data)), counted=True),
+    Command.REGISTER_REQUEST: _registers_row(RegisterRequest),
     Command.REGISTER_RESULT: _Row(
         _array(REGISTER_RESULT),
         lambda m: (_rows(REGISTER_RESULT, [(e.rkey, 0, e.host_addr) for e in m.entries]),
@@ -217,11 +221,7 @@ _CODEC: Final[dict[Command, _Row]] = {
             RegisterKey(rkey=rkey, host_addr=addr)
             for _at, (rkey, _pad, addr) in _entries(data, REGISTER_RESULT))), counted=True),
     Command.REGISTER_FINISHED: _no_data(RegisterFinished()),
-    Command.UNREGISTER_REQUEST: _Row(
-        _array(REGISTER),
-        lambda m: (_rows(REGISTER, [(e.key, e.current_index, 0, e.chunks)
-                                    for e in m.entries]), len(m.entries)),
-        lambda data: UnregisterRequest(entries=_registers(data)), counted=True),
+    Command.UNREGISTER_REQUEST: _registers_row(UnregisterRequest),
     Command.UNREGISTER_FINISHED: _no_data(UnregisterFinished()),
     Command.BLOCK_HASHES: _Row(
         _array(BLOCK_HASH),
