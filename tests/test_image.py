@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,22 @@ def test_a_committed_image_reads_back(tmp_path: Path) -> None:
     image = writer.commit(origin="rdmamig")
     writer.close()
     assert open_image(image.path).block(0).array.min() == 7
+
+
+def test_image_info_shows_a_name_with_escape_sequences_escaped(tmp_path: Path) -> None:
+    # Images travel between hosts: a block name in a manifest edited elsewhere must
+    # not reach the terminal as an escape sequence (one set the terminal's title).
+    writer = ImageWriter(tmp_path / "image", [("mem", 8192, None)])
+    writer.commit(origin="rdmamig")
+    writer.close()
+    manifest = tmp_path / "image" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["blocks"][0]["name"] = "mem\x1b]0;owned\x07"
+    manifest.write_text(json.dumps(data))
+    shown = subprocess.run([sys.executable, "-m", "rdmamig", "image", "info",
+                            str(tmp_path / "image")], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "FORCE_COLOR": "1",
+                                            "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b]" not in shown.stdout and "\x07" not in shown.stdout
+    assert "mem\\x1b]0;owned\\x07" in shown.stdout

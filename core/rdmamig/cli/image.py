@@ -77,26 +77,35 @@ def describe(path: Path) -> dict[str, Any]:
     return data
 
 
+def _shown(text: object) -> str:
+    """``text`` as it may reach a terminal: an image travels between hosts, and a
+    name in its manifest could hold escape sequences; those are shown escaped."""
+    value = str(text)
+    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+
+
 def _info(args: argparse.Namespace) -> int:
     data = describe(args.dir)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2))  # JSON escapes control characters itself
         return 0
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
     console = Console()
-    console.print(Text(f"{data['path']}: {data['origin']} image, "
+    console.print(Text(f"{_shown(data['path'])}: {_shown(data['origin'])} image, "
                        f"{data['ram_bytes'] / 2**20:.1f} MiB of RAM"
-                       + (f", machine {data['machine']}" if "machine" in data else "")))
+                       + (f", machine {_shown(data['machine'])}" if "machine" in data
+                          else "")))
     table = Table("block", "bytes", "xxh3-128")
     for block in data["blocks"]:
-        table.add_row(Text(block["name"]), str(block["length"]), block["digest"])
-    table.add_row(Text("(state)"), str(data["state_bytes"]), data["state_digest"])
+        table.add_row(Text(_shown(block["name"])), str(block["length"]),
+                      Text(_shown(block["digest"])))
+    table.add_row(Text("(state)"), str(data["state_bytes"]), Text(_shown(data["state_digest"])))
     console.print(table)
     if data.get("devices"):
         console.print(Text(f"{len(data['devices'])} device sections: "
-                           + ", ".join(data["devices"])))
+                           + ", ".join(_shown(device) for device in data["devices"])))
     return 0
 
 
