@@ -71,8 +71,6 @@ class Counts:
     reregistrations: int = 0
     #: Seconds spent registering: pins, round trips and the room made for them.
     registering_s: float = 0.0
-    #: The most bytes the peer was asked to pin at once.
-    peer_peak_bytes: int = 0
 
 
 class Registrar:
@@ -95,6 +93,11 @@ class Registrar:
     def policy(self) -> UnpinPolicy:
         """The unpin policy, up to date with what has happened."""
         return self._policy
+
+    @property
+    def peer_peak_bytes(self) -> int:
+        """The most bytes the peer was asked to pin at once."""
+        raise NotImplementedError
 
     def pinned_first(self, block: int, chunks: list[int]) -> list[int]:
         """The order in which to write ``chunks`` of ``block``."""
@@ -153,7 +156,10 @@ class WholeBlocks(Registrar):
         for block in blocks:
             self._regions.append(self._pin_local(block.view, block.length))
             self.counts.registrations += 1
-        self.counts.peer_peak_bytes = sum(block.length for block in blocks)
+
+    @property
+    def peer_peak_bytes(self) -> int:
+        return sum(block.length for block in self.blocks)
 
     def registered(self, chunks: Sequence[ChunkId]) -> BoolArray:
         return np.ones(len(chunks), dtype=np.bool_)
@@ -201,6 +207,10 @@ class PerChunk(Registrar):
             self._policy.chunk_written(chunk=cid)
         return self._policy
 
+    @property
+    def peer_peak_bytes(self) -> int:
+        return self.pins.peak_bytes
+
     def pinned_first(self, block: int, chunks: list[int]) -> list[int]:
         return self.pins.pinned_first(block, chunks)
 
@@ -242,7 +252,6 @@ class PerChunk(Registrar):
             self._register(chunks)
         finally:
             self.counts.registering_s += time.monotonic() - started
-            self.counts.peer_peak_bytes = self.pins.peak_bytes
 
     def _register(self, chunks: list[ChunkId]) -> None:
         units = registration_units(chunks, pairs=self.batch)

@@ -406,4 +406,4 @@ class Source:
             self.result.registrations = counts.registrations
             self.result.unregistrations = counts.unregistrations
             self.result.reregistrations = counts.reregistrations
-            self.result.peer_pinned_peak_bytes = counts.peer_peak_bytes
+            self.result.peer_pinned_peak_bytes = self.registrar.peer_peak_bytes
