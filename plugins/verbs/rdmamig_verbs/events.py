@@ -8,16 +8,19 @@ process). So the channel's file descriptor is made non-blocking and waited on wi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import select
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from rdmamig.errors import TransportError
 
 _RDMA_CM_DEVICE = "/dev/infiniband/rdma_cm"
+_T = TypeVar("_T")
 #: What /proc/self/fd shows for a uverbs event file (a completion channel's).
 _VERBS_EVENTS = "anon_inode:[infinibandevent]"
 
@@ -34,8 +37,24 @@ def _fds(target: str) -> set[int]:
     return found
 
 
-def _cm_fds() -> set[int]:
-    return _fds(_RDMA_CM_DEVICE)
+def _made_with_descriptor(make: Callable[[], _T], target: str, what: str) -> tuple[_T, int]:
+    """``make()``'s object and the one descriptor linking to ``target`` it opened,
+    made non-blocking (pyverbs does not say which descriptor is its own).
+
+    Raises:
+        TransportError: no single new descriptor (another thread opened one at the
+            same moment); the object is closed.
+    """
+    before = _fds(target)
+    made = make()
+    new = _fds(target) - before
+    if len(new) != 1:
+        with contextlib.suppress(Exception):
+            made.close()  # type: ignore[attr-defined]
+        raise TransportError(f"cannot find the {what}'s descriptor")
+    fd = new.pop()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return made, fd
 
 
 class CompletionChannel:
@@ -51,15 +70,8 @@ class CompletionChannel:
 
     def __init__(self, pv: Any, context: Any) -> None:
         self._pv = pv
-        before = _fds(_VERBS_EVENTS)
-        self.channel = pv.cq.CompChannel(context)
-        new = _fds(_VERBS_EVENTS) - before
-        if len(new) != 1:
-            self.channel.close()
-            raise TransportError("cannot find the completion channel's descriptor")
-        self.fd = new.pop()
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self.channel, self.fd = _made_with_descriptor(lambda: pv.cq.CompChannel(context),
+                                                      _VERBS_EVENTS, "completion channel")
 
     def wait(self, cq: Any, timeout: float) -> None:
         """Sleep until ``cq`` (armed with ``req_notify``) has a completion, or for
@@ -81,14 +93,8 @@ class EventChannel:
 
     def __init__(self, pv: Any) -> None:
         self._pv = pv
-        before = _cm_fds()
-        self.channel = pv.cmid.CMEventChannel()
-        new = _cm_fds() - before
-        if len(new) != 1:
-            raise TransportError("cannot find the rdma_cm event channel's descriptor")
-        self.fd = new.pop()
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self.channel, self.fd = _made_with_descriptor(pv.cmid.CMEventChannel, _RDMA_CM_DEVICE,
+                                                      "rdma_cm event channel")
 
     def wait(self, expected: set[int], *, timeout: float | None, what: str) -> Any:
         """The next event, which must be one of ``expected`` (rdma_cm event types).
