@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import xxhash
 from rdmamig.caps import Capability
 from rdmamig.cli.options import parse_size
 from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
@@ -277,11 +276,6 @@ def _swallow(fn: object) -> None:
 def test_backends_table_runs() -> None:
     result = run("backends")
     assert result.returncode == 0 and "tcp" in result.stdout
-
-
-def test_digest_is_xxh3_128() -> None:
-    block = RamBlock.anonymous("x", 8192)
-    assert block.digest() == xxhash.xxh3_128_digest(bytes(8192))
 
 
 def test_lru_cap_holds_in_the_kernels_count_on_both_sides(tmp_path: Path) -> None:

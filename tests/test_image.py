@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 from rdmamig.errors import ConfigurationError
 from rdmamig.image import ImageWriter, open_image
+from rdmamig.memory import content_digest
 
 
 @pytest.mark.parametrize("meanwhile", ["empty directory", "file", "dangling link"])
@@ -65,3 +67,22 @@ def test_image_info_shows_a_name_with_escape_sequences_escaped(tmp_path: Path) -
     assert shown.returncode == 0, shown.stderr
     assert "\x1b]" not in shown.stdout and "\x07" not in shown.stdout
     assert "mem\\x1b]0;owned\\x07" in shown.stdout
+
+
+def test_block_digests_are_checked_as_their_manifest_version_took_them(tmp_path: Path) -> None:
+    writer = ImageWriter(tmp_path / "image", [("mem", 3 << 20, None)])
+    writer.blocks[0].array[::4096] = 9
+    image = writer.commit(origin="rdmamig")
+    writer.close()
+    manifest = image.path / "manifest.json"
+    data = json.loads(manifest.read_text())
+    assert data["version"] == 2
+    assert data["blocks"][0]["digest"] == content_digest(image.block(0).view).hex()
+    assert open_image(image.path).verify() == []
+    # An image written by an rdmamig of version 1 manifests: xxh3-128 of the block.
+    data["version"] = 1
+    data["blocks"][0]["digest"] = xxhash.xxh3_128_hexdigest(image.block(0).view)
+    manifest.write_text(json.dumps(data))
+    assert open_image(image.path).verify() == []
+    image.block(0).array[5] = 1
+    assert open_image(image.path).verify() == ["mem"]

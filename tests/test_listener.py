@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import xxhash
 from hostile import HOST, RawPeer, Service, assert_serves, real_migration, service
 from rdmamig import wire
 from rdmamig.auth import PreSharedKey
@@ -19,6 +18,7 @@ from rdmamig.caps import SOURCE_DEFAULTS, Capability
 from rdmamig.control import Role
 from rdmamig.engine import stream
 from rdmamig.errors import PeerAbortedError
+from rdmamig.memory import content_digest
 from rdmamig.session import ControlSession
 from rdmamig.transport import RemoteWrite
 from rdmamig_tcp import TcpBackend, TcpEndpoint
@@ -358,7 +358,7 @@ def test_a_write_after_the_hashes_changes_nothing_exposed(tmp_path: Path) -> Non
             end = stream.RECORD.pack(stream.Tag.END, 0)
             session.exchange_send(wire.QemuFile(data=end))
             session.wait_ready()  # everything before END is in place
-            digest = xxhash.xxh3_128_digest(bytes(local))
+            digest = content_digest(local)
             verdict = session.send_request(wire.BlockHashes(entries=(
                 wire.BlockHash(block_idx=0, digest=digest),)), reply=wire.Command.VERIFY_RESULT)
             assert isinstance(verdict, wire.VerifyResult) and verdict.mismatched == 0

@@ -38,8 +38,11 @@ from .memory import RamBlock
 from .qemu.origin import QemuOrigin
 
 FORMAT: Final = "rdmamig-image"
-#: The manifest's version; a reader refuses versions it does not know.
-VERSION: Final = 1
+#: The manifest's version; a reader refuses versions it does not know. Version 2:
+#: block digests are :meth:`RamBlock.digest`'s (over chunk digests); version 1's were
+#: xxh3-128 of the whole block, and are still checked as such.
+VERSION: Final = 2
+READABLE: Final = (1, 2)
 MANIFEST: Final = "manifest.json"
 STATE: Final = "state.bin"
 BLOCKS: Final = "blocks"
@@ -55,7 +58,7 @@ class ImageBlock:
         name: the block's name (QEMU's idstr, or the rdmamig source's name).
         length: bytes.
         file: its file, relative to the image.
-        digest: xxh3-128 of its content, hex.
+        digest: its :meth:`RamBlock.digest`, hex.
         addr: its guest-physical address, when the QEMU stream carried it.
     """
 
@@ -78,6 +81,7 @@ class Manifest:
         created: when the image was completed (UTC, ISO 8601).
         source: free-form facts about how it was made (the command, the peer).
         qemu: for a QEMU image, what replaying it as QEMU's stream needs.
+        version: the manifest's version (how its block digests were taken).
     """
 
     origin: str
@@ -87,10 +91,11 @@ class Manifest:
     created: str = ""
     source: dict[str, Any] = attrs.Factory(dict)
     qemu: QemuOrigin | None = None
+    version: int = VERSION
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written."""
-        return {"format": FORMAT, "version": VERSION, "origin": self.origin,
+        return {"format": FORMAT, "version": self.version, "origin": self.origin,
                 "created": self.created, "source": self.source,
                 "blocks": [attrs.asdict(b) for b in self.blocks],
                 "state": {"file": STATE, "bytes": self.state_bytes,
@@ -106,9 +111,9 @@ class Manifest:
         """
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ImageError(f"{MANIFEST} is not an rdmamig image manifest")
-        if data.get("version") != VERSION:
+        if data.get("version") not in READABLE:
             raise ImageError(f"{MANIFEST} has version {data.get('version')!r}; this rdmamig "
-                             f"reads version {VERSION}")
+                             f"reads versions {', '.join(map(str, READABLE))}")
         try:
             blocks = tuple(ImageBlock(name=str(b["name"]), length=int(b["length"]),
                                       file=str(b["file"]), digest=str(b["digest"]),
@@ -120,7 +125,8 @@ class Manifest:
                        state_digest=str(state["digest"]), state_bytes=int(state["bytes"]),
                        created=str(data.get("created", "")), source=dict(data.get("source")
                                                                          or {}),
-                       qemu=QemuOrigin.from_json(qemu) if qemu is not None else None)
+                       qemu=QemuOrigin.from_json(qemu) if qemu is not None else None,
+                       version=int(data["version"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageError(f"{MANIFEST} is malformed: {exc!r}") from None
 
@@ -171,10 +177,16 @@ class Image:
         """Names of the blocks (and ``state.bin``) whose content no longer matches
         the manifest's digest."""
         bad = [entry.name for index, entry in enumerate(self.manifest.blocks)
-               if self.block(index).digest().hex() != entry.digest]
+               if self._block_digest(index) != entry.digest]
         if digest_hex(self.state()) != self.manifest.state_digest:
             bad.append(STATE)
         return bad
+
+    def _block_digest(self, index: int) -> str:
+        block = self.block(index)
+        if self.manifest.version == 1:
+            return digest_hex(block.view)
+        return block.digest().hex()
 
 
 def open_image(path: Path) -> Image:

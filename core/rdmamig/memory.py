@@ -9,15 +9,19 @@ is tracked by :class:`ChecksumTracker`. Per-page work is vectorised with numpy.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import mmap
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .populated import Everything, FileExtents, PrivateAnonymous, Residency, is_private_anonymous
 from .wire import CHUNK_SIZE
 
 PAGE_SIZE = 4096
@@ -35,9 +39,12 @@ class RamBlock:
     Args:
         name: the block's name (RAM BLOCKS exchange matches blocks by name).
         buffer: writable, contiguous memory whose length is a multiple of 4 KiB.
+        residency: how to tell which of its pages hold data without reading them
+            (:mod:`rdmamig.populated`); found from the mapping when not given.
     """
 
-    def __init__(self, name: str, buffer: object, *, owner: object = None) -> None:
+    def __init__(self, name: str, buffer: object, *, owner: object = None,
+                 residency: Residency | None = None) -> None:
         view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
         if view.readonly:
             raise ValueError(f"RAM block {name!r}: memory is read-only")
@@ -54,6 +61,12 @@ class RamBlock:
         self._file_backed = False
         self._lock = threading.Lock()
         self._dirty = np.ones(self.pages, dtype=np.bool_)
+        if residency is None:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            residency = (PrivateAnonymous(address) if is_private_anonymous(address, self.length)
+                         else Everything())
+        #: Which pages hold data, by what the kernel says (:meth:`populated_pages`).
+        self.residency = residency
 
     # ------------------------------------------------------------ construction
 
@@ -71,23 +84,28 @@ class RamBlock:
                 mapping.madvise(_MADV_POPULATE_WRITE)
             except OSError:  # kernels before 5.14: touch every page instead
                 np.frombuffer(mapping, dtype=np.uint8)[::PAGE_SIZE] = 0
-        return cls(name, mapping, owner=mapping)
+        return cls(name, mapping, owner=mapping,
+                   residency=PrivateAnonymous(ctypes.addressof(ctypes.c_char.from_buffer(mapping))))
 
     @classmethod
     def from_file(cls, name: str, path: Path, *, length: int | None = None,
                   populate: bool = False) -> RamBlock:
         """Shared mapping of a file (``/dev/shm`` for a VM's ``memory-backend-file``);
         the file is created or extended to ``length`` when given."""
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if length is not None else 0), 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if length is not None else 0),
+                     0o600)
         try:
             if length is not None and os.fstat(fd).st_size != length:
                 os.ftruncate(fd, length)
             size = os.fstat(fd).st_size
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
             mapping = mmap.mmap(fd, size, flags=flags)
-        finally:
+        except BaseException:
             os.close(fd)
-        block = cls(name, mapping, owner=mapping)
+            raise
+        # The descriptor stays open for SEEK_DATA / SEEK_HOLE, as long as the block.
+        block = cls(name, mapping, owner=mapping, residency=FileExtents(fd))
+        weakref.finalize(block, os.close, fd)
         block._file_backed = True
         return block
 
@@ -147,24 +165,34 @@ class RamBlock:
 
     # ------------------------------------------------------------ page scans
 
-    def nonzero_pages(self, first_page: int, last_page: int) -> BoolArray:
-        """Which pages in ``[first_page, last_page)`` hold a non-zero byte."""
+    def populated_pages(self, first_page: int, last_page: int) -> BoolArray:
+        """Which pages in ``[first_page, last_page)`` may hold data; the others read
+        as zero and are not read (:mod:`rdmamig.populated`)."""
+        return self.residency.pages(first_page, last_page)
+
+    def nonzero_pages(self, first_page: int, last_page: int, *,
+                      populated: BoolArray | None = None) -> BoolArray:
+        """Which pages in ``[first_page, last_page)`` hold a non-zero byte; pages
+        that are not populated (``populated``, asked for when not given) are not
+        read."""
         words = self.array[first_page * PAGE_SIZE:last_page * PAGE_SIZE].view(np.uint64)
         pages = words.reshape(-1, _WORDS_PER_PAGE)
-        # A page whose first word is non-zero needs no further look: for ordinary
-        # content that settles almost every page reading 8 bytes of it. Only the
-        # others are scanned whole.
-        nonzero: BoolArray = np.not_equal(pages[:, 0], 0)
-        undecided = np.flatnonzero(~nonzero)
-        if 2 * len(undecided) > len(pages):  # mostly zero: one pass beats gathering
-            # OR-reducing the words beats any(axis=1) (benchmarks/README.md).
-            return np.asarray(np.bitwise_or.reduce(pages, axis=1) != 0, dtype=np.bool_)
-        if len(undecided):
-            nonzero[undecided] = pages[undecided].any(axis=1)
+        if populated is None:
+            populated = self.populated_pages(first_page, last_page)
+        if populated.all():
+            return _nonzero(pages)
+        nonzero = np.zeros(len(pages), dtype=np.bool_)
+        held = np.flatnonzero(populated)
+        if len(held):
+            nonzero[held] = _nonzero(pages[held])
         return nonzero
 
     def reads_zero(self, start: int, length: int) -> bool:
-        """Whether the ``length`` bytes at ``start`` are all zero (only reads them)."""
+        """Whether the ``length`` bytes at ``start`` are all zero (only reads them,
+        and of whole pages only those that are populated)."""
+        if length and start % PAGE_SIZE == 0 and length % PAGE_SIZE == 0:
+            first = start // PAGE_SIZE
+            return not self.nonzero_pages(first, first + length // PAGE_SIZE).any()
         data = self.array[start:start + length]
         if start % 8 == 0 and length % 8 == 0:
             data = data.view(np.uint64)
@@ -172,8 +200,63 @@ class RamBlock:
         return length == 0 or int(data.max()) == 0
 
     def digest(self) -> bytes:
-        """xxh3-128 of the whole block (one pass in C, no per-page loop)."""
-        return xxhash.xxh3_128_digest(self.view)
+        """The block's digest: xxh3-128 over the xxh3-128 digests of its 1 MiB
+        chunks in order (docs/protocol-extensions.md). Chunks that are not
+        populated are not read: a hole's digest is that of zeros."""
+        populated = self.populated_pages(0, self.pages)
+        tree = xxhash.xxh3_128()
+        for index in range(self.chunks):
+            held = populated[index * PAGES_PER_CHUNK:(index + 1) * PAGES_PER_CHUNK]
+            tree.update(_chunk_digest(self.view[index * CHUNK_SIZE:(index + 1) * CHUNK_SIZE],
+                                      held))
+        return tree.digest()
+
+
+def content_digest(data: bytes | memoryview) -> bytes:
+    """The digest :meth:`RamBlock.digest` gives a block holding ``data``."""
+    view = memoryview(data).cast("B")
+    tree = xxhash.xxh3_128()
+    for start in range(0, view.nbytes, CHUNK_SIZE):
+        tree.update(xxhash.xxh3_128_digest(view[start:start + CHUNK_SIZE]))
+    return tree.digest()
+
+
+_ZEROS = memoryview(bytes(CHUNK_SIZE))
+
+
+@functools.cache
+def _zero_digest(length: int) -> bytes:
+    return xxhash.xxh3_128_digest(_ZEROS[:length])
+
+
+def _chunk_digest(chunk: memoryview, populated: BoolArray) -> bytes:
+    """xxh3-128 of ``chunk``, reading only its populated pages (``populated``)."""
+    if populated.all():
+        return xxhash.xxh3_128_digest(chunk)
+    if not populated.any():
+        return _zero_digest(chunk.nbytes)
+    running = xxhash.xxh3_128()
+    edges = np.flatnonzero(np.diff(populated)) + 1
+    for start, end in zip(np.r_[0, edges].tolist(), np.r_[edges, len(populated)].tolist(),
+                          strict=True):
+        part = slice(start * PAGE_SIZE, end * PAGE_SIZE)
+        running.update(chunk[part] if populated[start] else _ZEROS[:(end - start) * PAGE_SIZE])
+    return running.digest()
+
+
+def _nonzero(pages: npt.NDArray[np.uint64]) -> BoolArray:
+    """Which rows (pages of 64-bit words) hold a non-zero word."""
+    # A page whose first word is non-zero needs no further look: for ordinary
+    # content that settles almost every page reading 8 bytes of it. Only the
+    # others are scanned whole.
+    nonzero: BoolArray = np.not_equal(pages[:, 0], 0)
+    undecided = np.flatnonzero(~nonzero)
+    if 2 * len(undecided) > len(pages):  # mostly zero: one pass beats gathering
+        # OR-reducing the words beats any(axis=1) (benchmarks/README.md).
+        return np.asarray(np.bitwise_or.reduce(pages, axis=1) != 0, dtype=np.bool_)
+    if len(undecided):
+        nonzero[undecided] = pages[undecided].any(axis=1)
+    return nonzero
 
 
 class ChecksumTracker:
@@ -182,7 +265,8 @@ class ChecksumTracker:
     process, such as a VM's ``memory-backend-file``).
 
     The checksum is a weighted sum of the page's 64-bit words with random odd
-    weights, modulo 2**64: vectorised with numpy, a few hundred MB/s per core.
+    weights, modulo 2**64: vectorised with numpy, a few hundred MB/s per core. Pages
+    that are not populated are not read: their checksum is a zero page's, 0.
     """
 
     #: Pages hashed per numpy step (bounds the temporary arrays to 32 MiB).
@@ -196,13 +280,20 @@ class ChecksumTracker:
 
     def _checksums(self) -> npt.NDArray[np.uint64]:
         pages = self.block.array.view(np.uint64).reshape(-1, _WORDS_PER_PAGE)
-        out = np.empty(len(pages), dtype=np.uint64)
+        out = np.zeros(len(pages), dtype=np.uint64)
         with np.errstate(over="ignore"):
             for start in range(0, len(pages), self.STEP):
                 part = pages[start:start + self.STEP]
-                out[start:start + len(part)] = (part * self._weights).sum(axis=1,
-                                                                         dtype=np.uint64)
+                held = self.block.populated_pages(start, start + len(part))
+                if held.all():
+                    out[start:start + len(part)] = self._sum(part)
+                elif held.any():
+                    at = np.flatnonzero(held)
+                    out[start + at] = self._sum(part[at])
         return out
+
+    def _sum(self, pages: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        return np.asarray((pages * self._weights).sum(axis=1, dtype=np.uint64))
 
     def scan(self) -> int:
         """Mark every page whose checksum changed since the last scan as dirty;

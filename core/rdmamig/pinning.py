@@ -26,8 +26,11 @@ _libc_holding_gil = ctypes.PyDLL(_LIBC, use_errno=True)
 for _lib in (_libc, _libc_holding_gil):
     _lib.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     _lib.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _lib.mlock2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
 #: Ranges up to this size are (un)pinned without releasing the GIL.
 SHORT_CALL_BYTES = 16 << 20
+#: mlock2(2) flag: lock pages as they are faulted in, fault none in now.
+MLOCK_ONFAULT = 1
 
 
 def buffer_address(buffer: memoryview) -> int:
@@ -123,14 +126,18 @@ def pin_refused(code: int, length: int, what: str) -> RegistrationError:
         f"short of memory it can lock")
 
 
-def mlock(address: int, length: int) -> None:
-    """Lock ``length`` bytes at ``address`` into RAM.
+def mlock(address: int, length: int, *, on_fault: bool = False) -> None:
+    """Lock ``length`` bytes at ``address`` into RAM; ``on_fault``: each page when
+    it is first touched (MLOCK_ONFAULT), so that pages never read (holes) are
+    neither faulted in nor allocated.
 
     Raises:
         MemlockLimitError: refused by ``RLIMIT_MEMLOCK`` (ENOMEM / EPERM / EAGAIN).
         RegistrationError: any other failure.
     """
-    if _lib_for(length).mlock(address, length) != 0:
+    lib = _lib_for(length)
+    if (lib.mlock2(address, length, MLOCK_ONFAULT) if on_fault
+            else lib.mlock(address, length)) != 0:
         raise pin_refused(ctypes.get_errno(), length, "mlock")
 
 

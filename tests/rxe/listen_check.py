@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import xxhash
 from rdmamig.image import open_image
+from rdmamig.memory import content_digest
 
 RDMAMIG = [sys.executable, "-m", "rdmamig"]
 PORT = 18527
@@ -75,7 +75,7 @@ def main() -> None:
         check(listener.returncode == 130, f"listen exited {listener.returncode}: {err}")
         made = sorted(p for p in images.iterdir() if not p.name.startswith("."))
         check(len(made) == 2, f"images made: {[p.name for p in made]}; log: {err}")
-        sent_digest = xxhash.xxh3_128_digest(block.read_bytes())
+        sent_digest = content_digest(block.read_bytes())
         for path in made:
             image = open_image(path)
             check(image.verify() == [], f"{path} does not match its manifest")

@@ -26,7 +26,8 @@ class SpanPlan:
 
 
 def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
-              inline_limit: int, min_compress_run: int, fill_gaps_below: int = 0) -> SpanPlan:
+              inline_limit: int, min_compress_run: int, fill_gaps_below: int = 0,
+              populated: BoolArray | None = None) -> SpanPlan:
     """Decide, for every page of a span of chunks, how it travels.
 
     Args:
@@ -40,6 +41,8 @@ def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
         fill_gaps_below: in a chunk that is written, runs of fewer clean pages than
             this between written pages are written with them (at most
             ``min_compress_run``; 0: none).
+        populated: which of its pages hold data (None: all); the others are never
+            read, so never written: dirty ones go as COMPRESS, registered or not.
 
     A registered chunk goes whole as COMPRESS when all its pages are zero, else its
     dirty pages are written (PROTOCOL.md, "RAM transfer"). An unregistered chunk
@@ -54,6 +57,7 @@ def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
         raise ValueError(f"fill_gaps_below={fill_gaps_below} is over min_compress_run="
                          f"{min_compress_run}: a gap could hide a COMPRESS run")
     pages = len(dirty)
+    held = np.ones(pages, dtype=np.bool_) if populated is None else populated
     on_registered = per_page(registered, pages)
     zero_chunk = per_page(registered & ~any_per_chunk(nonzero), pages)
     unregistered_zero = ~on_registered & dirty & ~nonzero
@@ -62,12 +66,14 @@ def plan_span(dirty: BoolArray, nonzero: BoolArray, registered: BoolArray, *,
     on_inline = per_page(inline_chunk, pages)
     carried = (short_runs(unregistered_zero, shorter_than=min_compress_run,
                           period=PAGES_PER_CHUNK)
-               & per_page((new_data > 0) & ~inline_chunk, pages))
-    write = ((on_registered & ~zero_chunk & dirty)
+               & per_page((new_data > 0) & ~inline_chunk, pages) & held)
+    write = ((on_registered & ~zero_chunk & dirty & held)
              | (~on_registered & ~on_inline & dirty & (nonzero | carried)))
     if fill_gaps_below:
-        write |= interior_gaps(write, shorter_than=fill_gaps_below, period=PAGES_PER_CHUNK)
-    return SpanPlan(compress=zero_chunk | (unregistered_zero & ~carried), write=write,
+        write |= interior_gaps(write, shorter_than=fill_gaps_below,
+                               period=PAGES_PER_CHUNK) & held
+    holes = on_registered & ~zero_chunk & dirty & ~held
+    return SpanPlan(compress=zero_chunk | holes | (unregistered_zero & ~carried), write=write,
                     inline=on_inline & dirty & nonzero, writes_chunk=any_per_chunk(write))
 
 

@@ -323,12 +323,13 @@ class Source:
         for first_chunk, end_chunk in masks.runs_of_consecutive(window):
             first = first_chunk * PAGES_PER_CHUNK
             pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
-            nonzero = block.nonzero_pages(first, first + len(pages))
+            populated = block.populated_pages(first, first + len(pages))
+            nonzero = block.nonzero_pages(first, first + len(pages), populated=populated)
             chunks = [ChunkId(index, c) for c in range(first_chunk, end_chunk)]
             registered = self._registrar.registered(chunks)
             plan = masks.plan_span(pages, nonzero, registered, inline_limit=self._inline_pages,
                                    min_compress_run=MIN_COMPRESS_RUN,
-                                   fill_gaps_below=FILL_GAPS_BELOW)
+                                   fill_gaps_below=FILL_GAPS_BELOW, populated=populated)
             self.result.zero_pages += int(np.count_nonzero(plan.compress))
             self.result.duplicate_pages += int(np.count_nonzero(pages & ~nonzero))
             for run_start, run_end in masks.runs(plan.compress):

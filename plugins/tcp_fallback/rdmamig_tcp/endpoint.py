@@ -122,7 +122,9 @@ class TcpEndpoint(EndpointBase[memoryview]):
     def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
         view = self.byte_view(buffer)
         address = pinning.buffer_address(view)
-        pinning.mlock(address, view.nbytes)
+        # Memory only read (a write's source) is locked as it is read, as a read-only
+        # registration with on-demand paging would be: holes never read stay holes.
+        pinning.mlock(address, view.nbytes, on_fault=not remote_write)
         with self._keys:
             lkey = self._new_key(self._regions)
             rkey = self._new_key(self._by_rkey) if remote_write else 0

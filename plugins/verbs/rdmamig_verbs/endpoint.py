@@ -204,9 +204,10 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
         pv = self._pv
         view = self.byte_view(buffer)
         address = pinning.buffer_address(view)
-        access = pv.enums.IBV_ACCESS_LOCAL_WRITE
-        if remote_write:
-            access |= pv.enums.IBV_ACCESS_REMOTE_WRITE
+        # A write's source is only read: a read-only registration neither breaks
+        # copy-on-write (KSM-merged pages stay merged) nor asks for write access.
+        access = (pv.enums.IBV_ACCESS_LOCAL_WRITE | pv.enums.IBV_ACCESS_REMOTE_WRITE
+                  if remote_write else 0)
         try:
             mr = pv.mr.MR(self._pd, view.nbytes, access, address=address)
         except pv.pyverbs_error.PyverbsRDMAError as exc:

@@ -1,0 +1,133 @@
+"""Which pages of memory hold data, found without touching them.
+
+A page that is not populated reads as zero, but reading it through a mapping is
+not free: a hole of a tmpfs file (a VM's ``/dev/shm`` memory backend) is allocated
+by the read fault, and a registration pins it. So the source sends such pages as
+COMPRESS of zero without reading them, and the destination leaves them alone. The
+kernel says which pages hold data:
+
+* for a file, ``lseek(SEEK_DATA / SEEK_HOLE)`` (tmpfs and the usual disk
+  filesystems answer per page or block; others report the whole file as data);
+* for a private anonymous mapping, ``/proc/self/pagemap``: a page neither present
+  (bit 63) nor swapped (bit 62) was never written or was given back (MADV_DONTNEED,
+  a balloon). For a shared mapping a page absent from the page table may still
+  hold data, so only private anonymous memory is judged by pagemap.
+
+Anything else is taken as populated: the rules only ever skip a page the kernel
+vouches for.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .wire import PAGE_BYTES as PAGE_SIZE
+
+BoolArray = npt.NDArray[np.bool_]
+
+#: pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+PRESENT = np.uint64(1 << 63)
+SWAPPED = np.uint64(1 << 62)
+
+
+class Residency(Protocol):
+    """Tells which pages of a block hold data."""
+
+    #: What the answers rest on, for reports and logs.
+    kind: str
+
+    def pages(self, first: int, last: int) -> BoolArray:
+        """Which pages in ``[first, last)`` (of the block) may hold data."""
+
+
+class Everything:
+    """Memory the kernel cannot vouch for: every page is taken as populated."""
+
+    kind = "none"
+
+    def pages(self, first: int, last: int) -> BoolArray:
+        return np.ones(last - first, dtype=np.bool_)
+
+
+class FileExtents:
+    """A file's data, by ``lseek(SEEK_DATA / SEEK_HOLE)`` on ``fd`` (not owned)."""
+
+    kind = "file extents"
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def pages(self, first: int, last: int) -> BoolArray:
+        start, end = first * PAGE_SIZE, last * PAGE_SIZE
+        mask = np.zeros(last - first, dtype=np.bool_)
+        for data, hole in data_extents(self._fd, start, end):
+            # A page partly inside an extent holds data.
+            mask[(data - start) // PAGE_SIZE:-(-(hole - start) // PAGE_SIZE)] = True
+        return mask
+
+
+class PrivateAnonymous:
+    """Private anonymous memory at ``address``, by this process's pagemap."""
+
+    kind = "pagemap"
+
+    def __init__(self, address: int) -> None:
+        self._first_page = address // PAGE_SIZE
+
+    def pages(self, first: int, last: int) -> BoolArray:
+        entries = np.zeros(last - first, dtype=np.uint64)
+        if len(entries):
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.preadv(fd, [entries.data], (self._first_page + first) * 8)
+            finally:
+                os.close(fd)
+        return np.asarray(entries & (PRESENT | SWAPPED) != 0, dtype=np.bool_)
+
+
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """``[data, hole)`` byte ranges of the file ``fd`` that hold data within
+    ``[start, end)``; the whole range when the filesystem cannot tell."""
+    extents: list[tuple[int, int]] = []
+    at = start
+    while at < end:
+        try:
+            data = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here to the end of the file
+                break
+            return [(start, end)]
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        extents.append((data, min(hole, end)))
+        at = hole
+    return extents
+
+
+def is_private_anonymous(address: int, length: int, *, maps: str | None = None) -> bool:
+    """Whether ``[address, address + length)`` lies wholly in private anonymous
+    mappings of this process (``maps``: the text of ``/proc/self/maps``)."""
+    if maps is None:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    end, covered = address + length, address
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if high <= covered:
+            continue
+        if low > covered:  # a gap: not mapped at all
+            return False
+        path = fields[5] if len(fields) > 5 else ""
+        if fields[1][3] != "p" or fields[4] != "0" or path.startswith("/"):
+            return False
+        covered = high
+        if covered >= end:
+            return True
+    return False
