@@ -65,6 +65,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
                         "--report", report.format("lru")],
         "device": [python, "tests/rxe/device_check.py", host, "rxe0"],
         "listen-service": [python, "tests/rxe/listen_check.py", host],
+        "sparse": [python, "tests/rxe/sparse_check.py", host],
         "memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
                     "prlimit", "--memlock=8388608:8388608", python, "tests/rxe/memlock_check.py"],
         "migrate-memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
