@@ -181,10 +181,14 @@ class RamBlock:
             populated = self.populated_pages(first_page, last_page)
         if populated.all():
             return _nonzero(pages)
-        nonzero = np.zeros(len(pages), dtype=np.bool_)
+        # Gathering whole pages would copy them: gather first words, then only the
+        # pages whose first word is zero.
         held = np.flatnonzero(populated)
-        if len(held):
-            nonzero[held] = _nonzero(pages[held])
+        nonzero = np.zeros(len(pages), dtype=np.bool_)
+        nonzero[held] = pages[held, 0] != 0
+        undecided = held[~nonzero[held]]
+        if len(undecided):
+            nonzero[undecided] = pages[undecided].any(axis=1)
         return nonzero
 
     def reads_zero(self, start: int, length: int) -> bool:
