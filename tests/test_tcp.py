@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from rdmamig.caps import Capability, PrivateData
 from rdmamig.errors import TransportError
@@ -282,3 +286,33 @@ def test_a_peer_that_stops_reading_fails_a_send_instead_of_blocking_it(
         endpoint.deregister(region=region)
     accepted[0].close()
     server.close()
+
+
+def _file_pages(mapping: mmap.mmap) -> int:
+    """How many pages of ``mapping`` are present and a file's, by this process's
+    pagemap (bits 63 and 61)."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    entries = np.zeros(len(mapping) // 4096, dtype=np.uint64)
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        os.preadv(fd, [entries.data], address // 4096 * 8)
+    finally:
+        os.close(fd)
+    both = np.uint64(0xA000_0000_0000_0000)
+    return int(np.count_nonzero(entries & both == both))
+
+
+def test_a_write_source_is_locked_without_copying_its_pages() -> None:
+    # Locking a private writable mapping at once (mlock) breaks copy-on-write: a
+    # file's pages (or KSM-merged ones) are replaced by copies, holes are filled.
+    # A write's source is locked as it is read instead (MLOCK_ONFAULT).
+    data = os.urandom(2 << 20)
+    with tempfile.TemporaryFile() as file:
+        file.write(data)
+        file.flush()
+        local = mmap.mmap(file.fileno(), len(data), flags=mmap.MAP_PRIVATE)
+    with connected_pair(TcpBackend(), requested=Capability(0)) as (src, _dst):
+        assert local[:] == data and _file_pages(local) == 512  # read: the file's pages
+        region = src.register(buffer=memoryview(local), remote_write=False)
+        assert _file_pages(local) == 512
+        src.deregister(region=region)

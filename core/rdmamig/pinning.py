@@ -13,6 +13,8 @@ import os
 import re
 import resource
 
+import numpy as np
+
 from .errors import MemlockLimitError, RegistrationError
 
 # libc through the process itself (dlopen(NULL)): find_library runs ldconfig, a
@@ -33,16 +35,16 @@ SHORT_CALL_BYTES = 16 << 20
 MLOCK_ONFAULT = 1
 
 
-def buffer_address(buffer: memoryview) -> int:
-    """Virtual address of the first byte of a writable, contiguous buffer."""
-    if buffer.readonly:
-        raise RegistrationError("cannot register read-only memory")
+def buffer_address(buffer: memoryview, *, writable: bool = True) -> int:
+    """Virtual address of the first byte of a contiguous buffer, which must be
+    writable if ``writable`` (memory that is only read, a write's source, need not)."""
+    if writable and buffer.readonly:
+        raise RegistrationError("cannot register read-only memory for writing")
     if not buffer.c_contiguous:
         raise RegistrationError("cannot register non-contiguous memory")
     if buffer.nbytes == 0:
         raise RegistrationError("cannot register an empty range")
-    flat = buffer.cast("B")
-    return ctypes.addressof(ctypes.c_char.from_buffer(flat))
+    return int(np.frombuffer(buffer.cast("B"), dtype=np.uint8).ctypes.data)
 
 
 def locked_bytes() -> int:

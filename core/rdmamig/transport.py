@@ -101,11 +101,14 @@ class MemoryRegistry(abc.ABC):
 
     @abc.abstractmethod
     def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
-        """Pin ``buffer`` (writable, contiguous) and return its keys.
+        """Pin ``buffer`` (contiguous) and return its keys.
 
         Args:
-            buffer: the memory; it must stay alive until deregistered.
-            remote_write: whether the peer may write into it (gets an rkey).
+            buffer: the memory; it must stay alive until deregistered. Without
+                ``remote_write`` it is only read (a write's source): it may be
+                read-only, and it is registered for reading only.
+            remote_write: whether the peer may write into it (gets an rkey; the
+                memory must be writable).
 
         Raises:
             MemlockLimitError: pinning would exceed ``RLIMIT_MEMLOCK``.

@@ -121,7 +121,7 @@ class TcpEndpoint(EndpointBase[memoryview]):
 
     def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
         view = self.byte_view(buffer)
-        address = pinning.buffer_address(view)
+        address = pinning.buffer_address(view, writable=remote_write)
         # Memory only read (a write's source) is locked as it is read, as a read-only
         # registration with on-demand paging would be: holes never read stay holes.
         pinning.mlock(address, view.nbytes, on_fault=not remote_write)

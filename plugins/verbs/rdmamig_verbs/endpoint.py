@@ -203,7 +203,7 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
     def register(self, *, buffer: memoryview, remote_write: bool) -> MemoryRegion:
         pv = self._pv
         view = self.byte_view(buffer)
-        address = pinning.buffer_address(view)
+        address = pinning.buffer_address(view, writable=remote_write)
         # A write's source is only read: a read-only registration neither breaks
         # copy-on-write (KSM-merged pages stay merged) nor asks for write access.
         access = (pv.enums.IBV_ACCESS_LOCAL_WRITE | pv.enums.IBV_ACCESS_REMOTE_WRITE
