@@ -215,6 +215,41 @@ def test_ram_that_does_not_fit_the_free_space_is_refused(tmp_path: Path) -> None
         assert_serves(listener)
 
 
+def test_a_full_disk_fails_its_migrations_and_never_the_listener(small_disk: Path) -> None:
+    with service(small_disk / "images", "--max-ram", "1G") as listener:
+        session, remote, endpoint = _hand_source(listener.port, [("mem", 20 * MiB)])
+        with endpoint:
+            # Alone it would fit; beside the first one's 20 MiB it does not.
+            peer = RawPeer(listener.port)
+            peer.hello()
+            declare(peer, [("mem", 20 * MiB)])
+            assert peer.is_closed_by_peer(30)
+            peer.close()
+            assert ("beside the 20971520 bytes other migrations into it may fill"
+                    in listener.wait_for_log("failed"))
+            # Something else fills the disk under the first one: its stores find no
+            # room, which is its failure (a store into a mapped file with no room
+            # would be a SIGBUS: the end of the listener and of every migration).
+            (small_disk / "filler").write_bytes(b"x" * 16 * MiB)
+            with pytest.raises(PeerAbortedError, match="no room for"):
+                session.exchange_send(wire.Compress(entries=(wire.CompressRange(
+                    value=1, block_idx=0, offset=remote[0].offset, length=20 * MiB),)))
+                session.exchange_send(wire.RegisterFinished())
+        assert "No space left on device" in listener.wait_for_log("no room for")
+        # The same for a registration: the room for the peer's writes is made first.
+        session, remote, endpoint = _hand_source(listener.port, [("mem", 12 * MiB)])
+        with endpoint:
+            (small_disk / "filler2").write_bytes(b"x" * 8 * MiB)
+            with pytest.raises(PeerAbortedError, match="no room for 12582912 bytes"):
+                session.exchange_send(wire.RegisterRequest(entries=(wire.Register.covering(
+                    key=remote[0].offset, current_index=0, count=12),)),
+                    reply=wire.Command.REGISTER_RESULT)
+        assert listener.process.poll() is None
+        for filler in ("filler", "filler2"):
+            (small_disk / filler).unlink()
+        assert_serves(listener)
+
+
 def test_names_that_look_like_the_images_own_files_change_nothing_of_it(
         tmp_path: Path) -> None:
     with service(tmp_path / "images") as listener:

@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -236,6 +237,47 @@ def check_new_image(path: Path) -> None:
         raise ConfigurationError(f"{path.parent} is not a directory")
 
 
+class DiskSpace:
+    """The free space of one filesystem, shared by every image written into it at
+    once (a listener's sessions): each writer claims the bytes its blocks may fill,
+    and a claim is granted only if the free space, plus what the claimants have
+    allocated already, holds every claim. Thread-safe.
+
+    Args:
+        directory: a directory on the filesystem.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._claims: dict[ImageWriter, int] = {}
+
+    def claim(self, writer: ImageWriter, length: int) -> None:
+        """Claim ``length`` bytes more for ``writer``.
+
+        Raises:
+            ImageError: they do not fit beside the other claims.
+        """
+        with self._lock:
+            stats = os.statvfs(self.directory)
+            free = stats.f_bavail * stats.f_frsize
+            filled = sum(w.allocated_bytes() for w in self._claims)
+            claimed = sum(self._claims.values()) + length
+            if claimed > free + filled:
+                others = claimed - self._claims.get(writer, 0) - length
+                raise ImageError(
+                    f"{self._claims.get(writer, 0) + length} bytes of RAM blocks do not fit "
+                    f"the {free + filled - others} bytes free in {self.directory}"
+                    + (f" beside the {others} bytes other migrations into it may fill"
+                       if others else ""))
+            self._claims[writer] = self._claims.get(writer, 0) + length
+
+    def release(self, writer: ImageWriter) -> None:
+        """Drop ``writer``'s claim (committed: its blocks are on disk; or removed)."""
+        with self._lock:
+            self._claims.pop(writer, None)
+
+
 class ImageWriter:
     """Writes an image: blocks are added sparse (all zero) under a staging name,
     filled by the caller, and :meth:`commit` records their digests and renames the
@@ -244,13 +286,15 @@ class ImageWriter:
     Args:
         path: where the image goes; it must not exist.
         blocks: (name, length, guest address or None) of blocks to add now.
+        space: the account of the filesystem's free space this image shares with
+            others written at the same time (by default, one of its own).
 
     Raises:
         ConfigurationError: ``path`` exists, or its parent does not.
     """
 
-    def __init__(self, path: Path,
-                 blocks: Sequence[tuple[str, int, int | None]] = ()) -> None:
+    def __init__(self, path: Path, blocks: Sequence[tuple[str, int, int | None]] = (), *,
+                 space: DiskSpace | None = None) -> None:
         check_new_image(path)
         self.path = path
         # The pid says whose it is: a later listener removes it if we were killed.
@@ -260,9 +304,7 @@ class ImageWriter:
         self._state = b""
         self._committed = False
         os.mkdir(self.staging, 0o700)
-        stats = os.statvfs(self.staging)
-        self._free = stats.f_bavail * stats.f_frsize
-        self._declared = 0
+        self._space = space or DiskSpace(path.parent)
         try:
             os.mkdir(self.staging / BLOCKS, 0o700)
             for name, length, addr in blocks:
@@ -276,12 +318,9 @@ class ImageWriter:
 
         Raises:
             ImageError: the blocks so far would not fit the disk's free space, were
-                they filled.
+                they filled (with what other images sharing ``space`` may fill).
         """
-        self._declared += length
-        if self._declared > self._free:
-            raise ImageError(f"{self._declared} bytes of RAM blocks do not fit the "
-                             f"{self._free} bytes free in {self.path.parent}")
+        self._space.claim(self, length)
         file = self.staging / block_file(len(self.blocks))
         fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -293,6 +332,10 @@ class ImageWriter:
         self.blocks.append(block)
         self._addrs.append(addr)
         return block
+
+    def allocated_bytes(self) -> int:
+        """Bytes the image's block files have allocated so far."""
+        return sum(block.allocated_bytes() for block in self.blocks)
 
     def __enter__(self) -> ImageWriter:
         return self
@@ -345,6 +388,7 @@ class ImageWriter:
                                      f"it is left as it was") from None
         _fsync_dir(self.path.parent)
         self._committed = True
+        self._space.release(self)
         return Image(self.path, manifest)
 
     def commit_from(self, origin: dict[str, Any] | None, *,
@@ -369,6 +413,7 @@ class ImageWriter:
     def abort(self) -> None:
         """Remove the staging directory and everything in it."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        self._space.release(self)
 
 
 def remove_stale_staging(directory: Path, image: str = "*") -> list[Path]:

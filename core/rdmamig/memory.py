@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from .errors import ImageError
 from .populated import Everything, FileExtents, PrivateAnonymous, Residency, is_private_anonymous
 from .wire import CHUNK_SIZE
 
@@ -58,7 +59,8 @@ class RamBlock:
         self.chunks = -(-self.length // CHUNK_SIZE)
         self.array = np.frombuffer(view, dtype=np.uint8)
         self._owner = owner  # keeps a mapping alive as long as the block
-        self._file_backed = False
+        #: The file of a file-backed block (open as long as the block), else None.
+        self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = np.ones(self.pages, dtype=np.bool_)
         if residency is None:
@@ -106,7 +108,7 @@ class RamBlock:
         # The descriptor stays open for SEEK_DATA / SEEK_HOLE, as long as the block.
         block = cls(name, mapping, owner=mapping, residency=FileExtents(fd))
         weakref.finalize(block, os.close, fd)
-        block._file_backed = True
+        block._fd = fd
         return block
 
     def prefault(self, offset: int, length: int) -> None:
@@ -117,10 +119,31 @@ class RamBlock:
             with contextlib.suppress(OSError, ValueError):
                 self._owner.madvise(_MADV_POPULATE_WRITE, offset, length)
 
+    def allocate(self, offset: int, length: int) -> None:
+        """Give a file-backed block's file the disk space of ``length`` bytes at
+        ``offset`` before they are stored through the mapping: a store into a
+        mapped file the disk has no room for is a SIGBUS, which no caller can
+        handle; this is an error instead. Nothing for anonymous memory.
+
+        Raises:
+            ImageError: the filesystem refused (full, over a quota, an I/O error).
+        """
+        if self._fd is not None and length > 0:
+            try:
+                os.posix_fallocate(self._fd, offset, length)
+            except OSError as exc:
+                raise ImageError(f"RAM block {self.name!r}: no room for {length} bytes at "
+                                 f"offset {offset}: {exc.strerror}") from None
+
+    def allocated_bytes(self) -> int:
+        """Bytes a file-backed block's file has allocated on its filesystem (0 for
+        anonymous memory)."""
+        return os.fstat(self._fd).st_blocks * 512 if self._fd is not None else 0
+
     def flush(self) -> None:
         """Write a file-backed block's pages to its file and wait for the disk
         (msync); nothing for anonymous memory."""
-        if self._file_backed and isinstance(self._owner, mmap.mmap):
+        if self._fd is not None and isinstance(self._owner, mmap.mmap):
             self._owner.flush()
 
     # ------------------------------------------------------------ dirty tracking

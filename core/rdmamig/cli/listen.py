@@ -28,7 +28,7 @@ from typing import Any
 from ..auth import PreSharedKey, load_key
 from ..engine import Destination, RamBlock
 from ..errors import ConfigurationError, TransportError
-from ..image import ImageWriter, check_new_image, remove_stale_staging
+from ..image import DiskSpace, ImageWriter, check_new_image, remove_stale_staging
 from ..limits import Limits, physical_memory
 from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
@@ -62,6 +62,8 @@ class _Service:
                              max_pinned=args.max_pinned)
         #: Writes one event of any migration (``--events``), or None.
         self.events: Callable[[Event], None] | None = None
+        #: One account of the free space for every migration at once.
+        self.space = DiskSpace(args.into.parent if args.once else args.into)
 
     def receive(self, endpoint: Endpoint, into: Path, number: int = 1, *,
                 display: bool = False) -> dict[str, Any]:
@@ -79,7 +81,7 @@ class _Service:
 
         def make_block(name: str, length: int) -> RamBlock:
             nonlocal writer
-            writer = writer or ImageWriter(into)
+            writer = writer or ImageWriter(into, space=self.space)
             return writer.add_block(name, length)
 
         def keep(destination: Destination) -> None:
@@ -175,11 +177,12 @@ def destination_display(shown: bool, monitor: Monitor) -> Iterator[None]:
 
 
 def _allow_open_files(sessions: int, blocks: int) -> None:
-    """Raise the soft RLIMIT_NOFILE to the hard one: a mapped block keeps a file
-    descriptor (Python's mmap holds a copy of it), so ``sessions`` migrations of up
-    to ``blocks`` blocks need that many and more."""
+    """Raise the soft RLIMIT_NOFILE to the hard one: a mapped block keeps two file
+    descriptors (Python's mmap holds a copy of one, the block the other, for
+    SEEK_DATA and fallocate), so ``sessions`` migrations of up to ``blocks`` blocks
+    need twice that many and more."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = sessions * (blocks + 16) + 64
+    needed = sessions * (2 * blocks + 16) + 64
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         if hard != resource.RLIM_INFINITY and hard < needed:

@@ -298,6 +298,7 @@ class Destination:
             regions: list[MemoryRegion] = []
             try:
                 for block in self.blocks:
+                    block.allocate(0, block.length)
                     regions.append(self.endpoint.register(buffer=block.view, remote_write=True))
             finally:
                 self.grants.add_whole(regions)  # released with the rest, whatever happens
@@ -340,6 +341,8 @@ class Destination:
         if region is None:
             end = min((first + count) * CHUNK_SIZE, block.length)
             self._check_pin_cap(end - first * CHUNK_SIZE)
+            # The peer's writes land without us: their room is made now.
+            block.allocate(first * CHUNK_SIZE, end - first * CHUNK_SIZE)
             region = self.endpoint.register(buffer=block.view[first * CHUNK_SIZE:end],
                                             remote_write=True)
             self.grants.add(entry.current_index, first, count, region)
@@ -368,6 +371,7 @@ class Destination:
         # As QEMU's ram_handle_zero: memory that already reads as zero (pre-faulted
         # RAM, mostly) is only read, not written over.
         if entry.value != 0 or not block.reads_zero(start, entry.length):
+            block.allocate(start, entry.length)
             block.array[start:start + entry.length] = entry.value
         self.result.zero_pages += entry.length // wire.PAGE_BYTES if entry.value == 0 else 0
 
@@ -378,6 +382,7 @@ class Destination:
             raise RemoteProtocolError(
                 f"offset={page.offset:#x}: PAGES entry is not a page of RAM block "
                 f"{page.block_idx} ({block.name}, {block.length} bytes)")
+        block.allocate(start, wire.PAGE_BYTES)
         block.view[start:start + wire.PAGE_BYTES] = page.data
         self.result.inline_pages += 1
 

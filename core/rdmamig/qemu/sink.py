@@ -29,6 +29,7 @@ class BlockSink:
     def pages(self, block: int, numbers: npt.NDArray[np.uint64],
               data: npt.NDArray[np.uint8]) -> None:
         first = int(numbers[0])
+        self._allocate(block, numbers)
         if len(numbers) > 1 and bool((np.diff(numbers) == 1).all()):
             # Consecutive pages (a bulk round is in address order): fault the span in
             # at once and copy it as one slice.
@@ -42,6 +43,15 @@ class BlockSink:
              fills: npt.NDArray[np.uint8]) -> None:
         touch = self._written[block][numbers] | (fills != 0)
         if touch.any():
+            self._allocate(block, numbers[touch])
             self._pages[block][numbers[touch]] = fills[touch, None]
             self._written[block][numbers[fills != 0]] = True
 
+
+    def _allocate(self, block: int, numbers: npt.NDArray[np.uint64]) -> None:
+        """Make room for pages ``numbers`` before they are stored (a file-backed
+        block's file, :meth:`RamBlock.allocate`), a run of consecutive ones at a time."""
+        pages = numbers.astype(np.int64)
+        breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+        for run in np.split(pages, breaks):
+            self._blocks[block].allocate(int(run[0]) * PAGE_SIZE, len(run) * PAGE_SIZE)
