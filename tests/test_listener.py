@@ -167,6 +167,41 @@ def test_with_a_key_a_source_without_it_is_refused_before_anything_is_made(
         assert_serves(listener, key=PreSharedKey(KEY))
 
 
+def test_strangers_that_ask_for_auth_and_stay_silent_keep_no_source_out(
+        tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    key_file.chmod(0o600)
+    with service(tmp_path / "images", "--psk-file", str(key_file), "--max-sessions", "2",
+                 "--max-pending", "8") as listener:
+        # Twenty: more than the slots and the pending places together. They prove
+        # nothing, so they hold no slot, and the oldest make room for newcomers.
+        strangers = []
+        for _ in range(20):
+            peer = RawPeer(listener.port, timeout=60)
+            assert peer.hello(SOURCE_DEFAULTS | Capability.AUTH) & Capability.AUTH
+            strangers.append(peer)
+        assert_serves(listener, key=PreSharedKey(KEY))
+        assert "wait to authenticate (--max-pending): closed the oldest" in (
+            listener.wait_for_log("--max-pending"))
+        assert sum(peer.is_closed_by_peer(30) for peer in strangers[:12]) == 12
+        for peer in strangers:
+            peer.close()
+
+
+def test_authentication_has_a_deadline_of_its_own(tmp_path: Path) -> None:
+    with service(tmp_path / "images", "--timeout", "120", "--auth-timeout", "1",
+                 env={"RDMAMIG_PSK": KEY.decode()}) as listener:
+        peer = RawPeer(listener.port, timeout=60)
+        peer.hello(SOURCE_DEFAULTS | Capability.AUTH)
+        started = time.monotonic()
+        assert peer.is_closed_by_peer(60)
+        assert time.monotonic() - started < 30  # not --timeout's 120 s
+        peer.close()
+        listener.wait_for_log("failed")
+        assert_serves(listener, key=PreSharedKey(KEY))
+
+
 def test_a_proof_replayed_from_another_connection_is_refused(tmp_path: Path) -> None:
     with service(tmp_path / "images", env={"RDMAMIG_PSK": KEY.decode()}) as listener:
         # The destination's proof for a nonce of our choosing is of no use as the

@@ -165,13 +165,15 @@ def receive_on(endpoint: Endpoint, *, timeout: float,
                make_block: Callable[[str, int], RamBlock] | None = None,
                limits: Limits | None = None, key: PreSharedKey | None = None,
                keep: Callable[[Destination], None] | None = None,
-               monitor: Monitor | None = None) -> Destination:
+               monitor: Monitor | None = None, auth_timeout: float | None = None,
+               admit: Callable[[], None] | None = None) -> Destination:
     """Receive the migration of an accepted source into ``blocks`` (or blocks made
     by ``make_block``), closing ``endpoint`` at the end. The destination's
     ``result`` says how it ended (``error`` when it failed); see
     :class:`~rdmamig.engine.Destination` for the other arguments."""
     destination = Destination(endpoint, blocks=blocks, make_block=make_block, timeout=timeout,
-                              limits=limits, key=key, keep=keep, monitor=monitor)
+                              limits=limits, key=key, keep=keep, monitor=monitor,
+                              auth_timeout=auth_timeout, admit=admit)
     with endpoint, contextlib.suppress(MigrationError):  # destination.result holds the reason
         destination.run()
     return destination

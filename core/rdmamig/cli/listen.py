@@ -27,7 +27,7 @@ from typing import Any
 
 from ..auth import PreSharedKey, load_key
 from ..engine import Destination, RamBlock
-from ..errors import ConfigurationError, TransportError
+from ..errors import ConfigurationError, RefusedError, TransportError
 from ..image import DiskSpace, ImageWriter, check_new_image, remove_stale_staging
 from ..limits import Limits, physical_memory
 from ..migration import available_backend, listen, receive_on
@@ -66,9 +66,11 @@ class _Service:
         self.space = DiskSpace(args.into.parent if args.once else args.into)
 
     def receive(self, endpoint: Endpoint, into: Path, number: int = 1, *,
-                display: bool = False) -> dict[str, Any]:
+                display: bool = False,
+                admit: Callable[[], None] | None = None) -> dict[str, Any]:
         """Receive migration ``number`` into a new image at ``into`` (with a live
-        display on a terminal, if ``display``): its report."""
+        display on a terminal, if ``display``; once ``admit`` lets the source in):
+        its report."""
         args = self.args
         monitor = Monitor(total_bytes=0, max_downtime=0.0)
         write = self.events
@@ -97,7 +99,8 @@ class _Service:
             with destination_display(display and not args.quiet, monitor):
                 destination = receive_on(endpoint, timeout=args.timeout,
                                          make_block=make_block, limits=self.limits,
-                                         key=self.key, keep=keep, monitor=monitor)
+                                         key=self.key, keep=keep, monitor=monitor,
+                                         auth_timeout=args.auth_timeout, admit=admit)
         finally:
             if writer is not None:
                 writer.close()  # removes the staging files of what was not kept
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             return finish(args, service.receive(endpoint, args.into, display=True))
         if listener.concurrent:
             with listener:
-                _serve(service, listener, args.max_sessions)
+                _serve(service, listener, _Admission(
+                    sessions=args.max_sessions, pending=args.max_pending, wait=args.timeout))
         else:
             _serve_one_at_a_time(service, listener,
                                  lambda: listen(backend, host, bound, key=key))
@@ -199,34 +203,106 @@ def _check_image_directory(path: Path) -> None:
         raise ConfigurationError(f"{path} is not a directory")
 
 
-def _serve(service: _Service, listener: Listener, sessions: int) -> None:
-    """Accept and serve sources, ``sessions`` at a time, until interrupted; then
-    break off the migrations still running (their staging files go) and return."""
-    slots = threading.BoundedSemaphore(sessions)
+class _Admission:
+    """Who may hold one of ``sessions`` migration slots: a connection gets one only
+    once it has proven the key (without a key: once its handshake is complete).
+    Until it has one it is pending, among at most ``pending``: when they are all
+    there, the oldest that has proven nothing is closed to make room for a
+    newcomer, and a newcomer is closed only when every pending one has proven
+    itself (and waits for a slot, at most ``wait`` seconds). Strangers that connect
+    and stay silent can thus neither take a slot nor keep a source out."""
+
+    def __init__(self, *, sessions: int, pending: int, wait: float | None) -> None:
+        self.sessions = sessions
+        self._pending_max = pending
+        self._wait = wait
+        self._slots = threading.BoundedSemaphore(sessions)
+        self._lock = threading.Lock()
+        #: Pending connections by number, oldest first, and whether each is proven.
+        self._pending: dict[int, tuple[Endpoint, bool]] = {}
+        self._admitted: set[int] = set()
+
+    def arrive(self, number: int, endpoint: Endpoint) -> bool:
+        """Count connection ``number`` as pending; False if there is no room (it is
+        closed)."""
+        with self._lock:
+            if len(self._pending) >= self._pending_max:
+                unproven = [n for n, (_, proven) in self._pending.items() if not proven]
+                if not unproven:
+                    log.warning("connection %d closed: %d proven sources wait for a slot "
+                                "already (--max-pending)", number, len(self._pending))
+                    endpoint.close()
+                    return False
+                oldest, _ = self._pending.pop(unproven[0])
+                log.warning("%d connections wait to authenticate (--max-pending): closed "
+                            "the oldest (%d) for connection %d", self._pending_max,
+                            unproven[0], number)
+                oldest.close()
+            self._pending[number] = (endpoint, False)
+            return True
+
+    def admit(self, number: int) -> None:
+        """Connection ``number`` has proven itself: wait for a slot.
+
+        Raises:
+            RefusedError: it was closed meanwhile, or no slot came free in time.
+        """
+        with self._lock:
+            entry = self._pending.get(number)
+            if entry is None:
+                raise RefusedError("closed to make room for other connections")
+            self._pending[number] = (entry[0], True)
+        try:
+            if not self._slots.acquire(blocking=False):
+                log.info("migration %d waits: %d migrations at once (--max-sessions)",
+                         number, self.sessions)
+                if not self._slots.acquire(timeout=self._wait):
+                    raise RefusedError(f"this listener is busy: {self.sessions} migrations "
+                                       f"at once (--max-sessions)")
+            with self._lock:
+                self._admitted.add(number)
+        finally:
+            with self._lock:
+                self._pending.pop(number, None)
+
+    def leave(self, number: int) -> None:
+        """Connection ``number`` is over: its place or its slot is free."""
+        with self._lock:
+            self._pending.pop(number, None)
+            admitted = number in self._admitted
+            self._admitted.discard(number)
+        if admitted:
+            self._slots.release()
+
+
+def _serve(service: _Service, listener: Listener, admission: _Admission) -> None:
+    """Accept and serve sources until interrupted (``admission`` says which become
+    migrations); then break off the migrations still running (their staging files
+    go) and return."""
     running: dict[int, tuple[threading.Thread, Endpoint]] = {}
     lock = threading.Lock()
     numbers = itertools.count(1)
 
     def serve(number: int, endpoint: Endpoint) -> None:
         try:
-            _serve_migration(service, number, endpoint)
+            _serve_migration(service, number, endpoint,
+                             admit=lambda: admission.admit(number))
         finally:
             with lock:
                 running.pop(number, None)
-            slots.release()
+            admission.leave(number)
 
     try:
         while True:
-            while not slots.acquire(timeout=_POLL_SECONDS):
-                pass
             try:
                 endpoint = _accept(listener)
             except TransportError as exc:
                 log.warning("accept failed: %s", exc)
-                slots.release()
                 time.sleep(_POLL_SECONDS)
                 continue
             number = next(numbers)
+            if not admission.arrive(number, endpoint):
+                continue
             thread = threading.Thread(target=serve, args=(number, endpoint),
                                       name=f"rdmamig-migration-{number}", daemon=True)
             with lock:
@@ -267,12 +343,14 @@ def _serve_one_at_a_time(service: _Service, listener: Listener,
         listener = relisten()
 
 
-def _serve_migration(service: _Service, number: int, endpoint: Endpoint) -> None:
-    """Migration ``number`` of a service, into a new image; its outcome logged,
-    whatever it is (it is not the service's), its connection closed."""
+def _serve_migration(service: _Service, number: int, endpoint: Endpoint, *,
+                     admit: Callable[[], None] | None = None) -> None:
+    """Migration ``number`` of a service, into a new image (once ``admit`` lets it
+    in); its outcome logged, whatever it is (it is not the service's), its
+    connection closed."""
     into = _image_path(service.args.into, number)
     try:
-        report = service.receive(endpoint, into, number)
+        report = service.receive(endpoint, into, number, admit=admit)
         if report["succeeded"]:
             log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
                      report["verification"], report["ram_bytes"] >> 20,
@@ -302,6 +380,14 @@ def add_verb(verbs: Any) -> None:
                          help="receive one migration, then exit with its outcome")
     listen_.add_argument("--max-sessions", type=whole_number(1, 64), default=4, metavar="N",
                          help="migrations received at once (default 4; verbs serves one)")
+    listen_.add_argument("--max-pending", type=whole_number(1, 1024), default=32, metavar="N",
+                         help="connections that may wait to authenticate or for a slot "
+                              "(default 32); when full, the oldest that has proven nothing "
+                              "is closed")
+    listen_.add_argument("--auth-timeout", type=parse_seconds, default=10.0,
+                         metavar="SECONDS",
+                         help="seconds a source has for each authentication message "
+                              "(default 10; --timeout after it)")
     listen_.add_argument("--max-ram", type=parse_size, metavar="BYTES",
                          help="most RAM one migration may declare (default: this "
                               "machine's memory)")

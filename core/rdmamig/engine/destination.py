@@ -107,6 +107,11 @@ class Destination:
             verified, before the source is told it is done; it makes the migration
             durable. What it raises (RdmamigError, OSError) fails the migration.
         monitor: hears the destination's status and passes (:mod:`rdmamig.status`).
+        auth_timeout: seconds each of the source's authentication messages may take
+            (default ``timeout``): a peer that proves nothing is not waited for long.
+        admit: called once the source has proven the key (without a key, at once),
+            before anything else is received; it may wait for room or refuse
+            (RefusedError): a listener counts only such sources as sessions.
     """
 
     def __init__(self, endpoint: Endpoint, *, blocks: Sequence[RamBlock] | None = None,
@@ -114,7 +119,8 @@ class Destination:
                  started_at: float | None = None, limits: Limits | None = None,
                  key: PreSharedKey | None = None,
                  keep: Callable[[Destination], None] | None = None,
-                 monitor: Monitor | None = None) -> None:
+                 monitor: Monitor | None = None, auth_timeout: float | None = None,
+                 admit: Callable[[], None] | None = None) -> None:
         if blocks is None and make_block is None:
             raise ValueError("give the destination blocks or a make_block factory")
         self.endpoint = endpoint
@@ -125,6 +131,8 @@ class Destination:
         self.limits = limits or Limits()
         self._key = key
         self._keep = keep
+        self._auth_timeout = auth_timeout
+        self._admit = admit
         self.monitor = monitor or Monitor(total_bytes=0, max_downtime=0.0)
         self.blocks: list[RamBlock] = []
         self._offsets: list[int] = []
@@ -149,7 +157,9 @@ class Destination:
             if self._key is not None:
                 if not self.endpoint.capabilities & Capability.AUTH:
                     raise AuthenticationError("the source did not authenticate")
-                authenticate_destination(self.session, self._key)
+                self._authenticate(self._key)
+            if self._admit is not None:
+                self._admit()
             self._receive()
             self._release_all()  # no write lands after this
             if self.endpoint.capabilities & Capability.VERIFY:
@@ -169,6 +179,15 @@ class Destination:
                 self.monitor.set_status(Status.FAILED, str(error))
         self.monitor.set_status(Status.COMPLETED)
         return self.result
+
+    def _authenticate(self, key: PreSharedKey) -> None:
+        timeout = self.session.timeout
+        if self._auth_timeout is not None:
+            self.session.timeout = self._auth_timeout
+        try:
+            authenticate_destination(self.session, key)
+        finally:
+            self.session.timeout = timeout
 
     def _receive(self) -> None:
         reader = QemuFileReader(self._fill)
