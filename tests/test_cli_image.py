@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from rdmamig.convert import import_stream
 from rdmamig.errors import RemoteProtocolError
+from rdmamig.qemu.ram import PAGE_SIZE as PAGE
+from rdmamig.qemu.ram import RamBlockInfo
 from test_qemu_stream import small_stream
 
 RDMAMIG = [sys.executable, "-m", "rdmamig"]
@@ -178,3 +180,21 @@ def test_a_native_image_does_not_export_as_a_qemu_stream(tmp_path: Path) -> None
     result = run("image", "export", str(received), str(tmp_path / "out"))
     assert result.returncode == 2 and b"holds an rdmamig migration, not a QEMU one" in (
         result.stderr)
+
+
+def test_an_import_is_held_to_the_listeners_layout_limits(tmp_path: Path) -> None:
+    # 300 blocks of a page each: over the 256 a listener takes; refused before any
+    # file is made (one file per block would run out of descriptors first).
+    blocks = [RamBlockInfo(name=f"b{i}", length=PAGE) for i in range(300)]
+    saved = tmp_path / "saved"
+    saved.write_bytes(small_stream(setup=blocks))
+    result = run("image", "import", str(saved), str(tmp_path / "image"))
+    assert result.returncode == 1, result.stderr
+    assert b"lists 302 RAM blocks; this destination takes at most 256" in result.stderr
+    assert result.stderr.count(b"\n") == 1
+    assert not (tmp_path / "image").exists() and leftovers(tmp_path) == []
+    # And a name no listener takes.
+    saved.write_bytes(small_stream(setup=[RamBlockInfo(name="a\x1bb", length=PAGE)]))
+    result = run("image", "import", str(saved), str(tmp_path / "image"))
+    assert result.returncode == 1 and b"printable characters" in result.stderr
+    assert not (tmp_path / "image").exists() and leftovers(tmp_path) == []

@@ -74,9 +74,11 @@ def device_state(description: dict[str, object] | None = None) -> bytes:
     return body + bytes([Kind.VMDESCRIPTION]) + struct.pack("!I", len(text)) + text
 
 
-def small_stream(*, footers: bool = True, tail: bytes | None = None) -> bytes:
+def small_stream(*, footers: bool = True, tail: bytes | None = None,
+                 setup: list[RamBlockInfo] | None = None) -> bytes:
     """A whole stream of two blocks: a bulk round (END) with data, zero and filled
-    pages, after a PART that wrote pages that the END writes again."""
+    pages, after a PART that wrote pages that the END writes again (``setup``:
+    other blocks declared before them)."""
     footer = stream.encode_footer(2) if footers else b""
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (4, PAGE), dtype=np.uint8)
@@ -84,7 +86,7 @@ def small_stream(*, footers: bool = True, tail: bytes | None = None) -> bytes:
         stream.encode_header(), stream.encode_configuration("pc-i440fx-7.2"),
         stream.encode_section_header(SectionHeader(kind=Kind.SECTION_START, section_id=2,
                                                    idstr="ram", instance_id=0, version_id=4)),
-        ram.encode_setup([RamBlockInfo(name="mem", length=8 * PAGE),
+        ram.encode_setup([*(setup or []), RamBlockInfo(name="mem", length=8 * PAGE),
                           RamBlockInfo(name="pc.rom", length=2 * PAGE)]),
         ram.encode_eos(), footer,
         stream.encode_section_header(SectionHeader(kind=Kind.SECTION_PART, section_id=2)),

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import ConfigurationError, RemoteProtocolError
 from .image import Image, ImageWriter, check_new_image
+from .limits import UNLIMITED_RAM, Limits, check_layout
 from .memory import RamBlock
 from .qemu import ram, stream
 from .qemu.decoder import PrecopyDecoder
@@ -28,18 +29,25 @@ READ_SIZE = 8 << 20
 EXPORT_PAGES = 2048
 
 
-def import_stream(source: BinaryIO, path: Path, *, name: str = "-") -> Image:
+def import_stream(source: BinaryIO, path: Path, *, name: str = "-",
+                  limits: Limits | None = None) -> Image:
     """Read a QEMU migration stream (as ``migrate "exec:cat > FILE"`` saves it) from
     ``source`` into a new image at ``path``. A regular file is mapped, a pipe read
-    in pieces; nothing is left under ``path`` unless the whole stream was good.
+    in pieces; nothing is left under ``path`` unless the whole stream was good. The
+    stream's blocks are checked as a listener checks a source's (``limits``; by
+    default any RAM size the disk holds), before any file is made.
 
     Raises:
         RemoteProtocolError: the stream is malformed or truncated (the offset named).
+        RefusedError: its blocks are over ``limits``.
+        ImageError: they do not fit the disk's free space.
         ConfigurationError: ``path`` exists.
     """
     writers: list[ImageWriter] = []
+    limits = limits or Limits(max_ram=UNLIMITED_RAM)
 
     def on_setup(blocks: list[RamBlockInfo]) -> BlockSink:
+        check_layout([(b.name, b.length) for b in blocks], limits)
         writers.append(ImageWriter(path, [(b.name, b.length, b.addr) for b in blocks]))
         return BlockSink(writers[0].blocks, zeroed=True)  # a new image is all holes
 

@@ -19,6 +19,8 @@ from .wire import PAGE_BYTES as PAGE_SIZE
 
 #: Longest block name (QEMU's idstr holds 255 bytes and a NUL).
 MAX_NAME_BYTES: Final = 255
+#: ``max_ram`` for a reader bound only by its disk (``image import``).
+UNLIMITED_RAM: Final = 1 << 64
 
 
 def physical_memory() -> int:
