@@ -47,7 +47,7 @@ def import_stream(source: BinaryIO, path: Path, *, name: str = "-",
     limits = limits or Limits(max_ram=UNLIMITED_RAM)
 
     def on_setup(blocks: list[RamBlockInfo]) -> BlockSink:
-        check_layout([(b.name, b.length) for b in blocks], limits)
+        check_layout([(b.name, b.length) for b in blocks], limits, lister="the stream")
         writers.append(ImageWriter(path, [(b.name, b.length, b.addr) for b in blocks]))
         return BlockSink(writers[0].blocks, zeroed=True)  # a new image is all holes
 
@@ -134,7 +134,7 @@ def export_image(image: Image, out: BinaryIO,
     for index, info in enumerate(infos):
         if on_block is not None:
             on_block(info.name)
-        block = image.block(index, populate=True)
+        block = image.block(index)
         for data in _block_records(info.name, block):
             put(data)
     put(ram.encode_eos() + footer)

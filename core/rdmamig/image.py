@@ -19,6 +19,7 @@ replaced (``renameat2(RENAME_NOREPLACE)``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -26,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +36,8 @@ from typing import Any, Final
 import attrs
 import xxhash
 
-from .errors import ConfigurationError, ImageError
+from .errors import ConfigurationError, ImageError, MigrationError, ProtocolError
+from .limits import UNLIMITED_RAM, Limits, check_layout
 from .memory import RamBlock
 from .qemu.origin import QemuOrigin
 
@@ -45,6 +48,8 @@ FORMAT: Final = "rdmamig-image"
 VERSION: Final = 2
 READABLE: Final = (1, 2)
 MANIFEST: Final = "manifest.json"
+#: Where an image can come from.
+ORIGINS: Final = ("qemu", "rdmamig")
 STATE: Final = "state.bin"
 BLOCKS: Final = "blocks"
 #: Largest manifest read (a few thousand blocks fit in far less).
@@ -122,14 +127,47 @@ class Manifest:
                            for b in data["blocks"])
             state = data["state"]
             qemu = data.get("qemu")
-            return cls(origin=str(data["origin"]), blocks=blocks,
-                       state_digest=str(state["digest"]), state_bytes=int(state["bytes"]),
-                       created=str(data.get("created", "")), source=dict(data.get("source")
-                                                                         or {}),
-                       qemu=QemuOrigin.from_json(qemu) if qemu is not None else None,
-                       version=int(data["version"]))
+            manifest = cls(origin=str(data["origin"]), blocks=blocks,
+                           state_digest=str(state["digest"]), state_bytes=int(state["bytes"]),
+                           created=str(data.get("created", "")),
+                           source=dict(data.get("source") or {}),
+                           qemu=QemuOrigin.from_json(qemu) if qemu is not None else None,
+                           version=int(data["version"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageError(f"{MANIFEST} is malformed: {exc!r}") from None
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """What every reader of an image relies on, checked once (images travel
+        between hosts: a manifest is untrusted input): its blocks as a listener
+        checks a source's (:func:`rdmamig.limits.check_layout`), guest addresses
+        that are u64, digests of 16 bytes, an origin that is known.
+
+        Raises:
+            ImageError: a field that is not, named (with any string escaped).
+        """
+        if self.origin not in ORIGINS:
+            raise ImageError(f"{MANIFEST}: origin {self.origin!r} is not one of "
+                             f"{', '.join(ORIGINS)}")
+        try:
+            check_layout([(b.name, b.length) for b in self.blocks],
+                         Limits(max_ram=UNLIMITED_RAM), lister=MANIFEST)
+        except (ProtocolError, MigrationError) as exc:
+            raise ImageError(str(exc)) from None
+        for block in self.blocks:
+            if block.addr is not None and not 0 <= block.addr < 2**64:
+                raise ImageError(f"{MANIFEST}: block {block.name!r} has address {block.addr}, "
+                                 f"not a u64")
+            if not _is_digest(block.digest):
+                raise ImageError(f"{MANIFEST}: block {block.name!r} has digest "
+                                 f"{block.digest[:40]!r}, not 32 hex digits")
+        if not _is_digest(self.state_digest) or self.state_bytes < 0:
+            raise ImageError(f"{MANIFEST}: the state's digest or size is malformed")
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def block_file(index: int) -> str:
@@ -152,19 +190,31 @@ class Image:
     path: Path
     manifest: Manifest
 
-    def block(self, index: int, *, populate: bool = False) -> RamBlock:
-        """Block ``index`` mapped from its file (shared: writes go to the image);
-        ``populate`` maps it all at once (for a reader of every page)."""
-        entry = self.manifest.blocks[index]
-        return RamBlock.from_file(entry.name, self.path / entry.file, populate=populate)
+    def block(self, index: int, *, writable: bool = False) -> RamBlock:
+        """Block ``index``, its file opened through no symbolic link and mapped
+        read-only; ``writable``: opened and mapped for writing too (shared: writes
+        go to the image), for a backend that cannot register read-only memory.
 
-    def blocks(self) -> list[RamBlock]:
-        """Every block, mapped."""
-        return [self.block(i) for i in range(len(self.manifest.blocks))]
+        Raises:
+            ImageError: the file is gone or no longer of its size.
+        """
+        entry = self.manifest.blocks[index]
+        return RamBlock.from_fd(entry.name, _open_regular(
+            self.path, entry.file, size=entry.length, writable=writable), writable=writable)
+
+    def blocks(self, *, writable: bool = False) -> list[RamBlock]:
+        """Every block, mapped (:meth:`block`)."""
+        return [self.block(i, writable=writable) for i in range(len(self.manifest.blocks))]
 
     def state(self) -> bytes:
-        """The state after the RAM."""
-        return (self.path / STATE).read_bytes()
+        """The state after the RAM.
+
+        Raises:
+            ImageError: ``state.bin`` is gone or no longer of its size.
+        """
+        with os.fdopen(_open_regular(self.path, STATE, size=self.manifest.state_bytes),
+                       "rb") as state:
+            return state.read()
 
     def origin(self) -> dict[str, Any]:
         """What a source sends ahead of this image's blocks (an ORIGIN record), so
@@ -200,25 +250,68 @@ def open_image(path: Path) -> Image:
     manifest_path = path / MANIFEST
     if not path.is_dir() or not manifest_path.is_file():
         raise ConfigurationError(f"{path} is not an rdmamig image (no {MANIFEST})")
-    if manifest_path.stat().st_size > MAX_MANIFEST:
+    with os.fdopen(_open_regular(path, MANIFEST), "rb") as file:
+        text = file.read(MAX_MANIFEST + 1)
+    if len(text) > MAX_MANIFEST:
         raise ImageError(f"{manifest_path} is over {MAX_MANIFEST} bytes")
     try:
-        data = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
+        data = json.loads(text)
+    except ValueError as exc:
         raise ImageError(f"{manifest_path} cannot be read: {exc}") from None
     manifest = Manifest.from_json(data)
     for index, entry in enumerate(manifest.blocks):
         if entry.file != block_file(index):
             raise ImageError(f"block {entry.name!r}: file {entry.file!r} is not "
                              f"{block_file(index)!r}")
-        file = path / entry.file
-        if file.is_symlink() or not file.is_file() or file.stat().st_size != entry.length:
-            raise ImageError(f"block {entry.name!r}: {file} is missing or not "
-                             f"{entry.length} bytes")
-    state = path / STATE
-    if state.is_symlink() or not state.is_file() or state.stat().st_size != manifest.state_bytes:
-        raise ImageError(f"{state} is missing or not {manifest.state_bytes} bytes")
+        os.close(_open_regular(path, entry.file, size=entry.length, what=f"block "
+                                                                          f"{entry.name!r}: "))
+    os.close(_open_regular(path, STATE, size=manifest.state_bytes))
     return Image(path, manifest)
+
+
+def _open_regular(image: Path, relative: str, *, size: int | None = None,
+                  what: str = "", writable: bool = False) -> int:
+    """Open the image's file ``relative`` read-only (or read-write), component by
+    component from
+    the image's directory with no symbolic link followed (a ``blocks`` directory
+    replaced by a link elsewhere is refused): its descriptor.
+
+    Raises:
+        ImageError: it is missing, reached through a link, not a regular file, or
+            not ``size`` bytes (``what`` names it).
+    """
+    shown = f"{what}{image / relative}"
+    try:
+        directory = os.open(image, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(f"{shown} cannot be opened: {exc.strerror}") from None
+    fd = -1
+    try:
+        *parents, name = relative.split("/")
+        for part in parents:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        fd = os.open(name, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW
+                     | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=directory)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (size is not None and info.st_size != size):
+            os.close(fd)
+            raise ImageError(f"{shown} is missing or not "
+                             f"{'a file' if size is None else f'{size} bytes'}")
+        return fd
+    except OSError as exc:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        reason = ("a symbolic link" if exc.errno in (errno.ELOOP, errno.ENOTDIR)
+                  else exc.strerror)
+        raise ImageError(f"{shown} is missing or not {size} bytes ({reason})"
+                         if size is not None else f"{shown} cannot be opened: {reason}"
+                         ) from None
+    finally:
+        os.close(directory)
 
 
 # ---------------------------------------------------------------- writing

@@ -46,8 +46,9 @@ class Limits:
     max_pinned: int | None = None
 
 
-def check_layout(listed: Sequence[tuple[str, int]], limits: Limits) -> None:
-    """Check a source's block list (name, length) against ``limits``.
+def check_layout(listed: Sequence[tuple[str, int]], limits: Limits, *,
+                 lister: str = "the source") -> None:
+    """Check a block list (name, length) that ``lister`` gave against ``limits``.
 
     Raises:
         RemoteProtocolError: a name that is empty, too long, not printable or
@@ -55,9 +56,9 @@ def check_layout(listed: Sequence[tuple[str, int]], limits: Limits) -> None:
         RefusedError: more blocks or more RAM than ``limits`` allow.
     """
     if not listed:
-        raise RemoteProtocolError("the source lists no RAM block")
+        raise RemoteProtocolError(f"{lister} lists no RAM block")
     if len(listed) > limits.max_blocks:
-        raise RefusedError(f"the source lists {len(listed)} RAM blocks; this destination "
+        raise RefusedError(f"{lister} lists {len(listed)} RAM blocks; this destination "
                            f"takes at most {limits.max_blocks}")
     seen: set[str] = set()
     total = 0
@@ -74,5 +75,5 @@ def check_layout(listed: Sequence[tuple[str, int]], limits: Limits) -> None:
                                       f"multiple of {PAGE_SIZE}")
         total += length
     if total > limits.max_ram:
-        raise RefusedError(f"the source declares {total} bytes of RAM; this destination "
+        raise RefusedError(f"{lister} declares {total} bytes of RAM; this destination "
                            f"takes at most {limits.max_ram} (--max-ram)")

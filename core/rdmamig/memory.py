@@ -39,7 +39,8 @@ class RamBlock:
 
     Args:
         name: the block's name (RAM BLOCKS exchange matches blocks by name).
-        buffer: writable, contiguous memory whose length is a multiple of 4 KiB.
+        buffer: contiguous memory whose length is a multiple of 4 KiB; writable for
+            a destination, which writes it (a source only reads: ``readonly``).
         residency: how to tell which of its pages hold data without reading them
             (:mod:`rdmamig.populated`); found from the mapping when not given.
     """
@@ -47,8 +48,6 @@ class RamBlock:
     def __init__(self, name: str, buffer: object, *, owner: object = None,
                  residency: Residency | None = None) -> None:
         view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
-        if view.readonly:
-            raise ValueError(f"RAM block {name!r}: memory is read-only")
         if view.nbytes == 0 or view.nbytes % PAGE_SIZE:
             raise ValueError(f"RAM block {name!r}: length {view.nbytes} is not a positive "
                              f"multiple of {PAGE_SIZE}")
@@ -58,13 +57,15 @@ class RamBlock:
         self.pages = self.length // PAGE_SIZE
         self.chunks = -(-self.length // CHUNK_SIZE)
         self.array = np.frombuffer(view, dtype=np.uint8)
+        #: Memory only a source can use (it is never written).
+        self.readonly = view.readonly
         self._owner = owner  # keeps a mapping alive as long as the block
         #: The file of a file-backed block (open as long as the block), else None.
         self._fd: int | None = None
         self._lock = threading.Lock()
         self._dirty = np.ones(self.pages, dtype=np.bool_)
         if residency is None:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            address = int(self.array.ctypes.data)
             residency = (PrivateAnonymous(address) if is_private_anonymous(address, self.length)
                          else Everything())
         #: Which pages hold data, by what the kernel says (:meth:`populated_pages`).
@@ -105,7 +106,25 @@ class RamBlock:
         except BaseException:
             os.close(fd)
             raise
-        # The descriptor stays open for SEEK_DATA / SEEK_HOLE, as long as the block.
+        return cls._mapped(name, fd, mapping)
+
+    @classmethod
+    def from_fd(cls, name: str, fd: int, *, writable: bool = False) -> RamBlock:
+        """A shared mapping of the file open as ``fd`` (the block owns the
+        descriptor from here on), read-only unless ``writable``: a source's view
+        of an image's block file, which it never writes."""
+        try:
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls._mapped(name, fd, mapping)
+
+    @classmethod
+    def _mapped(cls, name: str, fd: int, mapping: mmap.mmap) -> RamBlock:
+        # The descriptor stays open for SEEK_DATA / SEEK_HOLE and fallocate, as long
+        # as the block.
         block = cls(name, mapping, owner=mapping, residency=FileExtents(fd))
         weakref.finalize(block, os.close, fd)
         block._fd = fd

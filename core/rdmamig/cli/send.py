@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--image sends a whole image: no --block, --state or --live "
                              "with it")
         image = open_image(args.image)
-        blocks, state, origin = image.blocks(), image.state(), image.origin()
+        # ibv_reg_mr pins even a read-only registration for writing on Linux before
+        # 6.2 (FOLL_FORCE), which a read-only shared mapping refuses (EFAULT).
+        blocks = image.blocks(writable=args.backend == "verbs")
+        state, origin = image.state(), image.origin()
     elif not args.block:
         raise UsageError("give at least one --block NAME=PATH, or --image DIR")
     else:

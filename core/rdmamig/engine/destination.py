@@ -33,6 +33,7 @@ from ..caps import Capability
 from ..control import Role
 from ..errors import (
     AuthenticationError,
+    ConfigurationError,
     ImageError,
     MigrationError,
     RdmamigError,
@@ -123,6 +124,10 @@ class Destination:
                  admit: Callable[[], None] | None = None) -> None:
         if blocks is None and make_block is None:
             raise ValueError("give the destination blocks or a make_block factory")
+        for block in blocks or ():
+            if block.readonly:
+                raise ConfigurationError(f"RAM block {block.name!r} is read-only memory: a "
+                                         f"destination writes its blocks")
         self.endpoint = endpoint
         self.session = ControlSession(endpoint, role=Role.DESTINATION,
                                       capabilities=endpoint.capabilities, timeout=timeout)
