@@ -198,3 +198,22 @@ def test_an_import_is_held_to_the_listeners_layout_limits(tmp_path: Path) -> Non
     result = run("image", "import", str(saved), str(tmp_path / "image"))
     assert result.returncode == 1 and b"printable characters" in result.stderr
     assert not (tmp_path / "image").exists() and leftovers(tmp_path) == []
+
+
+def test_bytes_changed_behind_the_manifest_are_neither_exported_nor_sent(
+        tmp_path: Path, saved: Path) -> None:
+    image = tmp_path / "image"
+    assert run("image", "import", str(saved), str(image)).returncode == 0
+    with (image / "blocks" / "0000.ram").open("r+b") as block:
+        block.seek(5 * 4096)
+        block.write(b"changed")
+    result = run("image", "export", str(image), str(tmp_path / "out"))
+    assert result.returncode == 1 and result.stderr.count(b"\n") == 1, result.stderr
+    assert b"'mem' no longer match(es) the digest in manifest.json" in result.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # Refused before connecting: nobody listens on port 9.
+    sent = run("send", "127.0.0.1:9", "--image", str(image), "--quiet")
+    assert sent.returncode == 1 and b"no longer match(es) the digest" in sent.stderr
+    # Asked for explicitly, it goes.
+    assert run("image", "export", str(image), str(tmp_path / "out"),
+               "--no-digest-check").returncode == 0

@@ -233,6 +233,19 @@ class Image:
             bad.append(STATE)
         return bad
 
+    def check_digests(self) -> None:
+        """Refuse an image whose content changed behind its manifest's back (an
+        image travels between hosts): what is sent or exported is what was kept.
+
+        Raises:
+            ImageError: the blocks (or state) whose digest no longer matches.
+        """
+        bad = self.verify()
+        if bad:
+            raise ImageError(f"{self.path}: {', '.join(repr(name) for name in bad)} no longer "
+                             f"match(es) the digest in {MANIFEST}: changed since the image "
+                             f"was written (--no-digest-check to use it anyway)")
+
     def _block_digest(self, index: int) -> str:
         block = self.block(index)
         if self.manifest.version == 1:

@@ -37,6 +37,8 @@ def _import(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     image = open_image(args.dir)
+    if not args.no_digest_check:
+        image.check_digests()
     if str(args.file) == "-":
         export_image(image, sys.stdout.buffer)
         return 0
@@ -123,6 +125,8 @@ def add_verb(verbs: Any) -> None:
                                             "(-incoming \"exec:cat FILE\" loads it)")
     exp.add_argument("dir", type=Path, metavar="DIR", help="the image")
     exp.add_argument("file", type=Path, metavar="FILE", help="the stream (- : stdout)")
+    exp.add_argument("--no-digest-check", action="store_true",
+                     help="export even blocks that no longer match the manifest's digests")
     exp.set_defaults(run=_export)
     info = actions.add_parser("info", help="blocks, sizes, digests, machine type, devices")
     info.add_argument("dir", type=Path, metavar="DIR", help="the image")

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--image sends a whole image: no --block, --state or --live "
                              "with it")
         image = open_image(args.image)
+        if not args.no_digest_check:
+            image.check_digests()
         # ibv_reg_mr pins even a read-only registration for writing on Linux before
         # 6.2 (FOLL_FORCE), which a read-only shared mapping refuses (EFAULT).
         blocks = image.blocks(writable=args.backend == "verbs")
@@ -83,6 +85,9 @@ def add_verb(verbs: Any) -> None:
                       help="a block to send (repeat for each)")
     send.add_argument("--image", type=Path, metavar="DIR",
                       help="send a migration image (its blocks and state)")
+    send.add_argument("--no-digest-check", action="store_true",
+                      help="with --image: send even blocks that no longer match the "
+                           "manifest's digests")
     send.add_argument("--live", action="store_true",
                       help="track pages written by other processes (checksums per page)")
     send.add_argument("--pause-pid", type=int, metavar="PID",
