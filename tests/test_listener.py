@@ -285,6 +285,21 @@ def test_a_full_disk_fails_its_migrations_and_never_the_listener(small_disk: Pat
         assert_serves(listener)
 
 
+def test_a_service_keeps_no_more_images_or_bytes_than_its_quotas(tmp_path: Path) -> None:
+    # A listener without a key takes images from anyone: quotas bound what it keeps.
+    with service(tmp_path / "images", "--max-images", "2") as listener:
+        for _ in range(2):
+            assert_serves(listener)
+        _result, error, _block = real_migration(listener.port)
+        assert error is not None and "keeps at most 2 images (--max-images)" in error
+        assert len(listener.images_made()) == 2
+    with service(tmp_path / "more", "--max-bytes", "6M") as listener:
+        assert_serves(listener)  # 4 MiB of random bytes: 4 MiB allocated
+        _result, error, _block = real_migration(listener.port)
+        assert error is not None and "at most 6291456 bytes of images (--max-bytes)" in error
+        assert_serves(listener, size=MiB)
+
+
 def test_names_that_look_like_the_images_own_files_change_nothing_of_it(
         tmp_path: Path) -> None:
     with service(tmp_path / "images") as listener:

@@ -48,8 +48,56 @@ from .options import (
 
 log = logging.getLogger("rdmamig.listen")
 
+#: Images a listener without a key keeps at most unless told otherwise.
+KEYLESS_MAX_IMAGES = 32
 #: How often the serving loop wakes to notice a signal.
 _POLL_SECONDS = 0.5
+
+
+class _Quota:
+    """What a service keeps in its image directory: at most ``images`` images and
+    ``total`` bytes allocated by them, those being received counted in (at the
+    RAM they declared). A key-less listener (for QEMU sources, which cannot
+    authenticate) takes images from anyone who can reach it: this is what bounds
+    what they can leave."""
+
+    def __init__(self, directory: Path, *, images: int | None, total: int | None) -> None:
+        self.directory = directory
+        self.images = images
+        self.total = total
+        self._lock = threading.Lock()
+        self._receiving: dict[int, int] = {}
+
+    def claim(self, number: int, length: int) -> None:
+        """Migration ``number`` declares a block of ``length`` bytes more.
+
+        Raises:
+            RefusedError: over either quota.
+        """
+        with self._lock:
+            kept = [p for p in self.directory.iterdir() if not p.name.startswith(".")]
+            if (self.images is not None and number not in self._receiving
+                    and len(kept) + len(self._receiving) >= self.images):
+                raise RefusedError(f"this listener keeps at most {self.images} images "
+                                   f"(--max-images) and has them")
+            if self.total is not None:
+                used = sum(_allocated(image) for image in kept)
+                asked = used + sum(self._receiving.values()) + length
+                if asked > self.total:
+                    raise RefusedError(f"this listener keeps at most {self.total} bytes of "
+                                       f"images (--max-bytes): {used} are kept, "
+                                       f"{asked - used} would be received")
+            self._receiving[number] = self._receiving.get(number, 0) + length
+
+    def done(self, number: int) -> None:
+        """Migration ``number`` is over (kept: its image counts from now on)."""
+        with self._lock:
+            self._receiving.pop(number, None)
+
+
+def _allocated(image: Path) -> int:
+    """Bytes an image's files have allocated (holes not counted)."""
+    return sum(path.lstat().st_blocks * 512 for path in image.rglob("*"))
 
 
 class _Service:
@@ -64,6 +112,11 @@ class _Service:
         self.events: Callable[[Event], None] | None = None
         #: One account of the free space for every migration at once.
         self.space = DiskSpace(args.into.parent if args.once else args.into)
+        images = args.max_images if args.max_images is not None else (
+            None if key is not None else KEYLESS_MAX_IMAGES)
+        #: What a service keeps (None with --once).
+        self.quota = None if args.once else _Quota(args.into, images=images or None,
+                                                   total=args.max_bytes)
 
     def receive(self, endpoint: Endpoint, into: Path, number: int = 1, *,
                 display: bool = False,
@@ -83,6 +136,8 @@ class _Service:
 
         def make_block(name: str, length: int) -> RamBlock:
             nonlocal writer
+            if self.quota is not None:
+                self.quota.claim(number, length)
             writer = writer or ImageWriter(into, space=self.space)
             return writer.add_block(name, length)
 
@@ -104,6 +159,8 @@ class _Service:
         finally:
             if writer is not None:
                 writer.close()  # removes the staging files of what was not kept
+            if self.quota is not None:
+                self.quota.done(number)
         result = destination.result
         return build_report(backend=args.backend, policy="-", ram_bytes=sum(
             b.length for b in destination.blocks), source=None, destination=result,
@@ -388,6 +445,13 @@ def add_verb(verbs: Any) -> None:
                          metavar="SECONDS",
                          help="seconds a source has for each authentication message "
                               "(default 10; --timeout after it)")
+    listen_.add_argument("--max-images", type=whole_number(0, 10**6), metavar="N",
+                         help=f"images a service keeps at most, received ones included "
+                              f"(default: {KEYLESS_MAX_IMAGES} without a key, no limit "
+                              f"with one; 0: no limit)")
+    listen_.add_argument("--max-bytes", type=parse_size, metavar="BYTES",
+                         help="bytes a service's images may allocate at most, received "
+                              "ones included at the RAM they declare (default: the disk)")
     listen_.add_argument("--max-ram", type=parse_size, metavar="BYTES",
                          help="most RAM one migration may declare (default: this "
                               "machine's memory)")
