@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,12 @@ from rdmamig.caps import Capability
 from rdmamig.engine import ChecksumTracker, Destination, RamBlock, SourceConfig
 from rdmamig.engine.convergence import RoundCounters
 from rdmamig.engine.pages import runs
+from rdmamig.engine.pipeline import _pieces
 from rdmamig.engine.source import MIN_COMPRESS_RUN
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
+from rdmamig.status import Monitor
+from rdmamig.transport import MemoryRegion, RemoteWrite
 from rdmamig.workload import SyntheticWorkload, fill_guest
 from rdmamig_policies.lru import Lru
 
@@ -510,3 +514,38 @@ def test_a_destination_that_cannot_keep_the_migration_fails_the_source(
     assert "No space left on device" in str(migration.source_error)
     assert migration.source.result.verified and not migration.source.result.committed
     assert not migration.destination.result.committed
+
+
+def test_max_bandwidth_holds_the_writes_rate_and_can_be_lifted(migration: Migration) -> None:
+    # Paced at 8 MiB/s, 16 MiB cannot take less than 2 s, less the 0.1 s of credit
+    # and the first piece (a lower bound only: a slow machine is slower still).
+    blocks = guest(16 * MiB)
+    migration.run(blocks, config=SourceConfig(timeout=20, max_bandwidth=8 * MiB))
+    assert_succeeded(migration, blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    assert result.bytes_written == 16 * MiB
+    assert result.total_time_s >= (16 * MiB - 0.1 * 8 * MiB - 0.8 * MiB) / (8 * MiB)
+    # At 1 MiB/s, 64 MiB would take a minute; lifted (migrate-set-parameters
+    # max-bandwidth 0) after a moment, it completes at once.
+    blocks = guest(64 * MiB)
+    lifted = Migration()
+    monitor = Monitor(total_bytes=64 * MiB, max_downtime=0.3, max_bandwidth=MiB)
+    timer = threading.Timer(0.5, lambda: monitor.parameters.set(max_bandwidth=0))
+    timer.start()
+    lifted.run(blocks, monitor=monitor)
+    timer.join()
+    assert_succeeded(lifted, blocks)
+    assert lifted.source.result.total_time_s < 30  # type: ignore[union-attr]
+
+
+def test_a_paced_batch_is_posted_in_pieces_that_cover_it_exactly() -> None:
+    region = MemoryRegion(addr=0x1000, length=8 * MiB, lkey=1, rkey=0)
+    writes = [RemoteWrite(region=region, offset=0, length=3 * MiB, remote_addr=1 << 40, rkey=7),
+              RemoteWrite(region=region, offset=4 * MiB, length=MiB + 4096,
+                          remote_addr=(1 << 40) + 4 * MiB, rkey=7)]
+    pieces = _pieces(writes, MiB)
+    assert [sum(w.length for w in piece) for piece in pieces] == [MiB] * 4 + [4096]
+    flat = [w for piece in pieces for w in piece]
+    assert [(w.offset, w.remote_addr - (1 << 40)) for w in flat] == [
+        (0, 0), (MiB, MiB), (2 * MiB, 2 * MiB), (4 * MiB, 4 * MiB), (5 * MiB, 5 * MiB)]
+    assert _pieces(writes, None) == [writes] == _pieces(writes, 8 * MiB)

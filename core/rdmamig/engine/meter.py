@@ -1,5 +1,6 @@
-"""The source's meter: after each batch of writes, one timeline sample and the
-monitor's figures, then a pause if the writes run ahead of ``max-bandwidth``."""
+"""The source's meter: before each batch of writes, a pause if it would run ahead
+of ``max-bandwidth``; after the batches of a post, one timeline sample and the
+monitor's figures."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from ..pinning import locked_bytes
 from ..status import Monitor
 from ..transport import Endpoint
 from .config import SourceResult
+
+#: Credit the pacing keeps for a source that fell behind its limit, in seconds of
+#: it: after a pause (a registration, a round trip) writes catch up only this much.
+BURST_S = 0.1
+#: The smallest piece a paced source posts.
+MIN_POST_UNIT = 64 << 10
 
 
 class Meter:
@@ -35,15 +42,16 @@ class Meter:
         self.monitor = monitor
         self.started = started
         self.on_progress = on_progress
-        self._paced: tuple[float, int, int] | None = None  # (when, bytes, limit)
+        #: The pacing's bucket: (bytes of credit, when), None without a limit.
+        self._bucket: tuple[float, float] | None = None
 
     def dirty_bytes(self) -> int:
         """Bytes of dirty pages: what is left to send."""
         return sum(block.dirty_pages() for block in self.blocks) * PAGE_SIZE
 
     def sample(self) -> None:
-        """A batch was posted (or a window posted nothing): record where things are,
-        then pace."""
+        """Batches were posted (or a window posted nothing): record where things
+        are."""
         result = self.result
         locked = locked_bytes()
         result.locked_peak_bytes = max(result.locked_peak_bytes, locked)
@@ -62,19 +70,30 @@ class Meter:
                             normal=result.bytes_written // PAGE_SIZE + result.inline_pages)
         if self.on_progress is not None:
             self.on_progress(sample)
-        self._pace()
 
-    def _pace(self) -> None:
-        """Keep the writes' average at ``max-bandwidth`` (it may change meanwhile:
-        pacing starts over from each change)."""
+    def post_unit(self) -> int | None:
+        """The most bytes to post at once under ``max-bandwidth`` (None without
+        one): the credit's worth, so that no burst goes far past the limit."""
         limit = self.monitor.parameters.max_bandwidth
-        if limit is None:
-            self._paced = None
-            return
-        now, written = time.monotonic(), self.result.bytes_written
-        if self._paced is None or self._paced[2] != limit:
-            self._paced = (now, written, limit)
-            return
-        ahead = (written - self._paced[1]) / limit - (now - self._paced[0])
-        if ahead > 0:
-            time.sleep(min(ahead, 1.0))
+        return None if limit is None else max(int(limit * BURST_S), MIN_POST_UNIT)
+
+    def pace(self, nbytes: int) -> None:
+        """Called before ``nbytes`` of writes are posted: wait until they fit
+        ``max-bandwidth`` (read again as it waits: it may change, or a cancel
+        come). A token bucket: credit accrues at the limit up to
+        :data:`BURST_S` worth, a batch waits until the credit is not negative and
+        then takes its bytes (going into debt), so the rate over any second stays at
+        the limit but for one batch."""
+        while True:
+            limit = self.monitor.parameters.max_bandwidth
+            now = time.monotonic()
+            if limit is None:
+                self._bucket = None
+                return
+            credit, then = self._bucket if self._bucket is not None else (0.0, now)
+            credit = min(credit + (now - then) * limit, BURST_S * limit)
+            self._bucket = (credit, now)
+            if credit >= 0 or self.monitor.parameters.cancel_requested.is_set():
+                self._bucket = (credit - nbytes, now)
+                return
+            time.sleep(min(-credit / limit, 0.1))

@@ -52,17 +52,25 @@ class WritePipeline:
         batch_chunks: chunks per signalled batch.
         timeout: seconds to wait for one batch.
         on_progress: called after each post, and by a mode's window that posted
-            nothing (the source's meter samples its progress and paces there).
+            nothing (the source's meter samples its progress there).
+        before_post: called with a batch's bytes before it is posted (the meter
+            paces there).
+        post_unit: the most bytes to post at once, or None (a paced source posts
+            its batches in pieces of this size).
     """
 
     def __init__(self, endpoint: Endpoint, pins: PinTable, *, batch_chunks: int,
-                 timeout: float | None, on_progress: Callable[[], None]) -> None:
+                 timeout: float | None, on_progress: Callable[[], None],
+                 before_post: Callable[[int], None] = lambda nbytes: None,
+                 post_unit: Callable[[], int | None] = lambda: None) -> None:
         self.endpoint = endpoint
         self.batch_chunks = batch_chunks
         self.timeout = timeout
         self._pins = pins
         self._written: list[ChunkId] = []
         self.sample = on_progress
+        self._before_post = before_post
+        self._post_unit = post_unit
         self._queued: list[_Batch] = []
         # Posted batches not yet seen complete, oldest first.
         self._outstanding: deque[tuple[int, list[ChunkId]]] = deque()
@@ -103,9 +111,15 @@ class WritePipeline:
         count = len(self._queued) if limit is None else limit
         posting, self._queued = self._queued[:count], self._queued[count:]
         for batch in posting:
-            ticket = self.endpoint.post_writes(writes=batch.writes)
-            self._outstanding.append((ticket, batch.chunks))
-            self.posted_since_mark += 1
+            pieces = _pieces(batch.writes, self._post_unit())
+            for index, piece in enumerate(pieces):
+                self._before_post(sum(write.length for write in piece))
+                ticket = self.endpoint.post_writes(writes=piece)
+                # Completions come in order: the batch's chunks are written with its
+                # last piece.
+                self._outstanding.append((ticket, batch.chunks if index == len(pieces) - 1
+                                          else []))
+                self.posted_since_mark += 1
         self.sample()
 
     def post_part(self, parts: int) -> None:
@@ -144,6 +158,27 @@ class WritePipeline:
         """End of a round: everything completes, and the next window starts afresh."""
         self.complete_all()
         self.mark()
+
+
+def _pieces(writes: list[RemoteWrite], unit: int | None) -> list[list[RemoteWrite]]:
+    """``writes`` in pieces of at most ``unit`` bytes (one piece without a unit),
+    a write cut where a piece ends."""
+    if unit is None or sum(write.length for write in writes) <= unit:
+        return [writes]
+    pieces: list[list[RemoteWrite]] = [[]]
+    room = unit
+    for write in writes:
+        at = 0
+        while at < write.length:
+            if room == 0:
+                pieces.append([])
+                room = unit
+            length = min(room, write.length - at)
+            pieces[-1].append(attrs.evolve(write, offset=write.offset + at,
+                                           remote_addr=write.remote_addr + at, length=length))
+            at += length
+            room -= length
+    return pieces
 
 
 class PostingMode(Protocol):

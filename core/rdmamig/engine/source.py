@@ -118,7 +118,9 @@ class Source:
                                   batch_chunks=self.config.batch_chunks)
         self.pipeline = WritePipeline(endpoint, self.pins, batch_chunks=self._mode.batch_chunks,
                                       timeout=self.config.timeout,
-                                      on_progress=self.meter.sample)
+                                      on_progress=self.meter.sample,
+                                      before_post=self.meter.pace,
+                                      post_unit=self.meter.post_unit)
         #: Made once the blocks are exchanged (:mod:`.registrar`).
         self.registrar: Registrar | None = None
 
