@@ -263,30 +263,45 @@ def content_digest(data: bytes | memoryview) -> bytes:
     view = memoryview(data).cast("B")
     tree = xxhash.xxh3_128()
     for start in range(0, view.nbytes, CHUNK_SIZE):
-        tree.update(xxhash.xxh3_128_digest(view[start:start + CHUNK_SIZE]))
+        tree.update(_xxh3(view[start:start + CHUNK_SIZE]))
     return tree.digest()
 
 
 _ZEROS = memoryview(bytes(CHUNK_SIZE))
+#: Bytes hashed per call. python-xxhash lets go of the GIL for larger inputs, and
+#: each time it does, a runnable thread (another migration of a listener) may keep
+#: it for a whole switch interval (5 ms): per 1 MiB chunk, that made a digest 100
+#: times slower. Smaller pieces keep the GIL (benchmarks/README.md).
+_HELD_PIECE = 64 << 10
+
+
+def _xxh3(view: memoryview) -> bytes:
+    """xxh3-128 of ``view``, hashed in pieces that keep the GIL."""
+    running = xxhash.xxh3_128()
+    for start in range(0, view.nbytes, _HELD_PIECE):
+        running.update(view[start:start + _HELD_PIECE])
+    return running.digest()
 
 
 @functools.cache
 def _zero_digest(length: int) -> bytes:
-    return xxhash.xxh3_128_digest(_ZEROS[:length])
+    return _xxh3(_ZEROS[:length])
 
 
 def _chunk_digest(chunk: memoryview, populated: BoolArray) -> bytes:
     """xxh3-128 of ``chunk``, reading only its populated pages (``populated``)."""
     if populated.all():
-        return xxhash.xxh3_128_digest(chunk)
+        return _xxh3(chunk)
     if not populated.any():
         return _zero_digest(chunk.nbytes)
     running = xxhash.xxh3_128()
     edges = np.flatnonzero(np.diff(populated)) + 1
     for start, end in zip(np.r_[0, edges].tolist(), np.r_[edges, len(populated)].tolist(),
                           strict=True):
-        part = slice(start * PAGE_SIZE, end * PAGE_SIZE)
-        running.update(chunk[part] if populated[start] else _ZEROS[:(end - start) * PAGE_SIZE])
+        source = chunk if populated[start] else _ZEROS
+        base = start * PAGE_SIZE if populated[start] else 0
+        for at in range(base, base + (end - start) * PAGE_SIZE, _HELD_PIECE):
+            running.update(source[at:min(at + _HELD_PIECE, base + (end - start) * PAGE_SIZE)])
     return running.digest()
 
 

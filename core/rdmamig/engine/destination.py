@@ -413,12 +413,14 @@ class Destination:
     # ------------------------------------------------------------ the end
 
     def _verify(self) -> None:
+        started = time.monotonic()
+        # Every registration is gone: nothing changes the blocks any more, so they
+        # are hashed while the source hashes its own, not after.
+        self.result.digests = [block.digest() for block in self.blocks]
         message = self.session.recv()
         if not isinstance(message, wire.BlockHashes):
             raise RemoteProtocolError(f"{message.TYPE.label} after END, expected BLOCK HASHES")
-        started = time.monotonic()
         theirs = {entry.block_idx: entry.digest for entry in message.entries}
-        self.result.digests = [block.digest() for block in self.blocks]
         mismatched = [block.name for index, block in enumerate(self.blocks)
                       if theirs.get(index) != self.result.digests[index]]
         self.result.mismatched_blocks = mismatched
