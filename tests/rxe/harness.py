@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
     }
 
 
+#: What the guest prints as each step ends: the step, its exit status, its seconds.
+STEP_MARK = "rdmamig-step"
 #: Steps that measure: their figures are reported, and a run that fails to measure
 #: (a timeout on a loaded machine) is reported too, but fails nothing.
 BENCHMARKS = {"qemu-speed", "speed"}
@@ -164,8 +167,35 @@ def build_qemu_root(root: Path) -> None:
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     _run("debootstrap", "--variant=minbase", "--include=qemu-system-x86,ibverbs-providers",
-         "trixie", str(partial), "http://deb.debian.org/debian")
+         "trixie", str(partial), apt_mirror())
     partial.rename(root)
+
+
+def apt_mirror(etc: Path = Path("/etc/apt")) -> str:
+    """The Debian archive this machine's apt configuration uses (a mirror, a proxy),
+    for debootstrap: the first ``deb`` source that is not a security one, from
+    deb822 ``.sources`` files or one-line ``.list`` files.
+
+    Raises:
+        SystemExit: apt names no Debian archive.
+    """
+    uris: list[str] = []
+    for path in sorted(etc.glob("sources.list.d/*.sources")):
+        for stanza in path.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines()
+                          if ":" in line and not line.startswith(("#", " ")))
+            if "deb" in fields.get("Types", "").split():
+                uris += fields.get("URIs", "").split()
+    for path in [etc / "sources.list", *sorted(etc.glob("sources.list.d/*.list"))]:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line).split()
+                if len(words) >= 3 and words[0] == "deb":
+                    uris.append(words[1])
+    archive = next((uri for uri in uris if "security" not in uri), None)
+    if archive is None:
+        raise SystemExit(f"no Debian archive in {etc}'s sources for debootstrap")
+    return archive
 
 
 def module_order(root: Path, version: str) -> list[Path]:
@@ -244,7 +274,9 @@ def guest_script(selected: dict[str, list[str]], results: Path, keep_going: bool
     lines.append(f"echo {'$?' if soft_roce else 0} > $out/setup.rc")
     for name, command in selected.items():
         quoted = " ".join(_quote(part) for part in command)
-        lines.append(f"timeout 900 {quoted} > $out/{name}.log 2>&1; echo $? > $out/{name}.rc")
+        lines.append(f"s=$(date +%s); timeout 900 {quoted} > $out/{name}.log 2>&1; "
+                     f"rc=$?; echo $rc > $out/{name}.rc; "
+                     f"echo \"{STEP_MARK} {name} $rc $(($(date +%s) - s))\"")
         if not keep_going and name not in BENCHMARKS:
             lines.append(f"[ $(cat $out/{name}.rc) = 0 ] || exit 1")
     return "\n".join(lines) + "\n"
@@ -264,9 +296,25 @@ def boot(cache: Path, kernel: Path, initrd: Path, timeout: float) -> str:
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
                        "multidevs=remap",
             "-virtfs", f"local,path={REPO},mount_tag=work,security_model=none,multidevs=remap"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    (cache / "console.log").write_text(result.stdout + result.stderr)
-    return result.stdout
+    guest = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace")
+    timer = threading.Timer(timeout, guest.kill)
+    timer.start()
+    console: list[str] = []
+    try:
+        assert guest.stdout is not None
+        for line in guest.stdout:  # each step is told as it ends
+            console.append(line)
+            if line.startswith(STEP_MARK):
+                _mark, name, rc, seconds = line.split()
+                verdict = ("BENCH" if rc == "0" else "NOFIG") if name in BENCHMARKS else (
+                    "PASS" if rc == "0" else "FAIL")
+                print(f"{verdict}  {name:<24} {seconds} s", flush=True)
+        guest.wait()
+    finally:
+        timer.cancel()
+    (cache / "console.log").write_text("".join(console))
+    return "".join(console)
 
 
 def main() -> int:
@@ -306,6 +354,8 @@ def main() -> int:
         if any(name.startswith(("qemu10", "rdmamig-to-qemu10")) for name in selected):
             build_qemu_root(Path(QEMU_ROOT))
         initrd = build_initramfs(args.cache, module_order(root, version), script.name)
+        print(f"booting the soft-RoCE guest (TCG) for {len(selected)} steps; each is "
+              f"told as it ends, all of them take about 30 min", flush=True)
         console = boot(args.cache, kernel, initrd, args.timeout)
         if "rdmamig-guest-done" not in console:
             print(console[-3000:])
