@@ -54,3 +54,49 @@ def test_the_readme_moves_a_numpy_array_between_two_processes() -> None:
     expected = f"{np.random.default_rng(7).random((1024, 1024)).sum():.6f}"
     assert source.stdout.split() == ["True", expected]
     assert received.split() == [expected]
+
+
+def test_a_read_only_source_buffer_migrates_and_a_bad_buffer_is_named() -> None:
+    import threading
+
+    import pytest
+    import rdmamig
+    from rdmamig.errors import ConfigurationError
+
+    data = np.random.default_rng(3).bytes(1 << 20)  # bytes: read-only
+    received = np.zeros(1 << 20, dtype=np.uint8)
+    ports: list[int] = []
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(rdmamig.receive_into(
+        "127.0.0.1:0", {"ram": received}, announce=ports.append, timeout=30)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not ports and time.monotonic() < deadline:
+        time.sleep(0.01)
+    result = rdmamig.send(f"127.0.0.1:{ports[0]}", {"ram": data})
+    thread.join(30)
+    assert result.verified and received.tobytes() == data
+    with pytest.raises(ConfigurationError, match="RAM block 'ram': not contiguous memory"):
+        rdmamig.send("127.0.0.1:9", {"ram": np.zeros((256, 32), dtype=np.uint8)[:, :16]})
+    with pytest.raises(ConfigurationError, match="'ram' is read-only memory: a destination"):
+        rdmamig.receive_into("127.0.0.1:0", {"ram": data}, timeout=1)
+
+
+def test_a_source_can_wait_for_a_destination_that_is_not_listening_yet() -> None:
+    import threading
+
+    import pytest
+    import rdmamig
+    from rdmamig.errors import UnreachableError
+
+    port = _free_port()
+    with pytest.raises(UnreachableError, match="cannot reach the destination"):
+        rdmamig.send(f"127.0.0.1:{port}", {"ram": bytes(4096)})  # at once, by default
+    received = np.zeros(1 << 20, dtype=np.uint8)
+    later = threading.Timer(1.0, lambda: rdmamig.receive_into(
+        f"127.0.0.1:{port}", {"ram": received}, timeout=30))
+    later.start()
+    data = np.random.default_rng(5).bytes(1 << 20)
+    result = rdmamig.send(f"127.0.0.1:{port}", {"ram": data}, connect_wait=60)
+    later.join(30)
+    assert result.verified and received.tobytes() == data

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from .errors import ImageError
+from .errors import ConfigurationError, ImageError
 from .populated import Everything, FileExtents, PrivateAnonymous, Residency, is_private_anonymous
 from .wire import CHUNK_SIZE
 
@@ -47,7 +47,11 @@ class RamBlock:
 
     def __init__(self, name: str, buffer: object, *, owner: object = None,
                  residency: Residency | None = None) -> None:
-        view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+        try:
+            view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ValueError(f"RAM block {name!r}: not contiguous memory of bytes "
+                             f"({exc})") from None
         if view.nbytes == 0 or view.nbytes % PAGE_SIZE:
             raise ValueError(f"RAM block {name!r}: length {view.nbytes} is not a positive "
                              f"multiple of {PAGE_SIZE}")
@@ -137,6 +141,16 @@ class RamBlock:
         if isinstance(self._owner, mmap.mmap) and length > 0:
             with contextlib.suppress(OSError, ValueError):
                 self._owner.madvise(_MADV_POPULATE_WRITE, offset, length)
+
+    def require_writable(self) -> None:
+        """Refuse read-only memory where the block is to be written (a destination).
+
+        Raises:
+            ConfigurationError: it is read-only.
+        """
+        if self.readonly:
+            raise ConfigurationError(f"RAM block {self.name!r} is read-only memory: a "
+                                     f"destination writes its blocks")
 
     def allocate(self, offset: int, length: int) -> None:
         """Give a file-backed block's file the disk space of ``length`` bytes at

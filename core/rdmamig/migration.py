@@ -6,6 +6,7 @@ program that has memory to move (:func:`send`, :func:`receive_into`)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,11 +27,20 @@ from .engine import (
     Workload,
 )
 from .engine.outgoing import outgoing_for
-from .errors import ConfigurationError, MigrationError, RdmamigError, UnreachableError
+from .errors import (
+    ConfigurationError,
+    MigrationError,
+    RdmamigError,
+    TransportError,
+    UnreachableError,
+)
 from .limits import Limits
 from .policy import PolicyOptions, UnpinPolicy
 from .status import Monitor, Status
 from .transport import Backend, Endpoint, Listener, address_text
+
+#: How often a source waiting for its destination (``connect_wait``) tries again.
+CONNECT_RETRY_S = 0.2
 
 
 @attrs.frozen(kw_only=True)
@@ -127,13 +137,19 @@ def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
                                  max_bandwidth=plan.config.max_bandwidth)
     monitor.set_status(Status.SETUP)
     started = time.monotonic()
-    try:
-        endpoint = backend.connect(host=host, port=port, requested=plan.requested,
-                                   timeout=plan.config.timeout)
-    except RdmamigError as exc:
-        monitor.set_status(Status.FAILED, str(exc))
-        raise UnreachableError(f"cannot reach the destination {address_text(host, port)}: "
-                               f"{exc}") from exc
+    while True:
+        try:
+            endpoint = backend.connect(host=host, port=port, requested=plan.requested,
+                                       timeout=plan.config.timeout)
+            break
+        except RdmamigError as exc:
+            refused = isinstance(exc, TransportError) and exc.errno == errno.ECONNREFUSED
+            if refused and time.monotonic() - started < plan.config.connect_wait:
+                time.sleep(CONNECT_RETRY_S)  # not listening yet
+                continue
+            monitor.set_status(Status.FAILED, str(exc))
+            raise UnreachableError(f"cannot reach the destination "
+                                   f"{address_text(host, port)}: {exc}") from exc
     with endpoint:
         outgoing = outgoing_for(origin, qemu_peer=is_qemu(requested=plan.requested,
                                                           granted=endpoint.capabilities))
@@ -221,8 +237,8 @@ def _as_blocks(blocks: Mapping[str, Any] | Sequence[RamBlock]) -> list[RamBlock]
     """``{name: buffer}`` as blocks (or the blocks given).
 
     Raises:
-        ConfigurationError: a buffer that cannot be a block (read-only, not whole
-            pages).
+        ConfigurationError: a buffer that cannot be a block (not contiguous, not
+            whole pages).
     """
     if not isinstance(blocks, Mapping):
         return list(blocks)
@@ -236,13 +252,16 @@ def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
          backend: str = "tcp", policy: str = "pin-until-done", pin_cap: int | None = None,
          pin_all: bool = False, config: SourceConfig | None = None,
          key: PreSharedKey | None = None, monitor: Monitor | None = None,
-         **backend_options: Any) -> SourceResult:
+         connect_wait: float = 0.0, **backend_options: Any) -> SourceResult:
     """Migrate memory to the listener at ``address`` (``HOST:PORT``) and return what
     the source did, once the destination has verified and kept it.
 
     Args:
-        blocks: ``{name: buffer}`` (a numpy array, a bytearray, an mmap: writable,
-            a multiple of 4 KiB) or :class:`~rdmamig.engine.RamBlock` objects.
+        blocks: ``{name: buffer}`` (a numpy array, bytes, a bytearray, an mmap:
+            contiguous, a multiple of 4 KiB; only read) or
+            :class:`~rdmamig.engine.RamBlock` objects.
+        connect_wait: seconds to keep trying while nothing listens at ``address``
+            yet (overrides ``config``'s).
         backend, policy: by name, as ``rdmamig backends`` / ``policies`` list them.
         pin_cap: the most a capped policy keeps pinned (``lru``, ``memlock``).
         pin_all: register whole blocks up front (PIN_ALL), with a policy that keeps
@@ -257,10 +276,13 @@ def send(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *,
     from .plugins import load_registry
     registry = load_registry()
     chosen = registry.policy(policy)
+    config = config or SourceConfig()
+    if connect_wait:
+        config = attrs.evolve(config, connect_wait=connect_wait)
     plan = Plan(backend=registry.backend(backend), backend_options=backend_options,
                 policy=chosen, options=PolicyOptions(pin_cap=pin_cap),
                 requested=source_capabilities(chosen, key=key, pin_all=pin_all),
-                config=config or SourceConfig(), key=key)
+                config=config, key=key)
     host, port = parse_address(address)
     result, error = run_source(plan, host, port, _as_blocks(blocks), monitor=monitor)
     if error is not None:
@@ -282,9 +304,12 @@ def receive_into(address: str, blocks: Mapping[str, Any] | Sequence[RamBlock], *
         ConfigurationError, UnknownNameError: a bad name, option or buffer.
     """
     from .plugins import load_registry
+    into = _as_blocks(blocks)
+    for block in into:  # found before anything listens
+        block.require_writable()
     chosen = available_backend(load_registry().backend(backend), backend_options)
     host, port = parse_address(address)
-    destination = receive(chosen, host, port, timeout=timeout, blocks=_as_blocks(blocks),
+    destination = receive(chosen, host, port, timeout=timeout, blocks=into,
                           announce=announce, key=key)
     result = destination.result
     if result.error is not None or not result.verified:

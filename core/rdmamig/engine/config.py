@@ -42,6 +42,9 @@ class SourceConfig:
     #: amortise them.
     window_chunks: int = 256
     timeout: float | None = 60.0
+    #: Seconds to keep trying a destination that refuses the connection (not
+    #: listening yet), as ``migrate`` waits for ``-incoming``; 0: fail at once.
+    connect_wait: float = 0.0
     #: With INLINE, an unregistered chunk with at most this many dirty data pages
     #: sends them inside PAGES messages rather than being registered (a copy of a
     #: few pages costs less than a registration's round trips; as UCX's eager

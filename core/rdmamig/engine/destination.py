@@ -33,7 +33,6 @@ from ..caps import Capability
 from ..control import Role
 from ..errors import (
     AuthenticationError,
-    ConfigurationError,
     ImageError,
     MigrationError,
     RdmamigError,
@@ -125,9 +124,7 @@ class Destination:
         if blocks is None and make_block is None:
             raise ValueError("give the destination blocks or a make_block factory")
         for block in blocks or ():
-            if block.readonly:
-                raise ConfigurationError(f"RAM block {block.name!r} is read-only memory: a "
-                                         f"destination writes its blocks")
+            block.require_writable()
         self.endpoint = endpoint
         self.session = ControlSession(endpoint, role=Role.DESTINATION,
                                       capabilities=endpoint.capabilities, timeout=timeout)
