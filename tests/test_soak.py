@@ -34,7 +34,7 @@ def _settled(listener: Service, served: int) -> tuple[int, int]:
 
 
 def test_fifty_in_a_row_and_four_at_once_keep_memory_and_fds_flat(tmp_path: Path) -> None:
-    with service(tmp_path / "images") as listener:
+    with service(tmp_path / "images", "--max-images", "0") as listener:  # no quota
         _migrate(listener, 10)  # warm up: imports, allocator arenas, thread stacks
         fds, rss = _settled(listener, 10)
         _migrate(listener, 50)
