@@ -81,7 +81,8 @@ def run_measured(command: list[str], env: dict[str, str]) -> tuple[int, int]:
 
 def file_case(total: int, data: list[tuple[int, int]], tree: Path | None) -> dict[str, float]:
     env = environment(tree)
-    work = Path(tempfile.mkdtemp(prefix="rdmamig-populated-"))
+    # Images on tmpfs too: a disk's writeback of earlier rounds is not what is measured.
+    work = Path(tempfile.mkdtemp(prefix="rdmamig-populated-", dir="/dev/shm"))
     block = Path(tempfile.mktemp(prefix="rdmamig-populated-", dir="/dev/shm"))
     try:
         write_file(block, total, data)

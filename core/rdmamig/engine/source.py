@@ -298,7 +298,7 @@ class Source:
     def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
-            chunks = np.flatnonzero(masks.any_per_chunk(dirty))
+            chunks = self._without_holes(index, block, dirty)
             ordered = self._registrar.pinned_first(index, chunks.tolist())
             # Windows grow from one batch to the mode's window: the first writes
             # start early, the later windows amortise their round trips.
@@ -311,6 +311,29 @@ class Source:
                 size = min(2 * size, window)
         self.pipeline.drain()
         self._registrar.settle()
+
+    def _without_holes(self, index: int, block: RamBlock,
+                       dirty: BoolArray) -> masks.IntArray:
+        """The dirty chunks of ``block`` that hold data. Those that are holes from end
+        to end go as COMPRESS now, a few messages for the whole block: in the
+        windows they would take the places of chunks to register and write, and
+        break the overlap of one window's writes with the next one's registrations."""
+        holes = ~masks.any_per_chunk(block.populated_pages(0, block.pages))
+        dirty_chunks = masks.any_per_chunk(dirty)
+        gone = holes & dirty_chunks
+        if gone.any():
+            pages = masks.per_page(gone, block.pages) & dirty
+            count = int(np.count_nonzero(pages))
+            self.result.zero_pages += count
+            self.result.duplicate_pages += count
+            base = self._registrar.remote[index].offset
+            ranges = [wire.CompressRange(value=0, block_idx=index,
+                                         offset=base + start * PAGE_SIZE,
+                                         length=(end - start) * PAGE_SIZE)
+                      for start, end in masks.runs(pages)]
+            for part in batches(ranges, batch=self.batch):
+                self.session.exchange_send(wire.Compress(entries=tuple(part)))
+        return np.flatnonzero(dirty_chunks & ~holes)
 
     def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
                      window: list[int]) -> None:
