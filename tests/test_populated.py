@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 from conftest import Migration
+from rdmamig import populated
 from rdmamig.engine import ChecksumTracker, RamBlock
 from rdmamig.memory import content_digest
 from rdmamig.populated import Everything, FileExtents, PrivateAnonymous, is_private_anonymous
@@ -131,3 +132,19 @@ def test_a_migration_reads_no_hole_of_the_source_and_fills_none_of_the_destinati
     pairs = {0, 1, 20, 21, 40, 41}
     touched = np.flatnonzero(destination.populated_pages(0, destination.pages)) * PAGE // MiB
     assert set(touched.tolist()) <= pairs
+
+
+def test_pagemap_scan_and_reading_pagemap_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    memory = mmap.mmap(-1, 4 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_NOHUGEPAGE)  # one page touched is one page present
+    block = RamBlock("a", memory)
+    for page in (0, 1, 2, 300, 301, 1023):
+        block.array[page * PAGE] = 1
+    scanned = block.populated_pages(0, block.pages)
+    parts = block.populated_pages(1, 302)
+    if not populated._scan_works:
+        pytest.skip("this kernel has no PAGEMAP_SCAN (Linux 6.7): only pagemap is read")
+    monkeypatch.setattr(populated, "_scan_works", False)
+    assert block.populated_pages(0, block.pages).tolist() == scanned.tolist()
+    assert block.populated_pages(1, 302).tolist() == parts.tolist()
+    assert np.flatnonzero(scanned).tolist() == [0, 1, 2, 300, 301, 1023]
