@@ -1,9 +1,11 @@
 """RAM blocks: named, page-aligned memory with a dirty bitmap per 4 KiB page.
 
-A block wraps any writable buffer (an anonymous mapping, a file or ``/dev/shm``
-mapping, a bytearray, a numpy array). Code that writes a block calls
-:meth:`RamBlock.mark_dirty`; memory written by someone else (another process, a VM)
-is tracked by :class:`ChecksumTracker`. Per-page work is vectorised with numpy.
+A block wraps any contiguous buffer (an anonymous mapping, a file or ``/dev/shm``
+mapping, a bytearray, a numpy array; read-only memory for a source only). Code that
+writes a block calls :meth:`RamBlock.mark_dirty`; memory written by someone else
+(another process, a VM) is tracked by :class:`ChecksumTracker`. Pages the kernel
+says hold no data (:mod:`rdmamig.populated`) are never read. Per-page work is
+vectorised with numpy.
 """
 
 from __future__ import annotations
