@@ -77,10 +77,27 @@ class Guest:
                     raise RuntimeError(f"{name}: QEMU did not start: "
                                        f"{self.process.stderr.read().decode()}")
                 time.sleep(0.05)
-            self.qmp.connect()
+            self._connect_qmp()
         except BaseException:
             self.close()
             raise
+
+    def _connect_qmp(self, attempts: int = 5) -> None:
+        """Connect to QEMU's QMP socket, again if negotiation fails: once in a CI run
+        a QEMU started with ``-incoming exec:`` answered ``qmp_capabilities`` with
+        something other than a return while it loaded; it answered at once after."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp.protocol import ConnectError
+        for attempt in range(attempts):
+            try:
+                self.qmp.connect()
+                return
+            except ConnectError:
+                if attempt == attempts - 1 or self.process.poll() is not None:
+                    raise
+                self.qmp.close()
+                time.sleep(0.2)
+                self.qmp = QEMUMonitorProtocol(str(self.qmp_path))
 
     def cmd(self, command: str, **arguments: Any) -> Any:
         """A QMP command's return value (raising on its error)."""
