@@ -158,3 +158,125 @@ def test_a_listener_reports_each_migrations_statuses(tmp_path: Path) -> None:
         "setup", "active", "completed"]
     assert {e["data"]["id"] for e in lines} == {"migration-1"}
     assert [e["data"]["pass"] for e in lines if e["event"] == "MIGRATION_PASS"] == [1, 2]
+
+
+#: A libvirt-style driver's calls around a migration, from a second process.
+LIBVIRT_STYLE = textwrap.dedent("""
+    import json, sys
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    qmp = QEMUMonitorProtocol(sys.argv[1])
+    greeting = qmp.connect(negotiate=True)
+    calls = [("query-version", None), ("query-status", None),
+             ("query-migrate-capabilities", None),
+             ("migrate-set-capabilities",
+              {"capabilities": [{"capability": "auto-converge", "state": True}]}),
+             ("migrate-set-capabilities",
+              {"capabilities": [{"capability": "rdma-pin-all", "state": True}]}),
+             ("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-nothing", "state": True}]}),
+             ("human-monitor-command", {"command-line": "info migrate"}),
+             ("human-monitor-command", {"command-line": "info  status"})]
+    print(json.dumps({"greeting": greeting,
+                      "answers": [qmp.cmd_raw(name, args) for name, args in calls]}))
+""")
+
+
+def test_the_commands_a_libvirt_style_driver_issues_answer_in_qemus_shapes(
+        tmp_path: Path) -> None:
+    from rdmamig import __version__
+    from rdmamig.qmp import ControlServer
+    from rdmamig.status import Monitor, Status
+
+    monitor = Monitor(total_bytes=64 * MiB, max_downtime=0.3)
+    monitor.set_status(Status.SETUP)
+    monitor.set_status(Status.ACTIVE)
+    monitor.update(transferred=8 * MiB, remaining=56 * MiB, normal=2048)
+    socket_path = tmp_path / "qmp.sock"
+    with ControlServer(socket_path, monitor, version=__version__, capabilities={
+            "rdma-pin-all": True, "auto-converge": False, "events": True}):
+        driver = subprocess.run([sys.executable, "-c", LIBVIRT_STYLE, str(socket_path)],
+                                capture_output=True, text=True, timeout=60)
+    assert driver.returncode == 0, driver.stderr
+    out = json.loads(driver.stdout)
+    major, minor, micro = (int(part) for part in __version__.split("."))
+    version = {"qemu": {"major": major, "minor": minor, "micro": micro},
+               "package": f"rdmamig {__version__}"}
+    assert out["greeting"]["QMP"]["version"] == version
+    answers = [a.get("return", a.get("error")) for a in out["answers"]]
+    assert answers[0] == version
+    assert answers[1] == {"status": "running", "running": True, "singlestep": False}
+    assert answers[2] == [{"capability": "rdma-pin-all", "state": True},
+                          {"capability": "auto-converge", "state": False},
+                          {"capability": "events", "state": True}]
+    assert answers[3] == {"class": "GenericError",
+                          "desc": "There's a migration process in progress"}
+    assert answers[4] == {}  # unchanged: nothing to refuse
+    assert "does not accept value 'x-nothing'" in answers[5]["desc"]
+    assert answers[6].startswith("Migration status: active\r\ntotal time: ")
+    assert "transferred ram: 8192 kbytes\r\n" in answers[6]
+    assert "remaining ram: 57344 kbytes\r\n" in answers[6]
+    assert answers[7] == "rdmamig answers 'info migrate' only, not 'info status'\r\n"
+
+
+def test_the_readme_qmp_example_runs_as_written(tmp_path: Path) -> None:
+    import re
+
+    from hostile import service
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = next(block for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL)
+                   if "--control unix:/run/rdmamig.qmp" in block)
+    block = tmp_path / "vm-ram"
+    block.write_bytes(os.urandom(64 * MiB))
+    with service(tmp_path / "images") as listener:
+        script = (example.replace("dst-host:4444", f"127.0.0.1:{listener.port}")
+                  .replace("/dev/shm/vm-ram", str(block))
+                  .replace("/run/rdmamig.qmp", str(tmp_path / "rdmamig.qmp"))
+                  .replace("rdmamig send", f"{sys.executable} -m rdmamig send")
+                  .replace("python3 -", f"{sys.executable} -"))
+        done = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True,
+                              timeout=180)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert "'status':" in lines[0] and lines[1].startswith("{'status': ")
+    assert lines[-1] in ("cancelling", "cancelled", "completed"), done.stdout
+
+
+#: A client that reads the final event, then asks for the status a while later.
+LATE_READER = textwrap.dedent("""
+    import json, os, sys, time
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    qmp = QEMUMonitorProtocol(sys.argv[1])
+    qmp.connect(negotiate=True)
+    final = None
+    while final is None:
+        event = qmp.pull_event(wait=60)
+        if event["event"] == "MIGRATION" and event["data"]["status"] in (
+                "completed", "failed", "cancelled"):
+            final = event["data"]["status"]
+    time.sleep(1.0)  # a poller between two polls
+    print(json.dumps({"event": final, "later": qmp.cmd_raw("query-migrate")["return"]}))
+""")
+
+
+def test_a_client_reads_the_final_status_after_the_migration_ends(tmp_path: Path) -> None:
+    from hostile import service
+
+    block = tmp_path / "ram"
+    block.write_bytes(os.urandom(4 * MiB))  # 4 s at 1 MiB/s: time for the client to come
+    socket_path = tmp_path / "qmp.sock"
+    with service(tmp_path / "images") as listener:
+        reader = subprocess.Popen([sys.executable, "-c", LATE_READER, str(socket_path)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sent = subprocess.run([*RDMAMIG, "send", f"127.0.0.1:{listener.port}", "--block",
+                               f"ram={block}", "--quiet", "--control", f"unix:{socket_path}",
+                               "--max-bandwidth", "1MiB"],
+                              capture_output=True, text=True, timeout=120)
+        out, err = reader.communicate(timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert reader.returncode == 0, err
+    seen = json.loads(out)
+    assert seen["event"] == "completed" and seen["later"]["status"] == "completed"
+    assert not socket_path.exists()  # removed once the client left

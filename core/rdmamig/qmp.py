@@ -8,10 +8,15 @@ objects (``{"execute": ..., "arguments": ..., "id": ...}``) answered by
 (``MIGRATION``, ``MIGRATION_PASS``) sent as they happen. The commands are
 QEMU's: ``query-migrate``, ``migrate_cancel`` (``migrate-cancel`` too),
 ``migrate-set-parameters`` (``downtime-limit`` in ms, ``max-bandwidth`` in
-bytes/s), ``query-migrate-parameters``, ``query-commands``.
+bytes/s), ``query-migrate-parameters``, ``query-migrate-capabilities`` and
+``migrate-set-capabilities`` (fixed while the migration runs, as QEMU's),
+``query-status`` (the workload's run state), ``query-version`` (rdmamig's, in
+QEMU's shape), ``human-monitor-command`` (``info migrate``), ``query-commands``.
 
 The socket is created mode 0600 (only its owner may drive the migration) and
-removed at the end; it never replaces anything but a stale socket.
+removed at the end, once the clients still connected have left (at most
+:data:`LINGER_S` later: they may still ask for the final status); it never
+replaces anything but a stale socket.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigurationError
-from .status import Event, Monitor
+from .status import Event, Monitor, Status
 
 log = logging.getLogger("rdmamig.qmp")
 
@@ -36,6 +41,9 @@ log = logging.getLogger("rdmamig.qmp")
 MAX_COMMAND = 64 << 10
 #: Clients served at once.
 MAX_CLIENTS = 8
+#: Seconds the socket stays, once the migration is over, for clients still
+#: connected to read its final status.
+LINGER_S = 5.0
 
 
 def parse_control(text: str) -> Path:
@@ -50,15 +58,35 @@ def parse_control(text: str) -> Path:
     return Path(path)
 
 
-class ControlServer:
-    """Serves ``monitor`` on the unix socket ``path`` until closed."""
+#: QMP's ``RunState`` of a migration's source for each of its statuses (what
+#: ``query-status`` says of the workload): it runs until stop-and-copy, is stopped
+#: during it, and is done after a completed migration or runs again after a failed one.
+SOURCE_RUN_STATES = {Status.NONE: "running", Status.SETUP: "running",
+                     Status.ACTIVE: "running", Status.DEVICE: "finish-migrate",
+                     Status.COMPLETED: "postmigrate", Status.FAILED: "running",
+                     Status.CANCELLING: "running", Status.CANCELLED: "running"}
 
-    def __init__(self, path: Path, monitor: Monitor, *, version: str) -> None:
+
+class ControlServer:
+    """Serves ``monitor`` on the unix socket ``path`` until closed.
+
+    Args:
+        version: rdmamig's version, told in QEMU's ``VersionInfo`` shape.
+        capabilities: the migration capabilities in QEMU's names and their state
+            (``query-migrate-capabilities``); fixed once the migration runs.
+    """
+
+    def __init__(self, path: Path, monitor: Monitor, *, version: str,
+                 capabilities: dict[str, bool] | None = None) -> None:
         self.path = path
         self.monitor = monitor
         self._version = version
+        self._capabilities = dict(capabilities or {})
         self._sock = self._bind(path)
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        #: Clients connected now, and a condition to wait for them to leave.
+        self._connected = 0
+        self._left = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                         name="rdmamig-qmp")
@@ -90,14 +118,18 @@ class ControlServer:
         sock.listen(MAX_CLIENTS)
         return sock
 
-    def close(self) -> None:
-        """Stop serving and remove the socket."""
+    def close(self, *, linger: float = LINGER_S) -> None:
+        """Stop taking clients, let those connected ask what they still want (the
+        final status: a QEMU whose migration ended goes on answering) until they
+        leave or ``linger`` seconds pass, then remove the socket."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        with self._left:
+            self._left.wait_for(lambda: self._connected == 0, timeout=linger)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -118,6 +150,8 @@ class ControlServer:
             if not self._clients.acquire(blocking=False):
                 conn.close()
                 continue
+            with self._left:
+                self._connected += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True,
                              name="rdmamig-qmp-client").start()
 
@@ -133,9 +167,7 @@ class ControlServer:
 
         negotiated = False
         try:
-            send({"QMP": {"version": {"qemu": {"major": 0, "minor": 0, "micro": 0},
-                                      "package": f"rdmamig {self._version}"},
-                          "capabilities": []}})
+            send({"QMP": {"version": self._version_info(), "capabilities": []}})
             for command in _commands(conn):
                 if not negotiated:
                     if command.get("execute") == "qmp_capabilities":
@@ -153,6 +185,9 @@ class ControlServer:
             self.monitor.unsubscribe(forward)
             conn.close()
             self._clients.release()
+            with self._left:
+                self._connected -= 1
+                self._left.notify_all()
 
     def _execute(self, command: dict[str, Any]) -> dict[str, Any]:
         name = command.get("execute")
@@ -174,10 +209,68 @@ class ControlServer:
             "migrate-cancel": self._cancel,
             "migrate-set-parameters": self._set_parameters,
             "query-migrate-parameters": lambda _arguments: self.monitor.parameters.query(),
+            "query-migrate-capabilities": lambda _arguments: [
+                {"capability": name, "state": state}
+                for name, state in self._capabilities.items()],
+            "migrate-set-capabilities": self._set_capabilities,
+            "query-status": self._status,
+            "query-version": lambda _arguments: self._version_info(),
+            "human-monitor-command": self._human,
             "qmp_capabilities": lambda _arguments: {},
         }
         handlers["query-commands"] = lambda _arguments: [{"name": n} for n in handlers]
         return handlers
+
+    def _version_info(self) -> dict[str, Any]:
+        """rdmamig's version in QEMU's ``VersionInfo`` (``query-version``, greeting)."""
+        numbers = [int(part) if part.isdigit() else 0
+                   for part in [*self._version.split("."), "0", "0"][:3]]
+        return {"qemu": dict(zip(("major", "minor", "micro"), numbers, strict=True)),
+                "package": f"rdmamig {self._version}"}
+
+    def _status(self, _arguments: dict[str, Any]) -> dict[str, Any]:
+        """``query-status``: the workload's run state, as QEMU's for its guest."""
+        state = SOURCE_RUN_STATES[Status(self.monitor.query()["status"])]
+        return {"status": state, "running": state == "running", "singlestep": False}
+
+    def _set_capabilities(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        listed = arguments.get("capabilities")
+        if not isinstance(listed, list):
+            raise ValueError("Parameter 'capabilities' expects an array")
+        for entry in listed:
+            name = entry.get("capability") if isinstance(entry, dict) else None
+            if name not in self._capabilities:
+                raise ValueError(f"Parameter 'capability' does not accept value {name!r} "
+                                 f"(rdmamig has {', '.join(self._capabilities)})")
+            if bool(entry.get("state")) != self._capabilities[name]:
+                raise ValueError("There's a migration process in progress")
+        return {}
+
+    def _human(self, arguments: dict[str, Any]) -> str:
+        """``human-monitor-command``: ``info migrate`` as QEMU's HMP prints it."""
+        line = " ".join(str(arguments.get("command-line", "")).split())
+        if line != "info migrate":
+            return f"rdmamig answers 'info migrate' only, not {line!r}\r\n"
+        info = self.monitor.query()
+        ram = info.get("ram", {})
+        rows = [f"Migration status: {info['status']}"]
+        if "total-time" in info:
+            rows.append(f"total time: {info['total-time']} ms")
+        for key, label in (("expected-downtime", "expected downtime"),
+                           ("downtime", "downtime"), ("setup-time", "setup")):
+            if key in info:
+                rows.append(f"{label}: {info[key]} ms")
+        if ram:
+            rows += [f"transferred ram: {ram['transferred'] >> 10} kbytes",
+                     f"throughput: {ram['mbps']:.2f} mbps",
+                     f"remaining ram: {ram['remaining'] >> 10} kbytes",
+                     f"total ram: {ram['total'] >> 10} kbytes",
+                     f"duplicate: {ram['duplicate']} pages",
+                     f"normal: {ram['normal']} pages",
+                     f"normal bytes: {ram['normal-bytes'] >> 10} kbytes",
+                     f"dirty sync count: {ram['dirty-sync-count']}",
+                     f"page size: {ram['page-size'] >> 10} kbytes"]
+        return "".join(row + "\r\n" for row in rows)
 
     def _cancel(self, _arguments: dict[str, Any]) -> dict[str, Any]:
         self.monitor.cancel()

@@ -325,7 +325,11 @@ def watched(args: argparse.Namespace, monitor: Monitor) -> Iterator[Monitor]:
             monitor.subscribe(write)
             stack.callback(monitor.unsubscribe, write)
         if getattr(args, "control", None) is not None:
-            stack.enter_context(ControlServer(args.control, monitor, version=__version__))
+            stack.enter_context(ControlServer(args.control, monitor, version=__version__,
+                                              capabilities={
+                "rdma-pin-all": bool(getattr(args, "pin_all", False)),
+                "auto-converge": bool(getattr(args, "auto_converge", False)),
+                "events": True}))
         yield monitor
 
 
