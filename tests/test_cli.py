@@ -98,12 +98,28 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
     (["migrate", "--plot", "/nonexistent/p.png"], "cannot write '/nonexistent/p.png'"),
     (["listen", "127.0.0.1:0", "--once", "--into", "/nonexistent/img"],
      "/nonexistent is not a directory"),
+    (["send", "127.0.0.1:9", "--block", "a=b", "--psk-file", "/"],
+     "the key file / is not a regular file"),
+    (["migrate", "--ram", "100TiB"], "(the source's and the destination's copies) is more "
+                                     "than this machine's"),
+    (["migrate", "--ram", "1GB"], "--ram 1000000000 bytes is not 1 block(s) of whole 4 KiB "
+                                  "pages (decimal suffixes are powers of ten"),
+    (["send", "127.0.0.1:9", "--block", "a=/dev/null", "--block", "a=/dev/null"],
+     "--block names must differ: 'a' given more than once"),
 ])
 def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
     result = run(*args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_global_flags_work_before_the_verb(tmp_path: Path) -> None:
+    quiet = run("-q", "migrate", "--ram", "4MiB", "--report", str(tmp_path / "r.json"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert run("-v", "-v", "backends").returncode == 0
+    assert run("-x", "backends").returncode == 2
 
 
 def test_policy_lab_compares_policies_under_their_caps(tmp_path: Path) -> None:

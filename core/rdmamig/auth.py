@@ -86,10 +86,11 @@ def load_key(path: Path | None,
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigurationError(f"cannot read the key file {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # checked first: a directory opens, and fdopen refuses it
+        os.close(fd)
+        raise ConfigurationError(f"the key file {path} is not a regular file")
     with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(file.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigurationError(f"the key file {path} is not a regular file")
         if mode & 0o077:
             raise ConfigurationError(f"the key file {path} is readable by others "
                                      f"(mode {stat.S_IMODE(mode):o}); chmod 600 it")

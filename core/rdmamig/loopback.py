@@ -16,6 +16,7 @@ import attrs
 from .auth import PreSharedKey
 from .engine import DestinationResult, RamBlock, SourceResult
 from .errors import ConfigurationError, MigrationError
+from .limits import physical_memory
 from .migration import Plan, receive, run_source
 from .plugins import load_registry
 from .report import build_report
@@ -44,8 +45,15 @@ class Guest:
                                      f"0 and 1")
         if self.blocks < 1 or self.ram < self.blocks * 4096:
             raise ConfigurationError(f"--ram {self.ram} cannot hold {self.blocks} block(s)")
-        per_block = (self.ram // self.blocks) // 4096 * 4096
-        return [(f"ram{i}", per_block) for i in range(self.blocks)]
+        if self.ram % (self.blocks * 4096):
+            raise ConfigurationError(
+                f"--ram {self.ram} bytes is not {self.blocks} block(s) of whole 4 KiB pages "
+                f"(decimal suffixes are powers of ten: 1GB is 10**9 bytes, 1GiB or 1G 2**30)")
+        if 2 * self.ram > physical_memory():
+            raise ConfigurationError(
+                f"--ram {self.ram / 2**30:.1f} GiB twice (the source's and the destination's "
+                f"copies) is more than this machine's {physical_memory() / 2**30:.1f} GiB")
+        return [(f"ram{i}", self.ram // self.blocks) for i in range(self.blocks)]
 
 
 def _destination_child(backend_name: str, options: dict[str, Any], host: str,

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..caps import PROTOCOL_VERSION
@@ -48,6 +48,11 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str) -> NoReturn:
+        """One line that names what was wrong, not the whole usage (``--help``
+        shows it)."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                "(SIGINT, SIGTERM).")
     parser.add_argument("--version", action="version",
                         version=f"rdmamig {__version__} (protocol version {PROTOCOL_VERSION})")
+    # Also before the verb (`rdmamig -v migrate`), as after it.
+    parser.add_argument("-v", "--verbose", dest="global_verbose", action="count", default=0,
+                        help="log more (-v: each step, -vv: debugging)")
+    parser.add_argument("-q", "--quiet", dest="global_quiet", action="store_true",
+                        help="no live progress display; log only warnings and errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in (backends, policies, migrate, listen, send, image):
         verb.add_verb(verbs)
@@ -73,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     is: every verb cleans up (workload resumed, pins released, staging removed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.global_quiet and hasattr(args, "quiet"):
+        args.quiet = True
     logging.basicConfig(format=f"rdmamig {args.verb}: %(message)s", level=logging.WARNING)
     # A service says what it served; -q quiets it, -v makes anything say more.
-    verbose = getattr(args, "verbose", 0) - getattr(args, "quiet", False)
+    verbose = (getattr(args, "verbose", 0) + args.global_verbose
+               - (getattr(args, "quiet", False) or args.global_quiet))
     verbose += args.verb == "listen"
     logging.getLogger("rdmamig").setLevel(logging.WARNING - 10 * max(min(verbose, 2), -1))
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give at least one --block NAME=PATH, or --image DIR")
     else:
         blocks = []
+        named = [_parse_block(text)[0] for text in args.block]
+        if twice := sorted({name for name in named if named.count(name) > 1}):
+            raise UsageError(f"--block names must differ: {', '.join(map(repr, twice))} "
+                             f"given more than once")
         for name, path in map(_parse_block, args.block):
             try:
                 blocks.append(RamBlock.from_file(name, path))
