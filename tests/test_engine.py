@@ -549,3 +549,23 @@ def test_a_paced_batch_is_posted_in_pieces_that_cover_it_exactly() -> None:
     assert [(w.offset, w.remote_addr - (1 << 40)) for w in flat] == [
         (0, 0), (MiB, MiB), (2 * MiB, 2 * MiB), (4 * MiB, 4 * MiB), (5 * MiB, 5 * MiB)]
     assert _pieces(writes, None) == [writes] == _pieces(writes, 8 * MiB)
+
+
+def test_remaining_counts_what_the_pass_has_not_sent_yet(migration: Migration) -> None:
+    # QEMU's ram.remaining during the bulk round is what is left of it, not 0.
+    blocks = guest(32 * MiB)
+    monitor = Monitor(total_bytes=32 * MiB, max_downtime=0.3)
+    seen: list[tuple[int, int]] = []
+
+    def sample(_sample: dict[str, float]) -> None:
+        ram = monitor.query()["ram"]
+        if ram["dirty-sync-count"] == 1:
+            seen.append((ram["remaining"], ram["transferred"]))
+
+    migration.run(blocks, monitor=monitor, on_progress=sample,
+                  config=SourceConfig(timeout=20, batch_chunks=4, window_chunks=4))
+    assert_succeeded(migration, blocks)
+    assert len(seen) > 4
+    remaining = [r for r, _t in seen]
+    assert remaining == sorted(remaining, reverse=True) and remaining[0] > 24 * MiB
+    assert all(r + t >= 28 * MiB for r, t in seen[:-1])  # at most a window queued, unposted

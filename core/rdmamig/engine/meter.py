@@ -42,6 +42,9 @@ class Meter:
         self.monitor = monitor
         self.started = started
         self.on_progress = on_progress
+        #: Bytes of the pages the pass under way took as dirty and has not sent yet:
+        #: with what is dirty now, what remains (QEMU's ``ram.remaining``).
+        self.unsent_bytes = 0
         #: The pacing's bucket: (bytes of credit, when), None without a limit.
         self._bucket: tuple[float, float] | None = None
 
@@ -65,7 +68,7 @@ class Meter:
         result.timeline.append(sample)
         self.monitor.update(pinned_bytes=pinned, locked_bytes=locked,
                             transferred=result.bytes_written + result.inline_pages * PAGE_SIZE,
-                            remaining=dirty,
+                            remaining=dirty + self.unsent_bytes,
                             duplicate=result.duplicate_pages,
                             normal=result.bytes_written // PAGE_SIZE + result.inline_pages)
         if self.on_progress is not None:

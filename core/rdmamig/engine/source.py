@@ -298,6 +298,7 @@ class Source:
     def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
+            self.meter.unsent_bytes += int(np.count_nonzero(dirty)) * PAGE_SIZE
             chunks = self._without_holes(index, block, dirty)
             ordered = self._registrar.pinned_first(index, chunks.tolist())
             # Windows grow from one batch to the mode's window: the first writes
@@ -309,6 +310,7 @@ class Source:
                 self._send_window(index, block, dirty, ordered[at:at + size])
                 at += size
                 size = min(2 * size, window)
+        self.meter.unsent_bytes = 0
         self.pipeline.drain()
         self._registrar.settle()
 
@@ -326,6 +328,7 @@ class Source:
             count = int(np.count_nonzero(pages))
             self.result.zero_pages += count
             self.result.duplicate_pages += count
+            self.meter.unsent_bytes -= count * PAGE_SIZE
             base = self._registrar.remote[index].offset
             ranges = [wire.CompressRange(value=0, block_idx=index,
                                          offset=base + start * PAGE_SIZE,
@@ -357,6 +360,7 @@ class Source:
                                    fill_gaps_below=FILL_GAPS_BELOW, populated=populated)
             self.result.zero_pages += int(np.count_nonzero(plan.compress))
             self.result.duplicate_pages += int(np.count_nonzero(pages & ~nonzero))
+            self.meter.unsent_bytes -= int(np.count_nonzero(pages)) * PAGE_SIZE
             for run_start, run_end in masks.runs(plan.compress):
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
