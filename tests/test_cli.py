@@ -106,6 +106,8 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
                                   "pages (decimal suffixes are powers of ten"),
     (["send", "127.0.0.1:9", "--block", "a=/dev/null", "--block", "a=/dev/null"],
      "--block names must differ: 'a' given more than once"),
+    (["migrate", "--events", "-", "--report", "-"],
+     "--events - and --report - would both write standard output"),
 ])
 def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
     result = run(*args)
@@ -332,3 +334,42 @@ def test_under_ulimit_l_pin_until_done_fails_clearly_and_memlock_completes(
     assert done.returncode == 0, done.stderr
     data = json.loads(report.read_text())
     assert data["verified"] and data["locked_peak_bytes_source"] <= 8 * MiB
+
+
+def test_a_listener_that_cannot_start_leaves_no_directory(tmp_path: Path) -> None:
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("listen", f"127.0.0.1:{port}", "--into", str(tmp_path / "images"))
+    assert result.returncode in (2, 3) and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "images").exists()
+
+
+def test_listen_events_on_stdout_are_json_lines_only(tmp_path: Path) -> None:
+    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                                 str(tmp_path / "image"), "--events", "-", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert listener.stderr is not None
+    port = next(line for line in listener.stderr
+                if line.startswith("listening on")).rsplit(":", 1)[1].strip()
+    block = tmp_path / "ram"
+    block.write_bytes(os.urandom(1 << 20))
+    assert run("send", f"127.0.0.1:{port}", "--block", f"ram={block}",
+               "--quiet").returncode == 0
+    out, _err = listener.communicate(timeout=60)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events and events[-1]["data"]["status"] == "completed"
+
+
+def test_image_export_never_replaces_a_file(tmp_path: Path) -> None:
+    from test_qemu_stream import small_stream
+    saved, image, out = tmp_path / "saved", tmp_path / "image", tmp_path / "out.mig"
+    saved.write_bytes(small_stream())
+    assert run("image", "import", str(saved), str(image)).returncode == 0
+    out.write_bytes(b"keep me")
+    result = run("image", "export", str(image), str(out))
+    assert result.returncode == 2 and "exists; export writes a new file" in result.stderr
+    assert out.read_bytes() == b"keep me"

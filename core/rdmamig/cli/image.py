@@ -43,8 +43,9 @@ def _export(args: argparse.Namespace) -> int:
         export_image(image, sys.stdout.buffer)
         return 0
     final: Path = args.file
-    if final.exists() and not final.is_file():
-        raise ConfigurationError(f"{final} exists and is not a file")
+    if final.exists() or final.is_symlink():
+        raise ConfigurationError(f"{final} exists; export writes a new file (remove it "
+                                 f"first)")
     if not final.parent.is_dir():
         raise ConfigurationError(f"{final.parent} is not a directory")
     # Written beside its final name and renamed once whole: a reader of FILE never
@@ -53,7 +54,12 @@ def _export(args: argparse.Namespace) -> int:
     try:
         with open(staging, "xb") as out:
             count = export_image(image, out)
-        os.replace(staging, final)
+        # Linked into place only if nothing appeared there meanwhile.
+        try:
+            os.link(staging, final)
+        except FileExistsError:
+            raise ConfigurationError(f"{final} appeared while the image was exported; it "
+                                     f"is left as it was") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             staging.unlink()

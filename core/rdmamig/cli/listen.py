@@ -19,6 +19,7 @@ import errno
 import itertools
 import logging
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,10 +35,12 @@ from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
 from ..report import build_report
 from ..status import Event, Monitor
-from ..transport import Endpoint, Listener, address_text
+from ..transport import Backend, Endpoint, Listener, address_text
 from .options import (
+    STDOUT,
     add_connection_arguments,
     backend_options,
+    check_outputs,
     events_file,
     finish,
     parse_address,
@@ -174,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                                 backend_options(args, registry))
     host, port = parse_address(args.address)
     key = load_key(args.psk_file)
+    check_outputs(args)
     if args.once:
         check_new_image(args.into)
         stale = remove_stale_staging(args.into.parent, args.into.name)
@@ -181,17 +185,36 @@ def run(args: argparse.Namespace) -> int:
         if args.report is not None:
             raise ConfigurationError("--report is for --once (a service writes a summary "
                                      "line per migration)")
+        made = not args.into.exists()
         _check_image_directory(args.into)
+        if made:  # a listener that fails to start leaves no directory behind
+            try:
+                return _run_in(args, backend, host, port, key,
+                               remove_stale_staging(args.into))
+            finally:
+                with contextlib.suppress(OSError):
+                    args.into.rmdir()  # only if it holds nothing
         stale = remove_stale_staging(args.into)
+    return _run_in(args, backend, host, port, key, stale)
+
+
+def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
+            key: PreSharedKey | None, stale: list[Path]) -> int:
+    """``rdmamig listen`` once its image directory is there."""
     for staging in stale:
         log.info("removed %s, left by a listener that was killed", staging)
     service = _Service(args, key)
     _allow_open_files(1 if args.once else args.max_sessions, service.limits.max_blocks)
     with events_file(args.events) as write:
         service.events = write
-        listener = listen(backend, host, port, key=key)
+        try:
+            listener = listen(backend, host, port, key=key)
+        except TransportError as exc:  # the address is the operator's to fix: exit 2
+            raise ConfigurationError(str(exc)) from None
         bound = listener.address[1]
-        print(f"listening on {address_text(host, bound)}", flush=True)
+        # On standard output, unless the events go there (a JSON line each).
+        print(f"listening on {address_text(host, bound)}", flush=True,
+              file=sys.stderr if args.events == STDOUT else sys.stdout)
         if args.once:
             with listener:
                 endpoint = listener.accept(timeout=args.timeout)

@@ -315,10 +315,26 @@ def events_file(path: Path | None) -> Iterator[Callable[[Event], None] | None]:
         yield write
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse two writers of standard output (JSON lines and a JSON document mixed).
+
+    Raises:
+        UsageError: ``--events -`` and ``--report -`` together.
+    """
+    if getattr(args, "events", None) == STDOUT and getattr(args, "report", None) == STDOUT:
+        raise UsageError("--events - and --report - would both write standard output: give "
+                         "one of them a file")
+
+
 @contextlib.contextmanager
 def watched(args: argparse.Namespace, monitor: Monitor) -> Iterator[Monitor]:
     """``monitor`` with what ``--events`` and ``--control`` ask for attached: events
-    written as JSON lines, a QMP socket served, both closed at the end."""
+    written as JSON lines, a QMP socket served, both closed at the end.
+
+    Raises:
+        UsageError: events and the report would both go to standard output.
+    """
+    check_outputs(args)
     with contextlib.ExitStack() as stack:
         write = stack.enter_context(events_file(args.events))
         if write is not None:
