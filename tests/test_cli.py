@@ -373,3 +373,32 @@ def test_image_export_never_replaces_a_file(tmp_path: Path) -> None:
     result = run("image", "export", str(image), str(out))
     assert result.returncode == 2 and "exists; export writes a new file" in result.stderr
     assert out.read_bytes() == b"keep me"
+
+
+def test_a_warning_prints_above_the_live_display_not_into_it() -> None:
+    import pty
+    import select
+    primary, secondary = pty.openpty()
+    # A downtime limit of 0 ms is always missed: the warning comes during the display.
+    child = subprocess.Popen([*RDMAMIG, "migrate", "--ram", "32MiB", "--max-downtime", "0",
+                              "--max-iterations", "1"],
+                             stdin=secondary, stdout=secondary, stderr=secondary,
+                             env={**os.environ, "COLUMNS": "120"})
+    os.close(secondary)
+    screen = b""
+    while True:
+        ready, _, _ = select.select([primary], [], [], 120)
+        try:
+            data = os.read(primary, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            data = b""
+        if not data:
+            break
+        screen += data
+    os.close(primary)
+    assert child.wait(60) == 0
+    text = screen.decode(errors="replace")
+    at = text.index("rdmamig migrate: downtime")
+    # The display's line was cleared (erase line) right before it, not written on.
+    assert text[:at].endswith("\r\x1b[2K"), repr(text[max(0, at - 80):at + 40])
+    assert "filling" in text  # the set-up phase is named while the guest fills

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     total = sum(length for _name, length in guest.layout())
     monitor = Monitor(total_bytes=total, max_downtime=plan.config.max_downtime,
                       max_bandwidth=plan.config.max_bandwidth)
-    with watched(args, monitor), progress_display(args.quiet, monitor) as update:
+    with watched(args, monitor), progress_display(args.quiet, monitor,
+                                                  first="filling") as update:
         report = migrate_locally(plan, guest, host=args.host, on_progress=update,
                                  monitor=monitor)
     return finish(args, report)

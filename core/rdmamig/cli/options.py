@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import decimal
 import json
+import logging
 import math
 import os
 import re
@@ -350,19 +351,24 @@ def watched(args: argparse.Namespace, monitor: Monitor) -> Iterator[Monitor]:
 
 
 @contextlib.contextmanager
-def progress_display(quiet: bool, monitor: Monitor
+def progress_display(quiet: bool, monitor: Monitor, *, first: str = "starting"
                      ) -> Iterator[Callable[[dict[str, float]], None]]:
-    """A live rich display of ``monitor``: the status as it changes (setup, each
-    pass, stop-and-copy), and per batch what ``query-migrate`` would say – sent,
-    the rate over the last fraction of a second, what remains, the dirty rate
-    measured, the expected downtime, what is pinned. Yields the sample callback."""
+    """A live rich display of ``monitor``: ``first`` until the migration's status
+    says otherwise (setup, each pass, stop-and-copy), and per batch what
+    ``query-migrate`` would say – sent, the rate over the last fraction of a
+    second, what remains, the dirty rate measured, the expected downtime, what is
+    pinned. Log lines print above it meanwhile, not into it. Yields the sample
+    callback."""
     if quiet:
         yield lambda sample: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    # On standard error, as the logs: standard output may carry a report or events.
     progress = Progress(TextColumn("[bold]{task.description:>10}"), BarColumn(bar_width=20),
-                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=True)
-    task = progress.add_task("starting", total=monitor.total_bytes, line="")
+                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=True,
+                        console=Console(stderr=True))
+    task = progress.add_task(first, total=monitor.total_bytes, line="")
     mib = 2**20
 
     def on_event(event: Event) -> None:
@@ -383,11 +389,31 @@ def progress_display(quiet: bool, monitor: Monitor
                               f"pin {sample['pinned_bytes'] / mib:,.0f}M"))
 
     monitor.subscribe(on_event)
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    above = _AboveTheDisplay(progress.console)
+    above.setFormatter(handlers[0].formatter if handlers else None)
     try:
         with progress:
+            if progress.console.is_terminal:  # else nothing is drawn to garble
+                root.handlers[:] = [above]
             yield update
     finally:
+        root.handlers[:] = handlers
         monitor.unsubscribe(on_event)
+
+
+class _AboveTheDisplay(logging.Handler):
+    """Log lines printed by the live display's console: above the display, which
+    a plain write to the terminal would garble."""
+
+    def __init__(self, console: Any) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._console.print(self.format(record), markup=False, highlight=False,
+                            soft_wrap=True)
 
 
 def finish(args: argparse.Namespace, report: dict[str, Any]) -> int:
