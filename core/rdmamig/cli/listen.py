@@ -187,20 +187,21 @@ def run(args: argparse.Namespace) -> int:
                                      "line per migration)")
         made = not args.into.exists()
         _check_image_directory(args.into)
-        if made:  # a listener that fails to start leaves no directory behind
-            try:
-                return _run_in(args, backend, host, port, key,
-                               remove_stale_staging(args.into))
-            finally:
+        bound = threading.Event()
+        try:
+            return _run_in(args, backend, host, port, key, remove_stale_staging(args.into),
+                           bound=bound)
+        finally:
+            if made and not bound.is_set():  # it failed to start: it leaves nothing
                 with contextlib.suppress(OSError):
-                    args.into.rmdir()  # only if it holds nothing
-        stale = remove_stale_staging(args.into)
-    return _run_in(args, backend, host, port, key, stale)
+                    args.into.rmdir()
+    return _run_in(args, backend, host, port, key, stale, bound=threading.Event())
 
 
 def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
-            key: PreSharedKey | None, stale: list[Path]) -> int:
-    """``rdmamig listen`` once its image directory is there."""
+            key: PreSharedKey | None, stale: list[Path], *, bound: threading.Event) -> int:
+    """``rdmamig listen`` once its image directory is there; ``bound`` is set once
+    it listens."""
     for staging in stale:
         log.info("removed %s, left by a listener that was killed", staging)
     service = _Service(args, key)
@@ -211,9 +212,10 @@ def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
             listener = listen(backend, host, port, key=key)
         except TransportError as exc:  # the address is the operator's to fix: exit 2
             raise ConfigurationError(str(exc)) from None
-        bound = listener.address[1]
+        bound.set()
+        port = listener.address[1]
         # On standard output, unless the events go there (a JSON line each).
-        print(f"listening on {address_text(host, bound)}", flush=True,
+        print(f"listening on {address_text(host, port)}", flush=True,
               file=sys.stderr if args.events == STDOUT else sys.stdout)
         if args.once:
             with listener:
@@ -225,7 +227,7 @@ def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
                     sessions=args.max_sessions, pending=args.max_pending, wait=args.timeout))
         else:
             _serve_one_at_a_time(service, listener,
-                                 lambda: listen(backend, host, bound, key=key))
+                                 lambda: listen(backend, host, port, key=key))
     return 0
 
 
