@@ -402,3 +402,10 @@ def test_a_warning_prints_above_the_live_display_not_into_it() -> None:
     # The display's line was cleared (erase line) right before it, not written on.
     assert text[:at].endswith("\r\x1b[2K"), repr(text[max(0, at - 80):at + 40])
     assert "filling" in text  # the set-up phase is named while the guest fills
+
+
+def test_a_host_that_is_not_this_machines_fails_with_its_reason() -> None:
+    # The destination process cannot listen there: its reason, not an EOFError.
+    result = run("migrate", "--ram", "4MiB", "--host", "192.0.2.1", "--quiet")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot listen on 192.0.2.1:0" in result.stderr

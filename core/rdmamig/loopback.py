@@ -75,6 +75,20 @@ def _destination_child(backend_name: str, options: dict[str, Any], host: str,
         pipe.close()
 
 
+def _receive_from(pipe: Connection, process: Any) -> Any:
+    """What the destination process sent next.
+
+    Raises:
+        MigrationError: it ended without a word (its pipe closed).
+    """
+    try:
+        return pipe.recv()
+    except EOFError:
+        process.join(5)
+        raise MigrationError(f"the destination process ended without saying why (exit "
+                             f"status {process.exitcode})") from None
+
+
 def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
                     on_progress: Callable[[dict[str, float]], None] | None = None,
                     monitor: Monitor | None = None) -> dict[str, Any]:
@@ -105,7 +119,7 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     try:
         if not parent.poll(timeout):
             raise MigrationError("the destination process did not start listening")
-        port = parent.recv()
+        port = _receive_from(parent, process)
         if isinstance(port, str):
             raise MigrationError(port)
         workload.start()
@@ -117,7 +131,10 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
         workload.close()
     destination = None
     if parent.poll(timeout):
-        received = parent.recv()
+        try:
+            received = _receive_from(parent, process)
+        except MigrationError as exc:
+            received = str(exc)
         if isinstance(received, str):
             error = error or received
         else:
