@@ -45,15 +45,17 @@ class Guest:
                                      f"0 and 1")
         if self.blocks < 1 or self.ram < self.blocks * 4096:
             raise ConfigurationError(f"--ram {self.ram} cannot hold {self.blocks} block(s)")
-        if self.ram % (self.blocks * 4096):
+        if self.ram % 4096:
             raise ConfigurationError(
-                f"--ram {self.ram} bytes is not {self.blocks} block(s) of whole 4 KiB pages "
-                f"(decimal suffixes are powers of ten: 1GB is 10**9 bytes, 1GiB or 1G 2**30)")
+                f"--ram {self.ram} bytes is not whole 4 KiB pages (decimal suffixes are "
+                f"powers of ten: 1GB is 10**9 bytes, 1GiB or 1G 2**30)")
         if 2 * self.ram > physical_memory():
             raise ConfigurationError(
                 f"--ram {self.ram / 2**30:.1f} GiB twice (the source's and the destination's "
                 f"copies) is more than this machine's {physical_memory() / 2**30:.1f} GiB")
-        return [(f"ram{i}", self.ram // self.blocks) for i in range(self.blocks)]
+        # Blocks of whole pages: what does not divide evenly is left out.
+        per_block = (self.ram // self.blocks) // 4096 * 4096
+        return [(f"ram{i}", per_block) for i in range(self.blocks)]
 
 
 def _destination_child(backend_name: str, options: dict[str, Any], host: str,
