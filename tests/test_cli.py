@@ -412,7 +412,7 @@ def test_a_host_that_is_not_this_machines_fails_with_its_reason() -> None:
 
 
 def test_blocks_split_ram_into_whole_pages(tmp_path: Path) -> None:
-    # 32 MiB in 3 blocks: 2796 pages each, the remainder left out (as the harness runs it).
+    # 32 MiB in 3 blocks: 2730 pages each, the remainder left out (as the harness runs it).
     report = tmp_path / "r.json"
     result = run("migrate", "--ram", "32MiB", "--blocks", "3", "--quiet", "--report",
                  str(report))
