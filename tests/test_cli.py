@@ -108,6 +108,8 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
      "--block names must differ: 'a' given more than once"),
     (["migrate", "--events", "-", "--report", "-"],
      "--events - and --report - would both write standard output"),
+    (["listen", "127.0.0.1:0", "--into", "x", "--control", "unix:/tmp/x.qmp"],
+     "--control is for --once"),
 ])
 def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
     result = run(*args)

@@ -280,3 +280,51 @@ def test_a_client_reads_the_final_status_after_the_migration_ends(tmp_path: Path
     seen = json.loads(out)
     assert seen["event"] == "completed" and seen["later"]["status"] == "completed"
     assert not socket_path.exists()  # removed once the client left
+
+
+#: A client of the destination's socket: its run state before, then after the end.
+INCOMING_READER = textwrap.dedent("""
+    import json, os, sys, time
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.01)
+    qmp = QEMUMonitorProtocol(sys.argv[1])
+    qmp.connect(negotiate=True)
+    before = qmp.cmd_raw("query-status")["return"]
+    cancel = qmp.cmd_raw("migrate_cancel")
+    print(json.dumps({"before": before, "cancel": cancel}), flush=True)
+    while True:
+        event = qmp.pull_event(wait=60)
+        if event["event"] == "MIGRATION" and event["data"]["status"] in (
+                "completed", "failed"):
+            break
+    print(json.dumps({"migrate": qmp.cmd_raw("query-migrate")["return"],
+                      "status": qmp.cmd_raw("query-status")["return"]}))
+""")
+
+
+def test_listen_once_serves_qmp_for_the_migration_it_receives(tmp_path: Path) -> None:
+    socket_path = tmp_path / "in.qmp"
+    listener = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                                 str(tmp_path / "image"), "--quiet", "--control",
+                                 f"unix:{socket_path}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert listener.stdout is not None
+    port = listener.stdout.readline().rsplit(":", 1)[1].strip()
+    reader = subprocess.Popen([sys.executable, "-c", INCOMING_READER, str(socket_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader.stdout is not None
+    first = json.loads(reader.stdout.readline())  # connected before the source came
+    assert first["before"] == {"status": "inmigrate", "running": False, "singlestep": False}
+    assert "its destination cannot" in first["cancel"]["error"]["desc"]
+    block = tmp_path / "ram"
+    block.write_bytes(os.urandom(4 * MiB))
+    sent = subprocess.run([*RDMAMIG, "send", f"127.0.0.1:{port}", "--block", f"ram={block}",
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    last = json.loads(out)
+    assert last["migrate"]["status"] == "completed"
+    assert last["status"] == {"status": "paused", "running": False, "singlestep": False}
+    assert listener.wait(60) == 0

@@ -65,6 +65,11 @@ SOURCE_RUN_STATES = {Status.NONE: "running", Status.SETUP: "running",
                      Status.ACTIVE: "running", Status.DEVICE: "finish-migrate",
                      Status.COMPLETED: "postmigrate", Status.FAILED: "running",
                      Status.CANCELLING: "running", Status.CANCELLED: "running"}
+#: The same for a destination, as a QEMU started with ``-incoming`` and ``-S``: in
+#: migration until it completes, then paused (the memory is there, nothing runs it).
+DESTINATION_RUN_STATES = {**{status: "inmigrate" for status in Status},
+                          Status.COMPLETED: "paused", Status.FAILED: "shutdown",
+                          Status.CANCELLED: "shutdown"}
 
 
 class ControlServer:
@@ -74,14 +79,18 @@ class ControlServer:
         version: rdmamig's version, told in QEMU's ``VersionInfo`` shape.
         capabilities: the migration capabilities in QEMU's names and their state
             (``query-migrate-capabilities``); fixed once the migration runs.
+        destination: the migration is received here (``listen``): the run states
+            are an incoming QEMU's, and only the source cancels.
     """
 
     def __init__(self, path: Path, monitor: Monitor, *, version: str,
-                 capabilities: dict[str, bool] | None = None) -> None:
+                 capabilities: dict[str, bool] | None = None,
+                 destination: bool = False) -> None:
         self.path = path
         self.monitor = monitor
         self._version = version
         self._capabilities = dict(capabilities or {})
+        self._destination = destination
         self._sock = self._bind(path)
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         #: Clients connected now, and a condition to wait for them to leave.
@@ -230,7 +239,8 @@ class ControlServer:
 
     def _status(self, _arguments: dict[str, Any]) -> dict[str, Any]:
         """``query-status``: the workload's run state, as QEMU's for its guest."""
-        state = SOURCE_RUN_STATES[Status(self.monitor.query()["status"])]
+        states = DESTINATION_RUN_STATES if self._destination else SOURCE_RUN_STATES
+        state = states[Status(self.monitor.query()["status"])]
         return {"status": state, "running": state == "running", "singlestep": False}
 
     def _set_capabilities(self, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +283,8 @@ class ControlServer:
         return "".join(row + "\r\n" for row in rows)
 
     def _cancel(self, _arguments: dict[str, Any]) -> dict[str, Any]:
+        if self._destination:
+            raise ValueError("the source cancels a migration; its destination cannot")
         self.monitor.cancel()
         return {}
 

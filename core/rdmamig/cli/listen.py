@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..auth import PreSharedKey, load_key
 from ..engine import Destination, RamBlock
 from ..errors import ConfigurationError, RefusedError, TransportError
@@ -33,6 +34,7 @@ from ..image import DiskSpace, ImageWriter, check_new_image, remove_stale_stagin
 from ..limits import Limits, physical_memory
 from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
+from ..qmp import ControlServer, parse_control
 from ..report import build_report
 from ..status import Event, Monitor
 from ..transport import Backend, Endpoint, Listener, address_text
@@ -122,13 +124,13 @@ class _Service:
                                                    total=args.max_bytes)
 
     def receive(self, endpoint: Endpoint, into: Path, number: int = 1, *,
-                display: bool = False,
-                admit: Callable[[], None] | None = None) -> dict[str, Any]:
+                display: bool = False, admit: Callable[[], None] | None = None,
+                monitor: Monitor | None = None) -> dict[str, Any]:
         """Receive migration ``number`` into a new image at ``into`` (with a live
-        display on a terminal, if ``display``; once ``admit`` lets the source in):
-        its report."""
+        display on a terminal, if ``display``; once ``admit`` lets the source in;
+        heard by ``monitor``): its report."""
         args = self.args
-        monitor = Monitor(total_bytes=0, max_downtime=0.0)
+        monitor = monitor or Monitor(total_bytes=0, max_downtime=0.0)
         write = self.events
         if write is not None:  # a service's events say which migration they are of
             monitor.subscribe(lambda event: write(
@@ -185,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         if args.report is not None:
             raise ConfigurationError("--report is for --once (a service writes a summary "
                                      "line per migration)")
+        if args.control is not None:
+            raise ConfigurationError("--control is for --once (QMP watches one migration; "
+                                     "a service's are in its log and --events)")
         made = not args.into.exists()
         _check_image_directory(args.into)
         bound = threading.Event()
@@ -218,9 +223,15 @@ def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
         print(f"listening on {address_text(host, port)}", flush=True,
               file=sys.stderr if args.events == STDOUT else sys.stdout)
         if args.once:
-            with listener:
-                endpoint = listener.accept(timeout=args.timeout)
-            return finish(args, service.receive(endpoint, args.into, display=True))
+            monitor = Monitor(total_bytes=0, max_downtime=0.0)
+            with contextlib.ExitStack() as stack:
+                if args.control is not None:  # there before the source comes
+                    stack.enter_context(ControlServer(args.control, monitor,
+                                                      version=__version__, destination=True))
+                with listener:
+                    endpoint = listener.accept(timeout=args.timeout)
+                report = service.receive(endpoint, args.into, display=True, monitor=monitor)
+            return finish(args, report)
         if listener.concurrent:
             with listener:
                 _serve(service, listener, _Admission(
@@ -483,6 +494,9 @@ def add_verb(verbs: Any) -> None:
     listen_.add_argument("--max-pinned", type=parse_size, metavar="BYTES",
                          help="most bytes a source may have pinned here at once "
                               "(default: only RLIMIT_MEMLOCK limits it)")
+    listen_.add_argument("--control", type=parse_control, metavar="unix:PATH",
+                         help="with --once: a QMP socket to watch the migration received "
+                              "(query-migrate, query-status: inmigrate, then paused)")
     listen_.add_argument("--handshake-timeout", type=parse_seconds, metavar="SECONDS",
                          help="seconds a connection has for its handshake, first byte to "
                               "last lane (TCP; default 10)")
