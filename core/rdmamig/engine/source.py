@@ -299,7 +299,10 @@ class Source:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
             self.meter.unsent_bytes += int(np.count_nonzero(dirty)) * PAGE_SIZE
-            chunks = self._without_holes(index, block, dirty)
+            # Asked of the kernel once a pass: a page populated after this goes as
+            # zero now and, dirty, again next pass – as a page written after it is read.
+            populated = block.populated_pages(0, block.pages)
+            chunks = self._without_holes(index, block, dirty, populated)
             ordered = self._registrar.pinned_first(index, chunks.tolist())
             # Windows grow from one batch to the mode's window: the first writes
             # start early, the later windows amortise their round trips.
@@ -307,20 +310,20 @@ class Source:
             size, at = min(self.config.batch_chunks, window), 0
             while at < len(ordered):
                 self._check_cancel()
-                self._send_window(index, block, dirty, ordered[at:at + size])
+                self._send_window(index, block, dirty, populated, ordered[at:at + size])
                 at += size
                 size = min(2 * size, window)
         self.meter.unsent_bytes = 0
         self.pipeline.drain()
         self._registrar.settle()
 
-    def _without_holes(self, index: int, block: RamBlock,
-                       dirty: BoolArray) -> masks.IntArray:
+    def _without_holes(self, index: int, block: RamBlock, dirty: BoolArray,
+                       populated: BoolArray) -> masks.IntArray:
         """The dirty chunks of ``block`` that hold data. Those that are holes from end
         to end go as COMPRESS now, a few messages for the whole block: in the
         windows they would take the places of chunks to register and write, and
         break the overlap of one window's writes with the next one's registrations."""
-        holes = ~masks.any_per_chunk(block.populated_pages(0, block.pages))
+        holes = ~masks.any_per_chunk(populated)
         dirty_chunks = masks.any_per_chunk(dirty)
         gone = holes & dirty_chunks
         if gone.any():
@@ -339,7 +342,7 @@ class Source:
         return np.flatnonzero(dirty_chunks & ~holes)
 
     def _send_window(self, index: int, block: RamBlock, dirty: BoolArray,
-                     window: list[int]) -> None:
+                     populated_pages: BoolArray, window: list[int]) -> None:
         compress: list[wire.CompressRange] = []
         inline_pages: list[wire.InlinePage] = []
         writes: list[tuple[ChunkId, int, int]] = []
@@ -351,7 +354,7 @@ class Source:
         for first_chunk, end_chunk in masks.runs_of_consecutive(window):
             first = first_chunk * PAGES_PER_CHUNK
             pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
-            populated = block.populated_pages(first, first + len(pages))
+            populated = populated_pages[first:first + len(pages)]
             nonzero = block.nonzero_pages(first, first + len(pages), populated=populated)
             chunks = [ChunkId(index, c) for c in range(first_chunk, end_chunk)]
             registered = self._registrar.registered(chunks)
