@@ -72,6 +72,9 @@ class _Quota:
         self.total = total
         self._lock = threading.Lock()
         self._receiving: dict[int, int] = {}
+        #: What the kept images allocated when each migration declared its first
+        #: block: walked once per migration, not once per block.
+        self._kept_bytes: dict[int, int] = {}
 
     def claim(self, number: int, length: int) -> None:
         """Migration ``number`` declares a block of ``length`` bytes more.
@@ -80,13 +83,15 @@ class _Quota:
             RefusedError: over either quota.
         """
         with self._lock:
-            kept = [p for p in self.directory.iterdir() if not p.name.startswith(".")]
-            if (self.images is not None and number not in self._receiving
-                    and len(kept) + len(self._receiving) >= self.images):
-                raise RefusedError(f"this listener keeps at most {self.images} images "
-                                   f"(--max-images) and has them")
+            if number not in self._receiving:
+                kept = [p for p in self.directory.iterdir() if not p.name.startswith(".")]
+                if self.images is not None and len(kept) + len(self._receiving) >= self.images:
+                    raise RefusedError(f"this listener keeps at most {self.images} images "
+                                       f"(--max-images) and has them")
+                self._kept_bytes[number] = (sum(_allocated(image) for image in kept)
+                                            if self.total is not None else 0)
             if self.total is not None:
-                used = sum(_allocated(image) for image in kept)
+                used = self._kept_bytes[number]
                 asked = used + sum(self._receiving.values()) + length
                 if asked > self.total:
                     raise RefusedError(f"this listener keeps at most {self.total} bytes of "
@@ -98,6 +103,7 @@ class _Quota:
         """Migration ``number`` is over (kept: its image counts from now on)."""
         with self._lock:
             self._receiving.pop(number, None)
+            self._kept_bytes.pop(number, None)
 
 
 def _allocated(image: Path) -> int:
