@@ -285,9 +285,8 @@ def open_image(path: Path) -> Image:
 def _open_regular(image: Path, relative: str, *, size: int | None = None,
                   what: str = "", writable: bool = False) -> int:
     """Open the image's file ``relative`` read-only (or read-write), component by
-    component from
-    the image's directory with no symbolic link followed (a ``blocks`` directory
-    replaced by a link elsewhere is refused): its descriptor.
+    component from the image's directory with no symbolic link followed (a
+    ``blocks`` directory replaced by a link elsewhere is refused): its descriptor.
 
     Raises:
         ImageError: it is missing, reached through a link, not a regular file, or
