@@ -22,7 +22,7 @@ from rdmamig.memory import content_digest
 from rdmamig.session import ControlSession
 from rdmamig.transport import RemoteWrite
 from rdmamig_tcp import TcpBackend, TcpEndpoint
-from rdmamig_tcp.frames import Kind, header
+from rdmamig_tcp.frames import MAGIC, Kind, header
 
 MiB = 1 << 20
 KEY = b"k" * 32
@@ -77,7 +77,7 @@ def test_silent_strangers_are_dropped_after_the_handshake_deadline(tmp_path: Pat
 
 
 def test_a_handshake_dripped_a_byte_a_second_is_held_to_its_deadline(tmp_path: Path) -> None:
-    body = header(Kind.CONNECT, length=16) + b"RDMAMIG\x02" + bytes(8)
+    body = header(Kind.CONNECT, length=16) + MAGIC + bytes(8)
     with service(tmp_path / "images", "--handshake-timeout", "2") as listener:
         dripper = RawPeer(listener.port, timeout=60)
         stop = threading.Event()

@@ -24,7 +24,9 @@ from rdmamig.testing import connected_pair
 from rdmamig.testing.conformance import BackendConformance
 from rdmamig.transport import Backend, Endpoint, RemoteWrite
 from rdmamig_tcp import TcpBackend, TcpEndpoint, TcpListener
-from rdmamig_tcp.frames import LANE_UNIT, MAGIC, Kind, header
+from rdmamig_tcp.frames import EXTENT, LANE_UNIT, MAGIC, PART, Kind, header
+
+MiB = 1 << 20
 
 
 def _raw_connect(port: int, payload: bytes) -> bytes:
@@ -58,6 +60,15 @@ def test_a_peer_that_is_not_rdmamig_is_refused(caplog: pytest.LogCaptureFixture)
         reply = _accept_after(listener, lambda port: _raw_connect(port, b"GET / HTTP/1.0\r\n"))
     assert reply[0] == Kind.REJECT
     assert "not an rdmamig TCP peer" in caplog.text
+
+
+def test_a_peer_of_another_framing_version_is_told_which(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with TcpBackend().listen(host="127.0.0.1", port=0, supported=Capability(0)) as listener:
+        reply = _accept_after(listener, lambda port: _raw_connect(
+            port, MAGIC[:-1] + bytes([MAGIC[-1] - 1]) + bytes(8)))
+    assert reply[0] == Kind.REJECT
+    assert f"framing version {MAGIC[-1] - 1}, this end speaks {MAGIC[-1]}" in caplog.text
 
 
 def _lane_socket(endpoint: Endpoint, lane: int = 0) -> socket.socket:
@@ -240,6 +251,44 @@ def test_writes_to_the_same_bytes_keep_their_order_across_lanes() -> None:
                 remote_addr=rregion.addr + at, rkey=rregion.rkey)])
         src.wait_writes(ticket=ticket, timeout=10)
         assert remote[:] == expected
+
+
+def test_a_write_split_over_lanes_that_ends_outside_its_region_writes_nothing() -> None:
+    with connected_pair(TcpBackend(channels=4)) as (src, dst):
+        assert isinstance(dst, TcpEndpoint)
+        local = mmap.mmap(-1, 8192)
+        local[:] = b"\xAA" * 8192
+        remote = mmap.mmap(-1, 3 * LANE_UNIT)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(remote))
+        # The region ends where a lane unit does: the write's second page is the
+        # next unit's, on the next lane, and outside.
+        end = (base // LANE_UNIT + 1) * LANE_UNIT + LANE_UNIT
+        region_view = memoryview(remote)[end - base - MiB:end - base]
+        lregion = src.register(buffer=memoryview(local), remote_write=False)
+        rregion = dst.register(buffer=region_view, remote_write=True)
+        outside_lane = end // LANE_UNIT % 4
+        # The outside piece's lane is held: the inside piece's lane decides alone.
+        with dst.stalled(outside_lane):
+            ticket = src.post_writes(writes=[RemoteWrite(
+                region=lregion, offset=0, length=8192,
+                remote_addr=rregion.addr + MiB - 4096, rkey=rregion.rkey)])
+            with pytest.raises(TransportError, match=r"write of 8192 bytes .* is outside"):
+                src.wait_writes(ticket=ticket, timeout=10)
+        assert remote[:] == bytes(3 * LANE_UNIT), "the piece inside the region was written"
+
+
+def test_a_piece_outside_the_write_it_claims_breaks_the_connection() -> None:
+    with connected_pair(TcpBackend(channels=4)) as (src, dst):
+        remote = mmap.mmap(-1, MiB)
+        rregion = dst.register(buffer=memoryview(remote), remote_write=True)
+        payload = EXTENT.pack(rregion.addr, 4096) + b"\x01" * 4096
+        # A piece claiming the first page as its write, placed on the second page.
+        _lane_socket(src).sendall(header(Kind.WRITE, length=len(payload), rkey=rregion.rkey,
+                                         remote_addr=rregion.addr + 4096, flags=PART)
+                                  + payload)
+        with pytest.raises(TransportError, match="outside its write of 4096 bytes"):
+            dst.recv_message(timeout=10)
+        assert remote[:] == bytes(MiB)
 
 
 def test_more_lanes_than_allowed_is_refused() -> None:

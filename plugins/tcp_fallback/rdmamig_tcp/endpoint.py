@@ -6,9 +6,9 @@ Each lane's receiver thread plays the part of the NIC: it reads every frame, pla
 WRITE payloads straight into registered memory with ``recv_into`` (no copy in
 Python), acknowledges signaled writes, and queues control messages for
 :meth:`TcpEndpoint.recv_message`. A write with a key that was never granted, was
-deregistered, or reaches outside its region is a remote access error: nothing is
-written, the writer gets a NAK with the reason and both ends go to the error state,
-as an RC queue pair does.
+deregistered, or reaches outside its region is a remote access error: nothing of
+it is written, on any lane; the writer gets a NAK with the reason and both ends go
+to the error state, as an RC queue pair does.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Container, Iterator, Sequence
+from typing import NamedTuple
 
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
@@ -31,11 +32,13 @@ from rdmamig.regions import EndpointBase
 from rdmamig.transport import MemoryRegion, RemoteWrite
 
 from .frames import (
+    EXTENT,
     FENCE,
     FRAME,
     FRAME_TIMEOUT,
     LANE_UNIT,
     MAX_REASON,
+    PART,
     SIGNALED,
     Kind,
     header,
@@ -163,16 +166,18 @@ class TcpEndpoint(EndpointBase[memoryview]):
     def post_writes(self, *, writes: Sequence[RemoteWrite]) -> int:
         self.check_batch(writes)
         self._check()
-        # Per lane: (remote address, rkey, local bytes), in posting order.
-        pieces: list[list[tuple[int, int, memoryview]]] = [[] for _ in self._lanes]
+        # Per lane, in posting order: the pieces of writes it carries.
+        pieces: list[list[_Piece]] = [[] for _ in self._lanes]
         with self._keys:
             for write in writes:
                 _region, view = self._regions.source_of(write)
                 local = view[write.offset:write.offset + write.length]
-                for at, length in self._split(write.remote_addr, write.length):
+                split = self._split(write.remote_addr, write.length)
+                whole = (write.remote_addr, write.length) if len(split) > 1 else None
+                for at, length in split:
                     index = (write.remote_addr + at) // LANE_UNIT % len(self._lanes)
-                    pieces[index].append((write.remote_addr + at, write.rkey,
-                                         local[at:at + length]))
+                    pieces[index].append(_Piece(write.remote_addr + at, write.rkey,
+                                                local[at:at + length], whole))
         with self._posting:
             ticket = next(self._tickets)
             for lane, mine in zip(self._lanes, pieces, strict=True):
@@ -238,7 +243,11 @@ class TcpEndpoint(EndpointBase[memoryview]):
             while recv_exact(lane.sock, head, timeout=FRAME_TIMEOUT, idle=True):
                 kind, flags, rkey, addr, wr_id, length = FRAME.unpack(head)
                 if kind == Kind.WRITE:
-                    self._place_write(lane, rkey, addr, length)
+                    extent = (addr, length)
+                    if flags & PART:
+                        extent = self._read_extent(lane, addr, length)
+                        length -= EXTENT.size
+                    self._place_write(lane, rkey, addr, length, extent)
                     if flags & SIGNALED:
                         lane.push([header(Kind.ACK, wr_id=wr_id)])
                 elif kind == Kind.MARK:
@@ -280,7 +289,26 @@ class TcpEndpoint(EndpointBase[memoryview]):
             self._fail(TransportError(f"connection lost: {exc}", errno=getattr(exc, "errno", None)
                                       or errno.ECONNRESET))
 
-    def _place_write(self, lane: Lane, rkey: int, addr: int, length: int) -> None:
+    def _read_extent(self, lane: Lane, addr: int, length: int) -> tuple[int, int]:
+        """The whole write a PART piece of ``length`` bytes (its extent included) at
+        ``addr`` belongs to; the piece must lie within it."""
+        if length < EXTENT.size:
+            raise RemoteProtocolError(f"length={length} at offset 24: a PART write "
+                                      f"shorter than its {EXTENT.size}-byte extent")
+        raw = bytearray(EXTENT.size)
+        if not recv_exact(lane.sock, memoryview(raw), timeout=FRAME_TIMEOUT):
+            raise ConnectionError("peer closed the connection in a write")
+        start, whole = EXTENT.unpack(raw)
+        if not start <= addr <= addr + length - EXTENT.size <= start + whole:
+            raise RemoteProtocolError(
+                f"extent at offset 28: a piece of {length - EXTENT.size} bytes at "
+                f"{addr:#x} outside its write of {whole} bytes at {start:#x}")
+        return start, whole
+
+    def _place_write(self, lane: Lane, rkey: int, addr: int, length: int,
+                     extent: tuple[int, int]) -> None:
+        """Place the peer's write of ``length`` bytes at ``addr``, a piece of the
+        write ``extent`` (address, length), which must lie within the region."""
         with lane.placing:
             with self._keys:
                 if self._error is not None:
@@ -291,9 +319,10 @@ class TcpEndpoint(EndpointBase[memoryview]):
                         f"rkey={rkey:#x} was never granted or was already deregistered")
                 region, view = known
                 start = addr - region.addr
-                if length == 0 or start < 0 or start + length > region.length:
+                first, whole = extent[0] - region.addr, extent[1]
+                if length == 0 or first < 0 or first + whole > region.length:
                     raise _RemoteAccessError(
-                        f"write of {length} bytes at {addr:#x} is outside the region "
+                        f"write of {whole} bytes at {extent[0]:#x} is outside the region "
                         f"{region.addr:#x}-{region.addr + region.length:#x} of rkey={rkey:#x}")
                 lane.placing_into = region
             try:
@@ -380,17 +409,32 @@ class TcpEndpoint(EndpointBase[memoryview]):
                 pinning.munlock(region.addr, region.length)
 
 
-def _write_frames(pieces: Sequence[tuple[int, int, memoryview]],
-                  ticket: int) -> list[bytes | memoryview]:
+class _Piece(NamedTuple):
+    """What one lane carries of a write: all of it, or one piece of a write split
+    over lanes (then ``whole`` is the write's remote address and length)."""
+
+    remote_addr: int
+    rkey: int
+    data: memoryview
+    whole: tuple[int, int] | None
+
+
+def _write_frames(pieces: Sequence[_Piece], ticket: int) -> list[bytes | memoryview]:
     """A lane's part of batch ``ticket``: its writes, the last one signaled, or a
     MARK when the batch has none for it (every lane completes every batch)."""
     if not pieces:
         return [header(Kind.MARK, wr_id=ticket, flags=SIGNALED)]
     frames: list[bytes | memoryview] = []
-    for position, (remote_addr, rkey, data) in enumerate(pieces):
+    for position, piece in enumerate(pieces):
         last = position == len(pieces) - 1
-        frames.append(header(Kind.WRITE, length=data.nbytes, rkey=rkey,
-                             remote_addr=remote_addr, wr_id=ticket if last else 0,
-                             flags=SIGNALED if last else 0))
-        frames.append(data)
+        flags = SIGNALED if last else 0
+        extent = b"" if piece.whole is None else EXTENT.pack(*piece.whole)
+        if extent:
+            flags |= PART
+        frames.append(header(Kind.WRITE, length=len(extent) + piece.data.nbytes,
+                             rkey=piece.rkey, remote_addr=piece.remote_addr,
+                             wr_id=ticket if last else 0, flags=flags))
+        if extent:
+            frames.append(extent)
+        frames.append(piece.data)
     return frames

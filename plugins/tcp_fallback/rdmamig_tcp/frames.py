@@ -9,6 +9,11 @@ for the frames that have one.
 One endpoint is one or more TCP connections ("lanes"; multifd's channels). Lane 0
 carries the handshake and every control SEND; WRITEs go to the lane their remote
 2 MiB unit maps to, so writes to the same bytes always travel one lane, in order. A
+write that crosses units travels as pieces, one per unit, flagged ``PART``: each
+piece's payload opens with the whole write's extent (``EXTENT``), which every lane
+checks against the region before it places its piece, so a write that reaches
+outside its region is refused by every lane and writes nothing, as an RDMA WRITE
+checked on its first packet does. A
 SEND's payload starts with one u64 per lane, the WRITE frames posted on that lane
 before it: the receiver hands the message on only once it has placed that many, so
 a write posted before a SEND is placed before the SEND is received, as on an RC
@@ -26,13 +31,16 @@ from typing import Final
 
 FRAME: Final = struct.Struct("!BBxxIQQI")
 #: Identifies an rdmamig TCP connect request (then 8 bytes of private data).
-MAGIC: Final = b"RDMAMIG\x02"
+MAGIC: Final = b"RDMAMIG\x03"
 #: Longest REJECT / NAK reason we accept.
 MAX_REASON: Final = 4096
 #: Most lanes one endpoint may have.
 MAX_LANES: Final = 16
 #: Writes are spread over lanes by this unit of the remote address.
 LANE_UNIT: Final = 2 << 20
+#: The whole write a ``PART`` piece belongs to (remote address, length): it opens
+#: the piece's payload.
+EXTENT: Final = struct.Struct("!QI")
 #: Per-lane write counts that open a SEND's payload.
 FENCE: Final = struct.Struct("!Q")
 #: Kernel limit on iovecs per sendmsg (IOV_MAX), less room for a header.
@@ -54,6 +62,8 @@ class Kind(enum.IntEnum):
 
 
 SIGNALED: Final = 0x01
+#: A WRITE that is one piece of a longer write: its payload opens with ``EXTENT``.
+PART: Final = 0x02
 
 
 def header(

@@ -209,6 +209,10 @@ class TcpListener(Listener):
 
     def _open(self, conn: socket.socket, hello: _Handshake, peer: str) -> None:
         if not hello.payload.startswith(MAGIC):
+            if hello.payload[:len(MAGIC)][:-1] == MAGIC[:-1]:
+                raise RemoteProtocolError(
+                    f"magic at offset 28: rdmamig TCP framing version "
+                    f"{hello.payload[len(MAGIC) - 1]}, this end speaks {MAGIC[-1]}")
             raise RemoteProtocolError("magic at offset 28: not an rdmamig TCP peer")
         request = PrivateData.decode_untrusted(hello.payload[len(MAGIC):])
         lanes = hello.lanes or 1
