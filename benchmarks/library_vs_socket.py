@@ -22,7 +22,6 @@ import time
 from multiprocessing.connection import Connection
 
 import numpy as np
-
 import rdmamig
 
 GiB = 1 << 30

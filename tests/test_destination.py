@@ -223,7 +223,8 @@ def test_the_destination_revokes_every_write_before_it_compares_hashes() -> None
     source_blocks[0].array[:] = 3
     blocks = [RamBlock.anonymous("ram0", 8 * MiB)]
     hash_block = blocks[0].digest
-    blocks[0].digest = lambda: (events.append("digest"), hash_block())[1]  # type: ignore[method-assign]
+    blocks[0].digest = (  # type: ignore[method-assign]
+        lambda *args: (events.append("digest"), hash_block(*args))[1])
     with connected_pair(TcpBackend(), requested=SOURCE_DEFAULTS) as (src, dst):
         destination = Destination(_RecordsDeregistrations(dst, events),  # type: ignore[arg-type]
                                   blocks=blocks, timeout=10)

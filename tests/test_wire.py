@@ -69,7 +69,7 @@ def test_extension_messages_round_trip_only_when_negotiated() -> None:
 
 
 EVERY_CAPABILITY = (Capability.VERIFY | Capability.INLINE | Capability.AUTH
-                    | Capability.COMMIT | Capability.REASONS)
+                    | Capability.COMMIT | Capability.REASONS | Capability.CHUNK_HASHES)
 
 # The extension messages (docs/protocol-extensions.md), written out by hand.
 EXTENSION_GOLDEN = [
@@ -85,6 +85,11 @@ EXTENSION_GOLDEN = [
     (wire.VerifyResult(matched=5, mismatched=1), hdr(8, 13) + "00000005" "00000001"),
     (wire.Pages(entries=(wire.InlinePage(block_idx=1, offset=0x2000, data=b"\xab" * 4096),)),
      hdr(4112, 14) + "00000001" "00000000" "0000000000002000" + "ab" * 4096),
+    (wire.ChunkHashes(entries=(
+        wire.ChunkHash(block_idx=1, chunk=0x203, digest=bytes(range(16))),
+        wire.ChunkHash(block_idx=2, chunk=0, digest=b"\xee" * 16))),
+     hdr(48, 20, 2) + "00000001" "00000203" + bytes(range(16)).hex()
+     + "00000002" "00000000" + "ee" * 16),
 ]
 
 
@@ -108,6 +113,7 @@ def test_extension_golden_vectors(message: wire.Message, hexbytes: str) -> None:
                                  "REASONS negotiated a reason of at most 1024 bytes"),
     (hdr(7, 13) + "00" * 7, "len=7 at offset 0: VERIFY RESULT is 8 bytes"),
     (hdr(4112, 14, 0) + "00" * 4112, "repeat=0 at offset 8: PAGES needs at least one entry"),
+    (hdr(25, 20) + "00" * 25, "len=25 at offset 0: CHUNK HASHES"),
 ])
 def test_extension_messages_are_held_to_their_sizes(hexbytes: str, error: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:

@@ -39,15 +39,18 @@ class Capability(enum.IntFlag):
     COMMIT = 0x0010_0000
     #: ERROR carries its sender's reason (UTF-8).
     REASONS = 0x0020_0000
+    #: The source sends the hashes of chunks as their data becomes final (CHUNK
+    #: HASHES), so both sides verify while the data moves.
+    CHUNK_HASHES = 0x0040_0000
 
 
 KNOWN_CAPABILITIES = (Capability.PIN_ALL | Capability.BATCH | Capability.VERIFY
                       | Capability.INLINE | Capability.AUTH | Capability.COMMIT
-                      | Capability.REASONS)
+                      | Capability.REASONS | Capability.CHUNK_HASHES)
 #: What an rdmamig source asks for unless told otherwise (PIN_ALL is the policy's
 #: call, AUTH comes with a key).
 SOURCE_DEFAULTS = (Capability.BATCH | Capability.VERIFY | Capability.INLINE | Capability.COMMIT
-                   | Capability.REASONS)
+                   | Capability.REASONS | Capability.CHUNK_HASHES)
 #: How a source gets a capability a destination may require.
 REQUIRED_HINTS = {Capability.AUTH: "with the same pre-shared key, --psk-file"}
 

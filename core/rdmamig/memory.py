@@ -17,6 +17,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -261,17 +262,33 @@ class RamBlock:
         # For unsigned words, max() is the fastest of numpy's reductions here.
         return length == 0 or int(data.max()) == 0
 
-    def digest(self) -> bytes:
+    def digest(self, known: Mapping[int, bytes] | None = None) -> bytes:
         """The block's digest: xxh3-128 over the xxh3-128 digests of its 1 MiB
         chunks in order (docs/protocol-extensions.md). Chunks that are not
-        populated are not read: a hole's digest is that of zeros."""
+        populated are not read: a hole's digest is that of zeros. ``known``: the
+        digests of chunks taken earlier (:meth:`chunk_digest`), which are not
+        hashed again."""
+        known = known or {}
         populated = self.populated_pages(0, self.pages)
         tree = xxhash.xxh3_128()
         for index in range(self.chunks):
-            held = populated[index * PAGES_PER_CHUNK:(index + 1) * PAGES_PER_CHUNK]
-            tree.update(_chunk_digest(self.view[index * CHUNK_SIZE:(index + 1) * CHUNK_SIZE],
-                                      held))
+            digest = known.get(index)
+            if digest is None:
+                held = populated[index * PAGES_PER_CHUNK:(index + 1) * PAGES_PER_CHUNK]
+                digest = _chunk_digest(self._chunk_view(index), held, _HELD_PIECE)
+            tree.update(digest)
         return tree.digest()
+
+    def chunk_digest(self, index: int) -> bytes:
+        """The digest of chunk ``index`` that :meth:`digest` takes, hashed in one
+        call that lets other threads run meanwhile (this is for hashing beside a
+        transfer: the lanes that send or place data need the GIL now and then)."""
+        first = index * PAGES_PER_CHUNK
+        populated = self.populated_pages(first, min(first + PAGES_PER_CHUNK, self.pages))
+        return _chunk_digest(self._chunk_view(index), populated, CHUNK_SIZE)
+
+    def _chunk_view(self, index: int) -> memoryview:
+        return self.view[index * CHUNK_SIZE:(index + 1) * CHUNK_SIZE]
 
 
 def content_digest(data: bytes | memoryview) -> bytes:
@@ -279,35 +296,38 @@ def content_digest(data: bytes | memoryview) -> bytes:
     view = memoryview(data).cast("B")
     tree = xxhash.xxh3_128()
     for start in range(0, view.nbytes, CHUNK_SIZE):
-        tree.update(_xxh3(view[start:start + CHUNK_SIZE]))
+        tree.update(_xxh3(view[start:start + CHUNK_SIZE], _HELD_PIECE))
     return tree.digest()
 
 
 _ZEROS = memoryview(bytes(CHUNK_SIZE))
-#: Bytes hashed per call. python-xxhash lets go of the GIL for larger inputs, and
-#: each time it does, a runnable thread (another migration of a listener) may keep
-#: it for a whole switch interval (5 ms): per 1 MiB chunk, that made a digest 100
-#: times slower. Smaller pieces keep the GIL (benchmarks/README.md).
+#: Bytes hashed per call when the hash is what the caller waits for.
+#: python-xxhash lets go of the GIL for larger inputs, and each time it does, a
+#: runnable thread (another migration of a listener) may keep it for a whole switch
+#: interval (5 ms): per 1 MiB chunk, that made a digest 100 times slower. Smaller
+#: pieces keep the GIL (benchmarks/README.md). Hashing beside a transfer is the
+#: other way round: pieces that keep the GIL make the lanes wait 5 ms for it.
 _HELD_PIECE = 64 << 10
 
 
-def _xxh3(view: memoryview) -> bytes:
-    """xxh3-128 of ``view``, hashed in pieces that keep the GIL."""
+def _xxh3(view: memoryview, piece: int) -> bytes:
+    """xxh3-128 of ``view``, hashed ``piece`` bytes per call."""
     running = xxhash.xxh3_128()
-    for start in range(0, view.nbytes, _HELD_PIECE):
-        running.update(view[start:start + _HELD_PIECE])
+    for start in range(0, view.nbytes, piece):
+        running.update(view[start:start + piece])
     return running.digest()
 
 
 @functools.cache
 def _zero_digest(length: int) -> bytes:
-    return _xxh3(_ZEROS[:length])
+    return _xxh3(_ZEROS[:length], _HELD_PIECE)
 
 
-def _chunk_digest(chunk: memoryview, populated: BoolArray) -> bytes:
-    """xxh3-128 of ``chunk``, reading only its populated pages (``populated``)."""
+def _chunk_digest(chunk: memoryview, populated: BoolArray, piece: int) -> bytes:
+    """xxh3-128 of ``chunk``, reading only its populated pages (``populated``),
+    ``piece`` bytes per call."""
     if populated.all():
-        return _xxh3(chunk)
+        return _xxh3(chunk, piece)
     if not populated.any():
         return _zero_digest(chunk.nbytes)
     running = xxhash.xxh3_128()
@@ -316,8 +336,8 @@ def _chunk_digest(chunk: memoryview, populated: BoolArray) -> bytes:
                           strict=True):
         source = chunk if populated[start] else _ZEROS
         base = start * PAGE_SIZE if populated[start] else 0
-        for at in range(base, base + (end - start) * PAGE_SIZE, _HELD_PIECE):
-            running.update(source[at:min(at + _HELD_PIECE, base + (end - start) * PAGE_SIZE)])
+        for at in range(base, base + (end - start) * PAGE_SIZE, piece):
+            running.update(source[at:min(at + piece, base + (end - start) * PAGE_SIZE)])
     return running.digest()
 
 

@@ -84,6 +84,8 @@ class SourceResult:
     downtime_s: float = 0.0
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
+    #: Chunks hashed as their writes were posted and named in CHUNK HASHES.
+    chunk_hashes: int = 0
     throttle: float = 0.0
     capabilities: int = 0
     #: ``rdmamig``, or ``qemu`` for a QEMU destination (which offers no verification).

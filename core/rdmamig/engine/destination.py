@@ -54,6 +54,7 @@ from ..transport import Endpoint, MemoryRegion
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
 from . import stream
 from .grants import GrantTable
+from .verify import ArrivedChunks
 
 BlockFactory = Callable[[str, int], RamBlock]
 
@@ -80,6 +81,9 @@ class DestinationResult:
     locked_peak_bytes: int = 0
     total_time_s: float = 0.0
     verify_time_s: float = 0.0
+    #: Chunks whose digest was taken as they arrived (CHUNK HASHES) and held to
+    #: the end: only the others were hashed after the transfer.
+    chunks_hashed_on_arrival: int = 0
     mismatched_blocks: list[str] = attrs.Factory(list)
     #: xxh3-128 of each block as verified (empty when the peer did not verify).
     digests: list[bytes] = attrs.Factory(list)
@@ -142,6 +146,8 @@ class Destination:
         self.grants = GrantTable([])
         self.result = DestinationResult()
         self._start = started_at if started_at is not None else time.monotonic()
+        #: Chunks hashed as they arrive (CHUNK HASHES), once the blocks are known.
+        self._arrived: ArrivedChunks | None = None
 
     # ------------------------------------------------------------ the run
 
@@ -176,6 +182,8 @@ class Destination:
                 f"destination failed: {exc}") from exc
         finally:
             self._release_all()
+            if self._arrived is not None:  # its thread reads the blocks
+                self._arrived.close()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
             if error is not None:  # released first: nothing is pinned when it says so
                 self.monitor.set_status(Status.FAILED, str(error))
@@ -275,7 +283,13 @@ class Destination:
                     self._unregister(chunk)
                 self.session.send(wire.UnregisterFinished())
                 self._sample()
+            case wire.ChunkHashes(entries=entries):
+                if self._arrived is None:
+                    raise RemoteProtocolError("CHUNK HASHES before the stream listed the blocks")
+                self._arrived.check(entries)
             case wire.RegisterFinished():
+                if self._arrived is not None:
+                    self._arrived.new_pass()
                 self.result.iterations += 1
                 self.monitor.new_pass(self.result.iterations, dirty_pages_rate=0.0)
             case _:
@@ -304,6 +318,8 @@ class Destination:
         self.monitor.total_bytes = sum(block.length for block in self.blocks)
         self.monitor.set_status(Status.ACTIVE)
         self.grants = GrantTable([block.chunks for block in self.blocks])
+        if self.endpoint.capabilities & Capability.CHUNK_HASHES:
+            self._arrived = ArrivedChunks(self.blocks)
         offset = 0
         for block in self.blocks:
             self._offsets.append(offset)
@@ -394,6 +410,8 @@ class Destination:
         if entry.value != 0 or not block.reads_zero(start, entry.length):
             block.allocate(start, entry.length)
             block.array[start:start + entry.length] = entry.value
+            if self._arrived is not None:
+                self._arrived.changed(entry.block_idx, start, entry.length)
         self.result.zero_pages += entry.length // wire.PAGE_BYTES if entry.value == 0 else 0
 
     def _inline_page(self, page: wire.InlinePage) -> None:
@@ -405,6 +423,8 @@ class Destination:
                 f"{page.block_idx} ({block.name}, {block.length} bytes)")
         block.allocate(start, wire.PAGE_BYTES)
         block.view[start:start + wire.PAGE_BYTES] = page.data
+        if self._arrived is not None:
+            self._arrived.changed(page.block_idx, start, wire.PAGE_BYTES)
         self.result.inline_pages += 1
 
     # ------------------------------------------------------------ the end
@@ -412,8 +432,13 @@ class Destination:
     def _verify(self) -> None:
         started = time.monotonic()
         # Every registration is gone: nothing changes the blocks any more, so they
-        # are hashed while the source hashes its own, not after.
-        self.result.digests = [block.digest() for block in self.blocks]
+        # are hashed while the source hashes its own, not after; chunks that CHUNK
+        # HASHES named were hashed as they arrived.
+        if self._arrived is not None:
+            self.result.digests = self._arrived.block_digests()
+            self.result.chunks_hashed_on_arrival = sum(map(len, self._arrived.known))
+        else:
+            self.result.digests = [block.digest() for block in self.blocks]
         message = self.session.recv()
         if not isinstance(message, wire.BlockHashes):
             raise RemoteProtocolError(f"{message.TYPE.label} after END, expected BLOCK HASHES")
@@ -425,8 +450,18 @@ class Destination:
         self.session.send(wire.VerifyResult(matched=len(self.blocks) - len(mismatched),
                                             mismatched=len(mismatched)))
         if mismatched:
-            raise VerificationError(f"hash mismatch in block(s) {', '.join(mismatched)}")
+            raise VerificationError(f"hash mismatch in block(s) {', '.join(mismatched)}"
+                                    f"{self._mismatched_chunks()}")
         self.result.verified = True
+
+    def _mismatched_chunks(self) -> str:
+        """The chunks found to differ as they arrived, for the error: ``; chunk 3 of
+        pc.ram (offset 0x300000)``, the first few of them."""
+        found = self._arrived.mismatched if self._arrived is not None else []
+        named = [f"chunk {chunk} of {self.blocks[index].name} (offset "
+                 f"{chunk * CHUNK_SIZE:#x})" for index, chunk in sorted(found)[:4]]
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        return f"; {', '.join(named)}{more}" if named else ""
 
     def _commit(self) -> None:
         """Keep the migration, then tell the source (COMMIT RESULT) that it is done.

@@ -57,12 +57,14 @@ class WritePipeline:
             paces there).
         post_unit: the most bytes to post at once, or None (a paced source posts
             its batches in pieces of this size).
+        on_posted: called with a batch's chunks once all its writes are posted.
     """
 
     def __init__(self, endpoint: Endpoint, pins: PinTable, *, batch_chunks: int,
                  timeout: float | None, on_progress: Callable[[], None],
                  before_post: Callable[[int], None] = lambda nbytes: None,
-                 post_unit: Callable[[], int | None] = lambda: None) -> None:
+                 post_unit: Callable[[], int | None] = lambda: None,
+                 on_posted: Callable[[list[ChunkId]], None] = lambda chunks: None) -> None:
         self.endpoint = endpoint
         self.batch_chunks = batch_chunks
         self.timeout = timeout
@@ -71,6 +73,7 @@ class WritePipeline:
         self.sample = on_progress
         self._before_post = before_post
         self._post_unit = post_unit
+        self._on_posted = on_posted
         self._queued: list[_Batch] = []
         # Posted batches not yet seen complete, oldest first.
         self._outstanding: deque[tuple[int, list[ChunkId]]] = deque()
@@ -120,6 +123,7 @@ class WritePipeline:
                 self._outstanding.append((ticket, batch.chunks if index == len(pieces) - 1
                                           else []))
                 self.posted_since_mark += 1
+            self._on_posted(batch.chunks)
         self.sample()
 
     def post_part(self, parts: int) -> None:

@@ -49,6 +49,7 @@ from .outgoing import NativeStream, OutgoingStream
 from .pins import PinTable
 from .pipeline import WritePipeline, posting_mode
 from .registrar import PerChunk, Registrar, WholeBlocks, batches
+from .verify import SentChunks
 
 log = logging.getLogger("rdmamig.source")
 
@@ -120,7 +121,9 @@ class Source:
                                       timeout=self.config.timeout,
                                       on_progress=self.meter.sample,
                                       before_post=self.meter.pace,
-                                      post_unit=self.meter.post_unit)
+                                      post_unit=self.meter.post_unit,
+                                      on_posted=self._posted)
+        self._sent = SentChunks(self.blocks)
         #: Made once the blocks are exchanged (:mod:`.registrar`).
         self.registrar: Registrar | None = None
 
@@ -298,6 +301,7 @@ class Source:
     def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
+            self._sent.forget(index, masks.any_per_chunk(dirty))
             self.meter.unsent_bytes += int(np.count_nonzero(dirty)) * PAGE_SIZE
             # Asked of the kernel once a pass: a page populated after this goes as
             # zero now and, dirty, again next pass – as a page written after it is read.
@@ -316,6 +320,7 @@ class Source:
         self.meter.unsent_bytes = 0
         self.pipeline.drain()
         self._registrar.settle()
+        self._send_chunk_hashes()
 
     def _without_holes(self, index: int, block: RamBlock, dirty: BoolArray,
                        populated: BoolArray) -> masks.IntArray:
@@ -397,6 +402,7 @@ class Source:
         self._registrar.rewritten(rewritten)
         self._mode.end_window(self.pipeline)
         self._registrar.settle()
+        self._send_chunk_hashes()
 
     # ------------------------------------------------------------ writes
 
@@ -407,17 +413,32 @@ class Source:
                             length=end - start, remote_addr=target.remote_base + start,
                             rkey=target.rkey)
 
+    def _posted(self, chunks: list[ChunkId]) -> None:
+        """The writes of ``chunks`` are posted: while the lanes send them, hash them
+        for CHUNK HASHES once the source is stopped, or from the start when nothing
+        but a caller's ``mark_dirty`` changes its memory (a chunk marked dirty again
+        is hashed again when it is written again)."""
+        static = self.workload is None and not self.trackers
+        if self.endpoint.capabilities & Capability.CHUNK_HASHES and (self._stopped or static):
+            self._sent.posted(chunks)
+
+    def _send_chunk_hashes(self) -> None:
+        """Name the chunks hashed since the last call, after their writes."""
+        for message in self._sent.messages():
+            self.session.exchange_send(message)
+
     # ------------------------------------------------------------ the end
 
     def _verify(self) -> None:
         started = time.monotonic()
-        hashes = tuple(wire.BlockHash(block_idx=i, digest=b.digest())
-                       for i, b in enumerate(self.blocks))
+        hashes = tuple(wire.BlockHash(block_idx=i, digest=digest)
+                       for i, digest in enumerate(self._sent.block_digests()))
         # The READY that ended the downtime is still ours to use.
         reply = self.session.send_request(wire.BlockHashes(entries=hashes),
                                           reply=wire.Command.VERIFY_RESULT)
         assert isinstance(reply, wire.VerifyResult)
         self.result.verify_time_s = time.monotonic() - started
+        self.result.chunk_hashes = self._sent.named
         if reply.mismatched or reply.matched != len(self.blocks):
             raise VerificationError(f"destination reports {reply.mismatched} of "
                                     f"{len(self.blocks)} block(s) differ after transfer")

@@ -18,6 +18,7 @@ imported from.
 from .codec import decode_header_untrusted, decode_untrusted, encode
 from .records import (
     BLOCK_HASH,
+    CHUNK_HASH,
     CHUNK_SHIFT,
     CHUNK_SIZE,
     COMMIT_RESULT,
@@ -43,6 +44,8 @@ from .records import (
     AuthProof,
     BlockHash,
     BlockHashes,
+    ChunkHash,
+    ChunkHashes,
     Command,
     Commit,
     CommitResult,
@@ -69,6 +72,7 @@ from .records import (
 
 __all__ = [
     "BLOCK_HASH",
+    "CHUNK_HASH",
     "CHUNK_SHIFT",
     "CHUNK_SIZE",
     "COMMIT_RESULT",
@@ -94,6 +98,8 @@ __all__ = [
     "AuthProof",
     "BlockHash",
     "BlockHashes",
+    "ChunkHash",
+    "ChunkHashes",
     "Command",
     "Commit",
     "CommitResult",

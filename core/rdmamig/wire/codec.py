@@ -13,6 +13,7 @@ from ..caps import Capability
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .records import (
     BLOCK_HASH,
+    CHUNK_HASH,
     COMMIT_RESULT,
     COMPRESS,
     DEST_BLOCK,
@@ -34,6 +35,8 @@ from .records import (
     AuthProof,
     BlockHash,
     BlockHashes,
+    ChunkHash,
+    ChunkHashes,
     Command,
     Commit,
     CommitResult,
@@ -230,6 +233,13 @@ _CODEC: Final[dict[Command, _Row]] = {
         lambda data: BlockHashes(entries=tuple(
             BlockHash(block_idx=index, digest=digest)
             for _at, (index, _pad, digest) in _entries(data, BLOCK_HASH))), counted=True),
+    Command.CHUNK_HASHES: _Row(
+        _array(CHUNK_HASH),
+        lambda m: (_rows(CHUNK_HASH, [(e.block_idx, e.chunk, e.digest) for e in m.entries]),
+                   len(m.entries)),
+        lambda data: ChunkHashes(entries=tuple(
+            ChunkHash(block_idx=index, chunk=chunk, digest=digest)
+            for _at, (index, chunk, digest) in _entries(data, CHUNK_HASH))), counted=True),
     Command.VERIFY_RESULT: _Row(
         _fixed(VERIFY_RESULT.size), lambda m: (VERIFY_RESULT.pack(m.matched, m.mismatched), 1),
         lambda data: VerifyResult(matched=VERIFY_RESULT.unpack(data)[0],

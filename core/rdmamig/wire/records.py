@@ -38,6 +38,8 @@ REGISTER_RESULT = struct.Struct("!IIQ")
 COMPRESS = struct.Struct("!IIQQ")
 # rdmamig extension: block_idx (u32), padding (u32), xxh3-128 digest (16 bytes)
 BLOCK_HASH = struct.Struct("!II16s")
+#: CHUNK HASHES entry: block_idx, chunk, xxh3-128 digest.
+CHUNK_HASH = struct.Struct("!II16s")
 # rdmamig extension: matched blocks (u32), mismatched blocks (u32)
 VERIFY_RESULT = struct.Struct("!II")
 #: Bytes of one page carried by PAGES.
@@ -79,6 +81,7 @@ class Command(enum.IntEnum):
     AUTH_PROOF = 17
     COMMIT = 18
     COMMIT_RESULT = 19
+    CHUNK_HASHES = 20
 
     @property
     def label(self) -> str:
@@ -96,6 +99,7 @@ EXTENSION_COMMANDS: Final = {
     Command.AUTH_PROOF: Capability.AUTH,
     Command.COMMIT: Capability.COMMIT,
     Command.COMMIT_RESULT: Capability.COMMIT,
+    Command.CHUNK_HASHES: Capability.CHUNK_HASHES,
 }
 
 # ---------------------------------------------------------------- array entries
@@ -162,6 +166,16 @@ class BlockHash:
     """rdmamig extension: the xxh3-128 digest of one whole RAM block."""
 
     block_idx: int
+    digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+
+
+@attrs.frozen(kw_only=True)
+class ChunkHash:
+    """rdmamig extension: the xxh3-128 digest of chunk ``chunk`` of a RAM block,
+    as the source holds it for good."""
+
+    block_idx: int
+    chunk: int
     digest: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
 
 
@@ -274,6 +288,15 @@ class BlockHashes:
 
 
 @attrs.frozen(kw_only=True)
+class ChunkHashes:
+    """rdmamig extension (Capability.CHUNK_HASHES): chunks whose data is final and
+    sent (their writes posted before this message), with the source's digests."""
+
+    TYPE: ClassVar[Command] = Command.CHUNK_HASHES
+    entries: tuple[ChunkHash, ...]
+
+
+@attrs.frozen(kw_only=True)
 class Pages:
     """rdmamig extension (Capability.INLINE): pages of chunks that are not
     registered, carried in the message instead of written (at most
@@ -364,4 +387,5 @@ Message: TypeAlias = (
     | AuthProof
     | Commit
     | CommitResult
+    | ChunkHashes
 )

@@ -1,0 +1,157 @@
+"""Verification while the data moves (Capability.CHUNK_HASHES,
+docs/protocol-extensions.md).
+
+A block's digest is taken over the digests of its 1 MiB chunks, so a chunk can be
+hashed as soon as its data is final rather than all of them after the transfer:
+
+- the source (:class:`SentChunks`) hashes a chunk once its writes are posted, if its
+  memory can no longer change (it is stopped, or nothing but its own dirty marks
+  changes it: no workload, no tracker), while the lanes send it; it names those
+  chunks and their digests in CHUNK HASHES, sent after the writes. A chunk dirtied
+  again is forgotten, and hashed and named again when it is written again;
+- the destination (:class:`ArrivedChunks`) takes CHUNK HASHES after the writes
+  before it have been placed, as any control message, and hashes those chunks of
+  its own blocks on a thread while later data arrives, comparing each with the
+  source's digest; the last hash of a chunk named again is the one that counts,
+  and a chunk its control messages (COMPRESS, PAGES) changed after its last
+  naming is hashed again at the end.
+
+At the end each side hashes only the chunks not taken so, and the block digests
+are compared as without CHUNK HASHES.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .. import wire
+from ..errors import RemoteProtocolError
+from ..memory import BoolArray, RamBlock
+from ..policy import ChunkId
+from ..wire import CHUNK_SIZE
+
+
+class SentChunks:
+    """The source's chunk digests, taken as their writes are posted."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = blocks
+        #: Per block: chunk index -> digest.
+        self.known: list[dict[int, bytes]] = [{} for _ in blocks]
+        self._unsent: list[wire.ChunkHash] = []
+        #: Chunk digests named so far.
+        self.named = 0
+
+    def forget(self, block: int, dirty_chunks: BoolArray) -> None:
+        """Chunks of ``block`` dirtied again (``dirty_chunks``, one per chunk) are no
+        longer known: they are hashed again when they are written again."""
+        known = self.known[block]
+        for index in [index for index in known if dirty_chunks[index]]:
+            del known[index]
+
+    def posted(self, chunks: Iterable[ChunkId]) -> None:
+        """Hash ``chunks``, whose writes are posted and whose memory is final."""
+        for cid in chunks:
+            digest = self.blocks[cid.block].chunk_digest(cid.index)
+            self.known[cid.block][cid.index] = digest
+            self._unsent.append(wire.ChunkHash(block_idx=cid.block, chunk=cid.index,
+                                               digest=digest))
+
+    def messages(self) -> list[wire.ChunkHashes]:
+        """The CHUNK HASHES not sent yet (and forget them)."""
+        unsent, self._unsent = self._unsent, []
+        self.named += len(unsent)
+        return [wire.ChunkHashes(entries=tuple(unsent[at:at + wire.MAX_REPEAT]))
+                for at in range(0, len(unsent), wire.MAX_REPEAT)]
+
+    def block_digests(self) -> list[bytes]:
+        """Every block's digest, hashing only the chunks not hashed yet."""
+        return [block.digest(known) for block, known in zip(self.blocks, self.known,
+                                                             strict=True)]
+
+
+class ArrivedChunks:
+    """The destination's side: hashes the chunks CHUNK HASHES names, on a thread of
+    its own, and remembers those that differ from the source's digest. Each chunk
+    may be named once a pass (so hashing is bounded by what a pass may carry,
+    whatever a peer sends). :meth:`close` must be called before the blocks are
+    unmapped."""
+
+    def __init__(self, blocks: Sequence[RamBlock]) -> None:
+        self.blocks = blocks
+        #: Per block: chunk index -> our digest.
+        self.known: list[dict[int, bytes]] = [{} for _ in blocks]
+        #: (block index, chunk) whose last digest differs from the source's.
+        self.mismatched: set[tuple[int, int]] = set()
+        self._named: list[set[int]] = [set() for _ in blocks]
+        # Per block and chunk: changed by a control message since it was last named.
+        self._stale = [np.zeros(block.chunks, dtype=bool) for block in blocks]
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rdmamig-verify")
+        self._pending: list[concurrent.futures.Future[None]] = []
+
+    def check(self, entries: Sequence[wire.ChunkHash]) -> None:
+        """Queue ``entries`` for hashing once they are checked.
+
+        Raises:
+            RemoteProtocolError: a block or chunk that does not exist, or a chunk
+                named before.
+        """
+        for entry in entries:
+            if entry.block_idx >= len(self.blocks):
+                raise RemoteProtocolError(
+                    f"block_idx={entry.block_idx}: CHUNK HASHES names no such RAM block "
+                    f"(there are {len(self.blocks)})")
+            block = self.blocks[entry.block_idx]
+            if entry.chunk >= block.chunks:
+                raise RemoteProtocolError(
+                    f"chunk={entry.chunk}: CHUNK HASHES names a chunk past "
+                    f"the {block.chunks} of block {entry.block_idx} ({block.name})")
+            if entry.chunk in self._named[entry.block_idx]:
+                raise RemoteProtocolError(
+                    f"chunk={entry.chunk}: CHUNK HASHES names chunk {entry.chunk} of block "
+                    f"{entry.block_idx} ({block.name}) twice in one pass")
+            self._named[entry.block_idx].add(entry.chunk)
+            self._stale[entry.block_idx][entry.chunk] = False
+        self._pending.append(self._executor.submit(self._hash, list(entries)))
+
+    def changed(self, block: int, start: int, length: int) -> None:
+        """``length`` bytes at ``start`` of block ``block`` were written by a control
+        message: their chunks' digests, if taken, are taken again at the end."""
+        if length > 0:
+            self._stale[block][start // CHUNK_SIZE:(start + length - 1) // CHUNK_SIZE + 1] = True
+
+    def new_pass(self) -> None:
+        """A pass ended (REGISTER FINISHED): chunks may be named again."""
+        for named in self._named:
+            named.clear()
+
+    def _hash(self, entries: list[wire.ChunkHash]) -> None:
+        # One thread, in order: a chunk's last hash is the one that stays.
+        for entry in entries:
+            ours = self.blocks[entry.block_idx].chunk_digest(entry.chunk)
+            self.known[entry.block_idx][entry.chunk] = ours
+            if ours == entry.digest:
+                self.mismatched.discard((entry.block_idx, entry.chunk))
+            else:
+                self.mismatched.add((entry.block_idx, entry.chunk))
+
+    def block_digests(self) -> list[bytes]:
+        """Every block's digest, once the queued chunks are hashed, hashing only the
+        chunks CHUNK HASHES did not name."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        for index, (known, stale) in enumerate(zip(self.known, self._stale, strict=True)):
+            for chunk in [chunk for chunk in known if stale[chunk]]:
+                del known[chunk]
+                self.mismatched.discard((index, chunk))
+        return [block.digest(known) for block, known in zip(self.blocks, self.known,
+                                                             strict=True)]
+
+    def close(self) -> None:
+        """Drop what is queued and wait for the chunk being hashed."""
+        self._executor.shutdown(wait=True, cancel_futures=True)

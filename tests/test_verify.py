@@ -1,0 +1,94 @@
+"""Verification while the data moves: CHUNK HASHES (docs/protocol-extensions.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import Migration
+from rdmamig import wire
+from rdmamig.engine import RamBlock
+from rdmamig.engine.verify import ArrivedChunks
+from rdmamig.errors import VerificationError
+from rdmamig.policy import PolicyOptions
+from rdmamig_policies.pin_until_done import PinUntilDone
+from test_destination import against_a_destination, refused
+
+MiB = 1 << 20
+
+
+def _random_block(size: int, *, zero_chunks: tuple[int, ...] = ()) -> RamBlock:
+    block = RamBlock.anonymous("ram0", size)
+    block.array[:] = np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8)
+    for chunk in zero_chunks:
+        block.array[chunk * MiB:(chunk + 1) * MiB] = 0
+    return block
+
+
+def test_every_written_chunk_is_hashed_as_it_moves_on_both_sides(
+        migration: Migration) -> None:
+    block = _random_block(16 * MiB, zero_chunks=(3, 7))
+    migration.run([block])
+    assert migration.source_error is None and migration.destination_error is None
+    source, destination = migration.source, migration.destination
+    assert source is not None and destination is not None
+    assert source.result.verified and destination.result.verified
+    # The 14 chunks that hold data were written, so named; the two zero chunks went
+    # as COMPRESS and were hashed at the end.
+    assert source.result.chunk_hashes == 14
+    assert destination.result.chunks_hashed_on_arrival == 14
+
+
+def test_a_chunk_that_differs_on_arrival_is_named(migration: Migration,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if the data path had flipped a byte of chunk 5 before it was hashed.
+    original = ArrivedChunks._hash
+
+    def corrupting(self: ArrivedChunks, entries: list[wire.ChunkHash]) -> None:
+        for entry in entries:
+            if entry.chunk == 5:
+                self.blocks[0].array[5 * MiB + 100] ^= 0xFF
+        original(self, entries)
+
+    monkeypatch.setattr(ArrivedChunks, "_hash", corrupting)
+    migration.run([_random_block(8 * MiB)])
+    assert isinstance(migration.destination_error, VerificationError)
+    assert "hash mismatch in block(s) ram0; chunk 5 of ram0 (offset 0x500000)" in str(
+        migration.destination_error)
+    assert migration.source_error is not None
+
+
+def test_a_chunk_zeroed_after_it_was_named_is_hashed_again_at_the_end(
+        migration: Migration) -> None:
+    # Pass 1 writes chunk 2 and names it; it is then zeroed and marked dirty, so
+    # pass 2 sends it as COMPRESS, which names nothing: the destination's digest of
+    # it from pass 1 must not be the one compared.
+    block = _random_block(8 * MiB)
+
+    class ZeroesAfterBulk(PinUntilDone):
+        def iteration_ended(self, *, iteration: int) -> None:
+            super().iteration_ended(iteration=iteration)
+            if iteration == 0:
+                block.array[2 * MiB:3 * MiB] = 0
+                block.mark_dirty(2 * MiB, MiB)
+
+    migration.run([block], policy=ZeroesAfterBulk(PolicyOptions()))
+    assert migration.source_error is None and migration.destination_error is None
+    destination = migration.destination
+    assert destination is not None and destination.result.verified
+    assert destination.result.zero_pages >= 256
+    assert destination.result.chunks_hashed_on_arrival == 7
+
+
+@pytest.mark.parametrize(("entries", "error"), [
+    ([(2, 0)], "block_idx=2: CHUNK HASHES names no such RAM block (there are 2)"),
+    ([(1, 2)], "chunk=2: CHUNK HASHES names a chunk past the 2 of block 1 (ram1)"),
+    ([(0, 0), (0, 0)], "chunk=0: CHUNK HASHES names chunk 0 of block 0 (ram0) twice in "
+                       "one pass"),
+])
+def test_chunk_hashes_naming_what_does_not_exist_or_twice_are_refused(
+        entries: list[tuple[int, int]], error: str) -> None:
+    with against_a_destination(MiB, 2 * MiB) as (source, destination, _blocks):
+        reason = refused(destination, source, wire.ChunkHashes(entries=tuple(
+            wire.ChunkHash(block_idx=block, chunk=chunk, digest=bytes(16))
+            for block, chunk in entries)))
+        assert error in reason
