@@ -177,7 +177,7 @@ def test_memlock_limit_gives_a_clear_error() -> None:
          "prlimit", "--memlock=8388608:8388608", sys.executable, "-c", MEMLOCK_SCRIPT],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "cannot pin 16777216 bytes (16.0 MiB): RLIMIT_MEMLOCK is 8388608 bytes" in (
+    assert "cannot pin 16777216 bytes (16 MiB): RLIMIT_MEMLOCK is 8388608 bytes" in (
         result.stdout)
     assert "ulimit -l" in result.stdout
 

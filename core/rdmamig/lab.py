@@ -18,6 +18,7 @@ from .plugins import Registry
 from .policy import Hint, PolicyOptions
 from .report import require_matplotlib
 from .transport import Backend
+from .units import size_text
 from .workload import PATTERNS
 
 
@@ -85,7 +86,7 @@ def plot_pinned(results: list[dict[str, Any]], path: Path) -> None:
     for axis, pattern in zip(axes[:, 0], patterns, strict=True):
         for report in (r for r in results if r["pattern"] == pattern):
             samples = report["timeline"]["source"]
-            label = report["policy"] + (f" {report['pin_cap'] >> 20} MiB"
+            label = report["policy"] + (f" {size_text(report['pin_cap'])}"
                                         if report.get("pin_cap") else "")
             axis.plot([s["t"] for s in samples], [s["pinned_bytes"] / 2**20 for s in samples],
                       label=label)

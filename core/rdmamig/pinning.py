@@ -16,6 +16,7 @@ import resource
 import numpy as np
 
 from .errors import MemlockLimitError, RegistrationError
+from .units import size_text
 
 # libc through the process itself (dlopen(NULL)): find_library runs ldconfig, a
 # process of its own, at every start.
@@ -87,7 +88,7 @@ def memlock_applies() -> bool:
 
 
 def _format_bytes(count: int) -> str:
-    return f"{count} bytes ({count / 2**20:.1f} MiB)"
+    return f"{count} bytes ({size_text(count)})"
 
 
 def memlock_error(requested: int, what: str = "pin") -> MemlockLimitError:

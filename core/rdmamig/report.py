@@ -10,6 +10,7 @@ from typing import Any
 from .engine import DestinationResult, SourceResult
 from .errors import ConfigurationError
 from .status import capability_names
+from .units import size_text
 
 
 def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceResult | None,
@@ -92,7 +93,6 @@ def summary_table(report: dict[str, Any]) -> Any:
              "[yellow]completed, not verified: the peer (QEMU) offers no verification[/]"
              if report["succeeded"] else "[red]FAILED[/]")
     table = Table(title="migration " + title, show_header=False)
-    mib = 2**20
     # A side shows what it measured, not the other side's figures as zeros.
     source = report.get("side", "both") != "destination"
     destination = report.get("side", "both") != "source"
@@ -100,7 +100,7 @@ def summary_table(report: dict[str, Any]) -> Any:
         ("backend / policy", f"{report['backend']} / {report['policy']}") if source
         else ("backend", report["backend"]),
         ("peer / verification", f"{report['peer']} / {report['verification']}"),
-        ("RAM", f"{report['ram_bytes'] / mib:.0f} MiB"),
+        ("RAM", size_text(report["ram_bytes"])),
         ("total time", f"{report['total_time_s']:.3f} s"),
     ]
     if report["succeeded"]:
@@ -109,24 +109,24 @@ def summary_table(report: dict[str, Any]) -> Any:
         rows += [
             ("downtime", f"{report['downtime_ms']:.1f} ms" if report["succeeded"] else "-"),
             ("iterations", str(report["iterations"])),
-            ("written", f"{report['bytes_written'] / mib:.1f} MiB"),
+            ("written", size_text(report["bytes_written"])),
             ("zero pages (sent as COMPRESS) / inline pages",
              f"{report.get('duplicate_pages') or report['zero_pages']} "
              f"({report['zero_pages']}) / {report['inline_pages']}"),
             ("registrations / unregistrations",
              f"{report['registrations']} / {report['unregistrations']}"),
             ("asked the peer to pin, at most",
-             f"{report.get('peer_pinned_peak_bytes', 0) / mib:.0f} MiB"),
+             size_text(report.get("peer_pinned_peak_bytes", 0))),
         ]
     else:
         rows += [("passes", str(report["iterations"])),
                  ("zero pages / inline pages",
                   f"{report['zero_pages']} / {report['inline_pages']}")]
-    peaks = [f"{report[f'pinned_peak_bytes_{side}'] / mib:.0f}"
+    peaks = [size_text(report[f"pinned_peak_bytes_{side}"])
              for side, shown in (("source", source), ("destination", destination)) if shown]
     names = " / ".join(n for n, shown in (("source", source), ("destination", destination))
                        if shown)
-    rows += [(f"pinned peak ({names})", " / ".join(peaks) + " MiB"),
+    rows += [(f"pinned peak ({names})", " / ".join(peaks)),
              ("verify time", f"{report['verify_time_s']:.3f} s")]
     if report.get("error"):
         rows.append(("error", str(report["error"])))
@@ -201,7 +201,7 @@ def plot_timeline(report: dict[str, Any], path: Path) -> None:
     axes[2].set_xlabel("seconds since connect")
     axes[2].legend()
     fig.suptitle(f"rdmamig {report['backend']} / {report['policy']}: "
-                 f"{report['ram_bytes'] / 2**20:.0f} MiB in {report['total_time_s']:.2f} s")
+                 f"{size_text(report['ram_bytes'])} in {report['total_time_s']:.2f} s")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

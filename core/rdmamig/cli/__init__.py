@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from .. import __version__
 from ..caps import PROTOCOL_VERSION
 from ..errors import ConfigurationError, RdmamigError, UnknownNameError, UnreachableError
+from ..units import size_text
 from . import backends, image, listen, migrate, policies, send
 
 
@@ -33,7 +34,7 @@ class _Help(argparse.HelpFormatter):
         default = action.default
         if (action.option_strings and "default" not in text and default not in (
                 None, False, [], 0, argparse.SUPPRESS) and not isinstance(default, bool)):
-            shown = (f"{default >> 20} MiB" if isinstance(default, int) and default >= 1 << 20
+            shown = (size_text(default) if isinstance(default, int) and default >= 1 << 20
                      and not default % (1 << 20) else str(default))
             text += f" (default: {shown})"
         if isinstance(action, argparse._AppendAction) and "repeat" not in text:

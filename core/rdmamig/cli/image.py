@@ -15,6 +15,7 @@ from typing import Any
 from ..convert import export_image, import_stream
 from ..errors import ConfigurationError
 from ..image import open_image
+from ..units import size_text
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def _import(args: argparse.Namespace) -> int:
             image = import_stream(source, into, name=str(args.file))
     manifest = image.manifest
     print(f"imported {len(manifest.blocks)} RAM block(s), "
-          f"{sum(b.length for b in manifest.blocks) / 2**20:.1f} MiB, and "
+          f"{size_text(sum(b.length for b in manifest.blocks))}, and "
           f"{manifest.state_bytes} bytes of device state into {image.path}", file=sys.stderr)
     return 0
 
@@ -102,7 +103,7 @@ def _info(args: argparse.Namespace) -> int:
     from rich.text import Text
     console = Console()
     console.print(Text(f"{_shown(data['path'])}: {_shown(data['origin'])} image, "
-                       f"{data['ram_bytes'] / 2**20:.1f} MiB of RAM"
+                       f"{size_text(data['ram_bytes'])} of RAM"
                        + (f", machine {_shown(data['machine'])}" if "machine" in data
                           else "")))
     table = Table("block", "bytes", "xxh3-128")

@@ -38,6 +38,7 @@ from ..qmp import ControlServer, parse_control
 from ..report import build_report
 from ..status import Event, Monitor
 from ..transport import Backend, Endpoint, Listener, address_text
+from ..units import size_text
 from .options import (
     STDOUT,
     add_connection_arguments,
@@ -269,7 +270,7 @@ def destination_display(shown: bool, monitor: Monitor) -> Iterator[None]:
         pinned = status.get("rdmamig", {}).get("pinned-bytes", 0)
         progress.update(task, description=f"pass {data['pass']}" if "pass" in data
                         else str(data["status"]),
-                        line=f"{monitor.total_bytes >> 20} MiB, pinned {pinned >> 20} MiB")
+                        line=f"{size_text(monitor.total_bytes)}, pinned {size_text(pinned)}")
 
     monitor.subscribe(on_event)
     try:

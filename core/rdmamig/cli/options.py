@@ -30,6 +30,7 @@ from ..policy import Hint, PolicyOptions
 from ..qmp import ControlServer, parse_control
 from ..report import plot_timeline, require_matplotlib, summary_table, write_report
 from ..status import Event, Monitor
+from ..units import size_text
 
 
 class UsageError(ConfigurationError, argparse.ArgumentTypeError):
@@ -369,7 +370,6 @@ def progress_display(quiet: bool, monitor: Monitor, *, first: str = "starting"
                         TextColumn("{task.fields[line]}"), TimeElapsedColumn(), transient=True,
                         console=Console(stderr=True))
     task = progress.add_task(first, total=monitor.total_bytes, line="")
-    mib = 2**20
 
     def on_event(event: Event) -> None:
         data = event["data"]
@@ -383,10 +383,10 @@ def progress_display(quiet: bool, monitor: Monitor, *, first: str = "starting"
         progress.update(task, completed=monitor.total_bytes - min(remaining,
                                                                   monitor.total_bytes),
                         line=(f"{ram.get('mbps', 0) / 8000:4.2f} GB/s "
-                              f"left {remaining / mib:,.0f}M "
-                              f"dirty {ram.get('dirty-pages-rate', 0) * 4096 / mib:,.0f}M/s "
+                              f"left {size_text(remaining)} "
+                              f"dirty {size_text(ram.get('dirty-pages-rate', 0) * 4096)}/s "
                               f"~{status.get('expected-downtime', 0)} ms "
-                              f"pin {sample['pinned_bytes'] / mib:,.0f}M"))
+                              f"pin {size_text(sample['pinned_bytes'])}"))
 
     monitor.subscribe(on_event)
     root = logging.getLogger()

@@ -11,6 +11,7 @@ from typing import Any
 from ..lab import lab_runs, plot_pinned, run_lab
 from ..plugins import load_registry
 from ..report import require_matplotlib, write_report
+from ..units import size_text
 from ..workload import PATTERNS
 from .options import (
     add_connection_arguments,
@@ -52,23 +53,23 @@ def compare(args: argparse.Namespace) -> int:
         config=source_config(args), ram=args.ram, dirty_rate=args.dirty_rate,
         before_each=lambda run: console.print(
             f"[dim]{run.pattern} / {run.policy}"
-            f"{f' / cap {run.cap >> 20} MiB' if run.cap else ''} ...[/]"))
+            f"{f' / cap {size_text(run.cap)}' if run.cap else ''} ...[/]"))
 
-    table = Table("workload", "policy", "cap MiB", "total s", "downtime ms", "GB/s",
-                  "reg", "unreg", "re-reg", "inline pages", "peak pinned src / dst MiB",
+    table = Table("workload", "policy", "cap", "total s", "downtime ms", "GB/s",
+                  "reg", "unreg", "re-reg", "inline pages", "peak pinned src / dst",
                   "verified",
-                  title=f"policy lab: {args.ram >> 20} MiB, dirtying "
-                        f"{args.dirty_rate / 2**20:.0f} MiB/s")
+                  title=f"policy lab: {size_text(args.ram)}, dirtying "
+                        f"{size_text(args.dirty_rate)}/s")
     for report in results:
         cap = report.get("pin_cap")
         table.add_row(
-            report["pattern"], report["policy"], f"{cap >> 20}" if cap else "-",
+            report["pattern"], report["policy"], size_text(cap) if cap else "-",
             f"{report['total_time_s']:.2f}", f"{report['downtime_ms']:.0f}",
             f"{report['throughput_gbps']:.2f}", str(report["registrations"]),
             str(report["unregistrations"]), str(report["reregistrations"]),
             str(report["inline_pages"]),
-            f"{report['pinned_peak_bytes_source'] >> 20} / "
-            f"{report['pinned_peak_bytes_destination'] >> 20}",
+            f"{size_text(report['pinned_peak_bytes_source'])} / "
+            f"{size_text(report['pinned_peak_bytes_destination'])}",
             "[green]yes[/]" if report["verified"] else f"[red]no[/] {report['error']}")
     output = Console()
     if not output.is_terminal:
