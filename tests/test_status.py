@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from conftest import Migration
+from rdmamig.engine import RamBlock
 from rdmamig.status import Monitor, Parameters, Status
 
 
@@ -46,3 +48,18 @@ def test_parameters_are_bounded_as_qemu_bounds_them(changes: dict[str, int],
     with pytest.raises(ValueError, match=message):
         parameters.set(**changes)  # type: ignore[arg-type]
     assert parameters.query() == {"downtime-limit": 300, "max-bandwidth": 1 << 20}
+
+
+def test_the_reports_total_time_is_query_migrates(migration: Migration) -> None:
+    # One clock: QEMU's total-time runs from setup to completed, verification and
+    # commit included, and the summary says the same.
+    source_monitor = Monitor(total_bytes=8 << 20, max_downtime=0.3)
+    blocks = [RamBlock.anonymous("ram0", 8 << 20)]
+    blocks[0].array[::4096] = 1
+    migration.run(blocks, monitor=source_monitor)
+    source, destination = migration.source, migration.destination
+    assert source is not None and destination is not None
+    assert source.result.verified and source.result.verify_time_s > 0
+    assert source_monitor.query()["total-time"] == round(source.result.total_time_s * 1000)
+    assert destination.monitor.query()["total-time"] == round(
+        destination.result.total_time_s * 1000)

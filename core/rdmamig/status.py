@@ -237,6 +237,14 @@ class Monitor:
 
     # ------------------------------------------------------------ watchers ask
 
+    @property
+    def total_time_s(self) -> float:
+        """Seconds from setup to the final status (or to now, before it):
+        ``query-migrate``'s ``total-time``, and every report's total time."""
+        with self._lock:
+            ended = self._ended_s
+            return ended if ended is not None else time.monotonic() - self._started
+
     def cancel(self) -> None:
         """``migrate_cancel``: the migration stops at its next step, as failed
         migrations do (workload resumed, pins released) and ends ``cancelled``."""
@@ -249,13 +257,11 @@ class Monitor:
         with self._lock:
             f = self._progress
             status = self._status
-            now = time.monotonic() - self._started
-            setup, ended = self._setup_s, self._ended_s
+            setup = self._setup_s
         answer: dict[str, Any] = {"status": status.value}
         if status == Status.NONE:
             return answer
-        elapsed = (ended if ended is not None else now) * 1000
-        answer["total-time"] = round(elapsed)
+        answer["total-time"] = round(self.total_time_s * 1000)
         if setup is not None:
             answer["setup-time"] = round(setup * 1000)
         if status == Status.COMPLETED:

@@ -187,7 +187,9 @@ class Destination:
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
             if error is not None:  # released first: nothing is pinned when it says so
                 self.monitor.set_status(Status.FAILED, str(error))
+                self.result.total_time_s = self.monitor.total_time_s
         self.monitor.set_status(Status.COMPLETED)
+        self.result.total_time_s = self.monitor.total_time_s
         return self.result
 
     def _authenticate(self, key: PreSharedKey) -> None:
@@ -221,7 +223,6 @@ class Destination:
                 break
             else:
                 raise RemoteProtocolError(f"record {tag.name} after the stream's start")
-        self.result.total_time_s = time.monotonic() - self._start
         self.result.completed = True
         # This READY tells the source that everything before END is in place.
         self.session.send(wire.Ready())
@@ -249,7 +250,6 @@ class Destination:
         decoder.feed(start)
         self.result.state = decoder.read_all(next_piece).raw
         self.result.origin = decoder.origin().record([b.addr for b in decoder.blocks])
-        self.result.total_time_s = time.monotonic() - self._start
         self.result.completed = True
         if self.endpoint.capabilities & Capability.VERIFY:
             # An rdmamig source sending QEMU's stream: as after END, this READY says

@@ -138,6 +138,7 @@ class Source:
                 workload runs again.
         """
         error: RdmamigError | None = None
+        self.monitor.set_status(Status.SETUP)  # its clock starts (if run_source's has not)
         try:
             self._migrate()
         except RdmamigError as exc:
@@ -154,7 +155,6 @@ class Source:
             self._release_all()
             self.result.pinned_peak_bytes = self.endpoint.pinned_peak_bytes
             if error is not None:
-                self.result.total_time_s = time.monotonic() - self._start
                 cancelled = isinstance(error, MigrationCancelledError)
                 self._end(Status.CANCELLED if cancelled else Status.FAILED, str(error))
         self.monitor.update(downtime_s=self.result.downtime_s)
@@ -164,6 +164,8 @@ class Source:
     def _end(self, status: Status, error: str | None = None) -> None:
         self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked_bytes())
         self.monitor.set_status(status, error)
+        # The monitor's clock, so that the report and query-migrate agree.
+        self.result.total_time_s = self.monitor.total_time_s
 
     def _new_pass(self, number: int, previous_round_s: float) -> float:
         """Pass ``number`` begins: its event, with the dirty rate the pages now dirty
@@ -248,7 +250,6 @@ class Source:
         done = time.monotonic()
         self.result.iterations = iteration + 1
         self.result.downtime_s = done - stop
-        self.result.total_time_s = done - self._start
         if self.result.downtime_s > self.monitor.parameters.max_downtime:
             log.warning("downtime %.0f ms missed the %.0f ms limit: %s", 1000 *
                         self.result.downtime_s, 1000 * self.monitor.parameters.max_downtime,
