@@ -20,7 +20,7 @@ from rdmamig.engine.pipeline import _pieces
 from rdmamig.engine.source import MIN_COMPRESS_RUN
 from rdmamig.errors import MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
-from rdmamig.status import Monitor
+from rdmamig.status import Monitor, Status
 from rdmamig.transport import MemoryRegion, RemoteWrite
 from rdmamig.workload import SyntheticWorkload, fill_guest
 from rdmamig_policies.lru import Lru
@@ -569,3 +569,34 @@ def test_remaining_counts_what_the_pass_has_not_sent_yet(migration: Migration) -
     remaining = [r for r, _t in seen]
     assert remaining == sorted(remaining, reverse=True) and remaining[0] > 24 * MiB
     assert all(r + t >= 28 * MiB for r, t in seen[:-1])  # at most a window queued, unposted
+
+
+def test_transferred_moves_with_the_writes_posted_not_the_windows_queued(
+        migration: Migration) -> None:
+    # One window of 32 chunks in batches of 4: query-migrate's transferred goes up
+    # a batch at a time as they are posted, not all at once when the window is.
+    blocks = guest(32 * MiB)
+    monitor = Monitor(total_bytes=32 * MiB, max_downtime=0.3)
+    seen: list[int] = []
+    update = monitor.update
+
+    def recording(**figures: Any) -> None:
+        if figures.get("transferred") is not None:
+            seen.append(figures["transferred"])
+        update(**figures)
+
+    monitor.update = recording  # type: ignore[method-assign]
+    migration.run(blocks, monitor=monitor,
+                  config=SourceConfig(timeout=20, batch_chunks=4, window_chunks=32))
+    assert_succeeded(migration, blocks)
+    assert seen == sorted(seen)
+    assert len({value for value in seen if 0 < value < max(seen)}) >= 6
+
+
+def test_mbps_at_the_end_is_the_whole_migrations_rate() -> None:
+    monitor = Monitor(total_bytes=64 * MiB, max_downtime=0.3)
+    monitor.set_status(Status.SETUP)
+    monitor.update(transferred=64 * MiB)
+    monitor.set_status(Status.COMPLETED)
+    answer = monitor.query()
+    assert answer["ram"]["mbps"] == round(64 * MiB * 8 / monitor.total_time_s / 1e6, 3)

@@ -42,6 +42,10 @@ class Status(enum.StrEnum):
 
 #: The statuses a migration ends in.
 FINAL = {Status.COMPLETED, Status.FAILED, Status.CANCELLED}
+#: Seconds ``mbps`` is measured over while a migration runs: the writes go in
+#: pieces of a tenth of a second under a bandwidth limit, and a rate over a shorter
+#: window swings with them.
+RATE_WINDOW_S = 1.0
 
 
 def event(name: str, data: dict[str, Any]) -> Event:
@@ -117,7 +121,8 @@ class Progress:
     normal: int = 0
     #: The pass under way (1: the bulk round).
     passes: int = 0
-    #: Megabits per second of ``transferred``, over the last 0.2 s or more.
+    #: Megabits per second of ``transferred``: over the last second or more while
+    #: it runs, over the whole migration once it has ended (as QEMU's).
     mbps: float = 0.0
     #: Pages dirtied per second in the last pass.
     dirty_pages_rate: float = 0.0
@@ -194,6 +199,8 @@ class Monitor:
             if status in FINAL:
                 self._ended_s = now
                 self.error = error
+                # As QEMU's at completion: the whole migration's rate.
+                self._progress.mbps = self._progress.transferred * 8 / max(now, 1e-9) / 1e6
         self._emit("MIGRATION", {"status": status.value})
 
     def new_pass(self, number: int, *, dirty_pages_rate: float) -> None:
@@ -225,7 +232,9 @@ class Monitor:
             if transferred is not None:
                 now = time.monotonic()
                 then, before = self._last_rate
-                if now - then >= 0.2:  # a rate over a window, not one batch's spike
+                # The first figure comes sooner: a rate over a shorter window beats 0.
+                first = self._progress.mbps == 0 and now - then >= RATE_WINDOW_S / 5
+                if now - then >= RATE_WINDOW_S or first:
                     self._progress.mbps = (transferred - before) * 8 / (now - then) / 1e6
                     self._last_rate = (now, transferred)
 

@@ -1,6 +1,6 @@
 """The source's meter: before each batch of writes, a pause if it would run ahead
-of ``max-bandwidth``; after the batches of a post, one timeline sample and the
-monitor's figures."""
+of ``max-bandwidth`` and the monitor's figures as far as the posted writes go;
+after the batches of a post, one timeline sample."""
 
 from __future__ import annotations
 
@@ -45,12 +45,26 @@ class Meter:
         #: Bytes of the pages the pass under way took as dirty and has not sent yet:
         #: with what is dirty now, what remains (QEMU's ``ram.remaining``).
         self.unsent_bytes = 0
+        #: Bytes of writes queued and not posted yet: taken from what is dirty, not
+        #: transferred yet either.
+        self.unposted_bytes = 0
         #: The pacing's bucket: (bytes of credit, when), None without a limit.
         self._bucket: tuple[float, float] | None = None
 
     def dirty_bytes(self) -> int:
         """Bytes of dirty pages: what is left to send."""
         return sum(block.dirty_pages() for block in self.blocks) * PAGE_SIZE
+
+    def transferred_bytes(self) -> int:
+        """What has gone out: posted writes and inline pages (QEMU's
+        ``ram.transferred``)."""
+        result = self.result
+        return result.bytes_written - self.unposted_bytes + result.inline_pages * PAGE_SIZE
+
+    def remaining_bytes(self) -> int:
+        """What is still to go: dirty now, taken by the pass and not sent, or queued
+        and not posted (QEMU's ``ram.remaining``)."""
+        return self.dirty_bytes() + self.unsent_bytes + self.unposted_bytes
 
     def sample(self) -> None:
         """Batches were posted (or a window posted nothing): record where things
@@ -67,8 +81,8 @@ class Meter:
                   "zero_pages": float(result.zero_pages)}
         result.timeline.append(sample)
         self.monitor.update(pinned_bytes=pinned, locked_bytes=locked,
-                            transferred=result.bytes_written + result.inline_pages * PAGE_SIZE,
-                            remaining=dirty + self.unsent_bytes,
+                            transferred=self.transferred_bytes(),
+                            remaining=dirty + self.unsent_bytes + self.unposted_bytes,
                             duplicate=result.duplicate_pages,
                             normal=result.bytes_written // PAGE_SIZE + result.inline_pages)
         if self.on_progress is not None:
@@ -80,8 +94,17 @@ class Meter:
         limit = self.monitor.parameters.max_bandwidth
         return None if limit is None else max(int(limit * BURST_S), MIN_POST_UNIT)
 
-    def pace(self, nbytes: int) -> None:
-        """Called before ``nbytes`` of writes are posted: wait until they fit
+    def before_post(self, nbytes: int) -> None:
+        """Called before ``nbytes`` of queued writes are posted: paced, then counted
+        as transferred, so that the figures move with the writes, not with the
+        windows that queue them."""
+        self._pace(nbytes)
+        self.unposted_bytes -= nbytes
+        self.monitor.update(transferred=self.transferred_bytes(),
+                            remaining=self.remaining_bytes())
+
+    def _pace(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` of writes fit
         ``max-bandwidth`` (read again as it waits: it may change, or a cancel
         come). A token bucket: credit accrues at the limit up to
         :data:`BURST_S` worth, a batch waits until the credit is not negative and

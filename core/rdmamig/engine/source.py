@@ -120,7 +120,7 @@ class Source:
         self.pipeline = WritePipeline(endpoint, self.pins, batch_chunks=self._mode.batch_chunks,
                                       timeout=self.config.timeout,
                                       on_progress=self.meter.sample,
-                                      before_post=self.meter.pace,
+                                      before_post=self.meter.before_post,
                                       post_unit=self.meter.post_unit,
                                       on_posted=self._posted)
         self._sent = SentChunks(self.blocks)
@@ -410,6 +410,7 @@ class Source:
     def _queue_write(self, cid: ChunkId, start: int, end: int) -> None:
         target = self._registrar.target(cid)
         self.result.bytes_written += end - start
+        self.meter.unposted_bytes += end - start
         self.pipeline.queue(cid, region=target.region, offset=target.region_base + start,
                             length=end - start, remote_addr=target.remote_base + start,
                             rkey=target.rkey)
