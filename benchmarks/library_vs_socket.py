@@ -3,23 +3,31 @@ loopback: ``rdmamig.send`` / ``rdmamig.receive_into`` (verified, committed) agai
 ``sendall`` / ``recv_into`` of the same buffer.
 
     python benchmarks/library_vs_socket.py [--gib 1] [--repeat 3] [--channels 1]
+        [--baseline DIR]
 
-The receiver is another process with its array pre-faulted; the sender's array holds
-random bytes. Each round's time runs on the sender from the call until the receiver
-has everything: for the library, until ``send`` returns (the destination verified
-and kept it); for the socket, until the receiver's one-byte answer after its last
-``recv_into``. Rounds alternate; the figures are medians and the ratio is the
-socket's time over the library's (1.0: as fast as a socket).
+Each round is a process of its own (``--baseline DIR``: the library of that
+checkout's sources, as a third kind of round) whose receiver is a child process
+with its array pre-faulted; the sender's array holds random bytes. A round's time
+runs on the sender from the call until the receiver has everything: for the
+library, until ``send`` returns (the destination verified and kept it); for the
+socket, until the receiver's one-byte answer after its last ``recv_into``. Rounds
+alternate; the figures are medians and the ratios are the socket's time over each
+library's (1.0: as fast as a socket).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
+from datetime import date
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 import rdmamig
@@ -57,7 +65,8 @@ def _socket_receiver(pipe: Connection, size: int) -> None:
     pipe.send(int(array[-1]))
 
 
-def _round(kind: str, data: np.ndarray, channels: int) -> float:
+def _round(kind: str, size: int, channels: int) -> float:
+    data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
     context = multiprocessing.get_context("spawn")
     mine, theirs = context.Pipe()
     args = (theirs, data.nbytes, channels) if kind == "library" else (theirs, data.nbytes)
@@ -80,24 +89,47 @@ def _round(kind: str, data: np.ndarray, channels: int) -> float:
     return elapsed
 
 
+def _in_a_process(kind: str, size: int, channels: int, tree: Path | None) -> float:
+    """One round in a process of its own: the library of ``tree``'s sources when
+    given, else of this checkout."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join(str(tree / part) for part in (
+            "core", "plugins/tcp_fallback", "plugins/policies", "plugins/verbs"))
+    done = subprocess.run([sys.executable, __file__, "--one", kind, "--bytes", str(size),
+                           "--channels", str(channels)], env=env, check=True,
+                          capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--baseline", type=Path, metavar="DIR")
+    parser.add_argument("--one", choices=["socket", "library"], help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(_round(args.one, args.bytes, args.channels))
+        return
     size = int(args.gib * GiB) // 4096 * 4096
-    data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
-    times: dict[str, list[float]] = {"socket": [], "library": []}
+    kinds = {"socket": ("socket", None), "library": ("library", None)}
+    if args.baseline is not None:
+        kinds["baseline"] = ("library", args.baseline)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for round_ in range(args.repeat):
-        for kind in times:
-            times[kind].append(_round(kind, data, args.channels))
+        for kind, (what, tree) in kinds.items():
+            times[kind].append(_in_a_process(what, size, args.channels, tree))
             print(f"round {round_ + 1} {kind:8} {times[kind][-1]:.3f} s", flush=True)
-    socket_s, library_s = (statistics.median(times[kind]) for kind in ("socket", "library"))
+    medians = {kind: statistics.median(values) for kind, values in times.items()}
     mib = size / (1 << 20)
-    print(f"| {mib:.0f} MiB | channels {args.channels} | socket {socket_s:.3f} s "
-          f"({mib / socket_s:.0f} MiB/s) | library {library_s:.3f} s "
-          f"({mib / library_s:.0f} MiB/s) | {socket_s / library_s:.2f}x |")
+    print(f"{date.today()}, {os.cpu_count()} CPUs, {mib:.0f} MiB, channels {args.channels}, "
+          f"medians of {args.repeat}:")
+    for kind, seconds in medians.items():
+        print(f"| {kind} | {seconds:.3f} s | {mib / seconds:.0f} MiB/s | "
+              f"{medians['socket'] / seconds:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def build_report(*, backend: str, policy: str, ram_bytes: int, source: SourceRes
         "policy": policy,
         "ram_bytes": ram_bytes,
         "total_time_s": total,
+        "transfer_time_s": src.transfer_time_s or dst.transfer_time_s,
         "downtime_ms": src.downtime_s * 1000,
         "verify_time_s": max(src.verify_time_s, dst.verify_time_s),
         "iterations": src.iterations or dst.iterations,
@@ -102,6 +103,7 @@ def summary_table(report: dict[str, Any]) -> Any:
         ("peer / verification", f"{report['peer']} / {report['verification']}"),
         ("RAM", size_text(report["ram_bytes"])),
         ("total time", f"{report['total_time_s']:.3f} s"),
+        ("transfer time (until all is in place)", f"{report['transfer_time_s']:.3f} s"),
     ]
     if report["succeeded"]:
         rows.append(("throughput", f"{report['throughput_gbps']:.2f} GB/s"))

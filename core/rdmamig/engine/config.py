@@ -82,7 +82,10 @@ class SourceResult:
     #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
     locked_peak_bytes: int = 0
     downtime_s: float = 0.0
+    #: Setup to the final status (query-migrate's ``total-time``).
     total_time_s: float = 0.0
+    #: Connect to the destination holding everything (before verification).
+    transfer_time_s: float = 0.0
     verify_time_s: float = 0.0
     #: Chunks hashed as their writes were posted and named in CHUNK HASHES.
     chunk_hashes: int = 0

@@ -79,7 +79,10 @@ class DestinationResult:
     pinned_peak_bytes: int = 0
     #: Highest VmLck + VmPin seen (what the kernel counts against RLIMIT_MEMLOCK).
     locked_peak_bytes: int = 0
+    #: Setup to the final status (query-migrate's ``total-time``).
     total_time_s: float = 0.0
+    #: Start to the stream's end: everything in place, before verification.
+    transfer_time_s: float = 0.0
     verify_time_s: float = 0.0
     #: Chunks whose digest was taken as they arrived (CHUNK HASHES) and held to
     #: the end: only the others were hashed after the transfer.
@@ -223,6 +226,7 @@ class Destination:
                 break
             else:
                 raise RemoteProtocolError(f"record {tag.name} after the stream's start")
+        self.result.transfer_time_s = time.monotonic() - self._start
         self.result.completed = True
         # This READY tells the source that everything before END is in place.
         self.session.send(wire.Ready())
@@ -250,6 +254,7 @@ class Destination:
         decoder.feed(start)
         self.result.state = decoder.read_all(next_piece).raw
         self.result.origin = decoder.origin().record([b.addr for b in decoder.blocks])
+        self.result.transfer_time_s = time.monotonic() - self._start
         self.result.completed = True
         if self.endpoint.capabilities & Capability.VERIFY:
             # An rdmamig source sending QEMU's stream: as after END, this READY says

@@ -250,6 +250,7 @@ class Source:
         done = time.monotonic()
         self.result.iterations = iteration + 1
         self.result.downtime_s = done - stop
+        self.result.transfer_time_s = done - self._start
         if self.result.downtime_s > self.monitor.parameters.max_downtime:
             log.warning("downtime %.0f ms missed the %.0f ms limit: %s", 1000 *
                         self.result.downtime_s, 1000 * self.monitor.parameters.max_downtime,
