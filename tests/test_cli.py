@@ -420,3 +420,24 @@ def test_blocks_split_ram_into_whole_pages(tmp_path: Path) -> None:
                  str(report))
     assert result.returncode == 0, result.stderr
     assert json.loads(report.read_text())["ram_bytes"] == 3 * (32 * MiB // 3 // 4096 * 4096)
+
+
+def test_verbose_shows_the_steps_and_very_verbose_the_protocol() -> None:
+    common = ("migrate", "--ram", "16MiB", "--policy", "lru", "--pin-cap", "4MiB")
+    quiet, steps, protocol = run(*common), run("-v", *common), run("-vv", *common)
+    assert all(done.returncode == 0 for done in (quiet, steps, protocol))
+    assert "pass 1" not in quiet.stderr
+    # -v: the steps of both sides (the destination is a process of its own).
+    for line in ("rdmamig migrate: pass 1: 16 MiB dirty",
+                 "rdmamig destination: 1 RAM block(s): ram0 16 MiB",
+                 "rdmamig migrate: 1 of 1 block(s) match",
+                 "rdmamig migrate: the destination kept the migration"):
+        assert line in steps.stderr
+    assert "REGISTER REQUEST" not in steps.stderr
+    # -vv: every message each way, the registrations and the policy's decisions.
+    for line in ("rdmamig migrate: source -> REGISTER REQUEST (1 entry)",
+                 "rdmamig destination: destination <- REGISTER REQUEST (1 entry)",
+                 "rdmamig migrate: source <- UNREGISTER FINISHED",
+                 "rdmamig migrate: registering 2 chunk(s) as 1 region(s)",
+                 "rdmamig migrate: policy lru unpins 2 chunk(s)"):
+        assert line in protocol.stderr

@@ -5,6 +5,7 @@ policy lab run)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import signal
 from collections.abc import Callable
@@ -60,10 +61,13 @@ class Guest:
 
 def _destination_child(backend_name: str, options: dict[str, Any], host: str,
                        layout: list[tuple[str, int]], timeout: float,
-                       key: PreSharedKey | None, pipe: Connection) -> None:
+                       key: PreSharedKey | None, pipe: Connection, log_level: int) -> None:
     """Body of the destination process: allocate and pre-fault the RAM (QEMU's
-    ``prealloc=on``), listen, report the port, receive, report the result."""
+    ``prealloc=on``), listen, report the port, receive, report the result. It logs
+    as much as the parent's ``rdmamig`` logger (``log_level``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    logging.basicConfig(format="rdmamig destination: %(message)s")
+    logging.getLogger("rdmamig").setLevel(log_level)
     try:
         backend = load_registry().backend(backend_name)(**options)
         blocks = [RamBlock.anonymous(name, length) for name, length in layout]
@@ -110,7 +114,8 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     timeout = plan.config.timeout
     process = context.Process(target=_destination_child, name="rdmamig-destination",
                               args=(plan.backend.name, plan.backend_options, host, layout,
-                                    timeout, plan.key, child))
+                                    timeout, plan.key, child,
+                                    logging.getLogger("rdmamig").getEffectiveLevel()))
     process.start()
     child.close()
     blocks = [RamBlock.anonymous(name, length) for name, length in layout]

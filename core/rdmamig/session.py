@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections.abc import Callable, Collection
 
 from . import wire
@@ -14,6 +15,19 @@ from .control import ControlState, Role
 from .errors import LocalProtocolError, PeerAbortedError, RemoteProtocolError, TransportError
 from .transport import ControlChannel
 from .wire import Command, Message
+
+#: Every message sent and received, at DEBUG (``rdmamig -vv``).
+log = logging.getLogger("rdmamig.protocol")
+
+
+def describe(message: Message) -> str:
+    """A message as ``-vv`` shows it: its name, and how many entries it has."""
+    entries = getattr(message, "entries", None)
+    if entries is not None:
+        return f"{message.TYPE.label} ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'})"
+    if isinstance(message, wire.QemuFile):
+        return f"{message.TYPE.label} ({len(message.data)} bytes)"
+    return message.TYPE.label
 
 
 class ControlSession:
@@ -44,6 +58,8 @@ class ControlSession:
         """
         self.state.send(message.TYPE)
         self.channel.send_message(data=wire.encode(message))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s -> %s", self.state.role.name.lower(), describe(message))
 
     def recv(self) -> Message:
         """Receive, parse and check one message.
@@ -55,6 +71,8 @@ class ControlSession:
         """
         data = self.channel.recv_message(timeout=self.timeout)
         message = wire.decode_untrusted(data, extensions=self.capabilities)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s <- %s", self.state.role.name.lower(), describe(message))
         self.state.receive(message.TYPE)
         if isinstance(message, wire.ErrorMessage):
             if message.reason:  # the peer's words, escaped: they cannot drive a terminal

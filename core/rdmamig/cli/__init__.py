@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"rdmamig {__version__} (protocol version {PROTOCOL_VERSION})")
     # Also before the verb (`rdmamig -v migrate`), as after it.
     parser.add_argument("-v", "--verbose", dest="global_verbose", action="count", default=0,
-                        help="log more (-v: each step, -vv: debugging)")
+                        help="log more (-v: the steps of both sides, -vv: every control "
+                             "message, registration and unpin decision)")
     parser.add_argument("-q", "--quiet", dest="global_quiet", action="store_true",
                         help="no live progress display; log only warnings and errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

@@ -152,7 +152,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no live progress display; log only warnings and errors")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: each step, -vv: debugging); repeat for more")
+                        help="log more (-v: the steps of both sides, -vv: every control "
+                             "message, registration and unpin decision)")
     parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
     parser.add_argument("--device", metavar="NAME",
                         help="RDMA device the address must be on (verbs; e.g. rxe0, mlx5_0)")

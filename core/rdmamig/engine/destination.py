@@ -21,6 +21,7 @@ RESULT, Capability.COMMIT). With a key, the source proves it first of all
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,12 +50,16 @@ from ..qemu.decoder import PrecopyDecoder
 from ..qemu.ram import RamBlockInfo
 from ..qemu.sink import BlockSink
 from ..session import ControlSession, QemuFileReader
-from ..status import Monitor, Status
+from ..status import Monitor, Status, capability_names
 from ..transport import Endpoint, MemoryRegion
+from ..units import size_text
 from ..wire import CHUNK_SHIFT, CHUNK_SIZE
 from . import stream
 from .grants import GrantTable
 from .verify import ArrivedChunks
+
+#: The steps of a migration received, at INFO (``rdmamig -v``).
+log = logging.getLogger("rdmamig.destination")
 
 BlockFactory = Callable[[str, int], RamBlock]
 
@@ -171,6 +176,8 @@ class Destination:
                 self._authenticate(self._key)
             if self._admit is not None:
                 self._admit()
+            log.info("source connected; capabilities %s", ", ".join(
+                capability_names(self.endpoint.capabilities)) or "none")
             self._receive()
             self._release_all()  # no write lands after this
             if self.endpoint.capabilities & Capability.VERIFY:
@@ -296,6 +303,8 @@ class Destination:
                 if self._arrived is not None:
                     self._arrived.new_pass()
                 self.result.iterations += 1
+                log.info("pass %d ended; %s pinned", self.result.iterations,
+                         size_text(self.endpoint.pinned_bytes))
                 self.monitor.new_pass(self.result.iterations, dirty_pages_rate=0.0)
             case _:
                 raise RemoteProtocolError(f"{message.TYPE.label} before the stream's END")
@@ -321,6 +330,9 @@ class Destination:
                 raise RefusedError(f"cannot make RAM block {name!r} of {length} bytes: "
                                    f"{exc}") from exc
         self.monitor.total_bytes = sum(block.length for block in self.blocks)
+        log.info("%d RAM block(s): %s", len(self.blocks), ", ".join(
+            f"{b.name} {size_text(b.length)}" for b in self.blocks[:4])
+            + (", ..." if len(self.blocks) > 4 else ""))
         self.monitor.set_status(Status.ACTIVE)
         self.grants = GrantTable([block.chunks for block in self.blocks])
         if self.endpoint.capabilities & Capability.CHUNK_HASHES:
@@ -454,6 +466,9 @@ class Destination:
         self.result.verify_time_s = time.monotonic() - started
         self.session.send(wire.VerifyResult(matched=len(self.blocks) - len(mismatched),
                                             mismatched=len(mismatched)))
+        log.info("%d of %d block(s) match (%d chunks hashed as they arrived), in %.0f ms",
+                 len(self.blocks) - len(mismatched), len(self.blocks),
+                 self.result.chunks_hashed_on_arrival, 1000 * self.result.verify_time_s)
         if mismatched:
             raise VerificationError(f"hash mismatch in block(s) {', '.join(mismatched)}"
                                     f"{self._mismatched_chunks()}")

@@ -19,6 +19,7 @@ every completion before anything else that happened after it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from ..memory import BoolArray, RamBlock
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession
 from ..transport import Endpoint, MemoryRegion
+from ..units import size_text
 from ..wire import CHUNK_SIZE
 from . import convergence
 from . import pages as masks
@@ -40,6 +42,8 @@ from .config import SourceConfig
 from .pins import Pin, PinTable, registration_units
 from .pipeline import PostingMode, WritePipeline
 
+#: Registrations and the unpin policy's decisions, at DEBUG (``rdmamig -vv``).
+log = logging.getLogger("rdmamig.registrar")
 _T = TypeVar("_T")
 
 
@@ -255,6 +259,7 @@ class PerChunk(Registrar):
 
     def _register(self, chunks: list[ChunkId]) -> None:
         units = registration_units(chunks, pairs=self.batch)
+        log.debug("registering %d chunk(s) as %d region(s)", len(chunks), len(units))
         self._make_room(sum(self.blocks[c.block].chunk_bytes(c.index) for c in chunks))
         regions: list[MemoryRegion] = []
         try:
@@ -342,6 +347,9 @@ class PerChunk(Registrar):
                 raise MigrationError(f"unpin policy {policy.name!r} asked to unpin "
                                      f"chunk {cid.index} of block {cid.block}, which has a "
                                      f"write in flight; refused")
+        if chosen:
+            log.debug("policy %s unpins %d chunk(s) for %s more (pinned %s)", policy.name,
+                      len(chosen), size_text(needed), size_text(self.pins.pinned_bytes))
         return chosen
 
     def _unpin(self, chunks: Iterable[ChunkId]) -> None:

@@ -39,8 +39,9 @@ from ..memory import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, Ram
 from ..pinning import locked_bytes
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
-from ..status import Monitor, Status
+from ..status import Monitor, Status, capability_names
 from ..transport import Endpoint
+from ..units import size_text
 from . import convergence
 from . import pages as masks
 from .config import SourceConfig, SourceResult, Workload
@@ -174,6 +175,7 @@ class Source:
             self.meter.dirty_bytes() / PAGE_SIZE / previous_round_s if previous_round_s else 0.0))
         started = time.monotonic()
         self.result.pass_starts.append(started - self._start)
+        log.info("pass %d: %s dirty", number, size_text(self.meter.dirty_bytes()))
         return started
 
     def _migrate(self) -> None:
@@ -182,6 +184,8 @@ class Source:
                 raise AuthenticationError("the destination does not authenticate (it has "
                                           "no key, or is QEMU, which cannot)")
             authenticate_source(self.session, self.key)
+        log.info("destination: %s; capabilities %s", self.stream.peer,
+                 ", ".join(capability_names(self.endpoint.capabilities)) or "none")
         self.policy.set_block_names(tuple(b.name for b in self.blocks))
         writer = QemuFileWriter(self.session)
         self.stream.start(writer, self.blocks)
@@ -230,6 +234,8 @@ class Source:
 
         self._check_cancel()
         stop = time.monotonic()
+        log.info("stopping for the last pass (expected downtime %.0f ms)",
+                 1000 * self.monitor.progress.expected_downtime_s)
         self.monitor.set_status(Status.DEVICE)
         if self.workload is not None:
             self.workload.stop()
@@ -280,6 +286,9 @@ class Source:
         reply = self.session.exchange_send(wire.RamBlocksRequest(),
                                            reply=wire.Command.RAM_BLOCKS_RESULT)
         assert isinstance(reply, wire.RamBlocksResult)
+        log.info("%d RAM block(s): %s", len(self.blocks), ", ".join(
+            f"{b.name} {size_text(b.length)}" for b in self.blocks[:4])
+            + (", ..." if len(self.blocks) > 4 else ""))
         theirs = [b.length for b in reply.blocks]
         ours = [b.length for b in self.blocks]
         if theirs != ours:
@@ -442,6 +451,9 @@ class Source:
         assert isinstance(reply, wire.VerifyResult)
         self.result.verify_time_s = time.monotonic() - started
         self.result.chunk_hashes = self._sent.named
+        log.info("%d of %d block(s) match (%d chunks hashed as they moved), in %.0f ms",
+                 reply.matched, len(self.blocks), self._sent.named,
+                 1000 * self.result.verify_time_s)
         if reply.mismatched or reply.matched != len(self.blocks):
             raise VerificationError(f"destination reports {reply.mismatched} of "
                                     f"{len(self.blocks)} block(s) differ after transfer")
@@ -454,6 +466,7 @@ class Source:
         if not reply.committed:
             raise MigrationError(f"the destination could not keep the migration: "
                                  f"{reply.reason!r}")
+        log.info("the destination kept the migration")
         self.result.committed = True
 
     def _release_all(self) -> None:
