@@ -441,3 +441,26 @@ def test_verbose_shows_the_steps_and_very_verbose_the_protocol() -> None:
                  "rdmamig migrate: registering 2 chunk(s) as 1 region(s)",
                  "rdmamig migrate: policy lru unpins 2 chunk(s)"):
         assert line in protocol.stderr
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.05, 0.15, 0.3])
+def test_ctrl_c_while_rdmamig_starts_is_an_interruption_not_a_traceback(
+        tmp_path: Path, after_s: float) -> None:
+    # As the console script: import the entry point (which loads nothing heavy),
+    # then call it. The launcher says when it calls it; Ctrl-C then lands while
+    # rdmamig loads the rest, parses or starts migrating.
+    started = tmp_path / "started"
+    launcher = (f"import pathlib, sys; from rdmamig.cli import main; "
+                f"pathlib.Path({str(started)!r}).touch(); "
+                f"sys.exit(main(['migrate', '--ram', '64MiB']))")
+    child = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(after_s)
+    child.send_signal(signal.SIGINT)
+    _out, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().endswith("interrupted")
