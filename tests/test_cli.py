@@ -110,6 +110,10 @@ def test_migrate_live_with_pin_all(tmp_path: Path) -> None:
      "--events - and --report - would both write standard output"),
     (["listen", "127.0.0.1:0", "--into", "x", "--control", "unix:/tmp/x.qmp"],
      "--control is for --once"),
+    (["migrate", "--control", "tcp:127.0.0.1:4444"],
+     "control address 'tcp:127.0.0.1:4444': only unix:PATH is served"),
+    (["listen", "127.0.0.1:0", "--once", "--into", "x", "--control", "tcp:[::1]:4444"],
+     "control address 'tcp:[::1]:4444': only unix:PATH is served"),
 ])
 def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], message: str) -> None:
     result = run(*args)

@@ -54,7 +54,9 @@ def parse_control(text: str) -> Path:
     """
     kind, sep, path = text.partition(":")
     if kind != "unix" or not sep or not path:
-        raise ConfigurationError(f"control address {text!r}: only unix:PATH is served")
+        raise ConfigurationError(f"control address {text!r}: only unix:PATH is served (a "
+                                 f"socket its file permissions guard: QMP has no "
+                                 f"authentication)")
     return Path(path)
 
 

@@ -34,7 +34,7 @@ from ..image import DiskSpace, ImageWriter, check_new_image, remove_stale_stagin
 from ..limits import Limits, physical_memory
 from ..migration import available_backend, listen, receive_on
 from ..plugins import load_registry
-from ..qmp import ControlServer, parse_control
+from ..qmp import ControlServer
 from ..report import build_report
 from ..status import Event, Monitor
 from ..transport import Backend, Endpoint, Listener, address_text
@@ -47,6 +47,7 @@ from .options import (
     events_file,
     finish,
     parse_address,
+    parse_control_address,
     parse_seconds,
     parse_size,
     whole_number,
@@ -501,7 +502,7 @@ def add_verb(verbs: Any) -> None:
     listen_.add_argument("--max-pinned", type=parse_size, metavar="BYTES",
                          help="most bytes a source may have pinned here at once "
                               "(default: only RLIMIT_MEMLOCK limits it)")
-    listen_.add_argument("--control", type=parse_control, metavar="unix:PATH",
+    listen_.add_argument("--control", type=parse_control_address, metavar="unix:PATH",
                          help="with --once: a QMP socket to watch the migration received "
                               "(query-migrate, query-status: inmigrate, then paused)")
     listen_.add_argument("--handshake-timeout", type=parse_seconds, metavar="SECONDS",

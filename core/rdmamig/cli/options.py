@@ -58,6 +58,14 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
+def parse_control_address(text: str) -> Path:
+    """An option's parser: ``unix:PATH`` (:func:`rdmamig.qmp.parse_control`)."""
+    try:
+        return parse_control(text)
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def parse_seconds(text: str) -> float:
     """An option's parser: a number of seconds, more than 0 and finite."""
     try:
@@ -222,7 +230,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bandwidth", type=parse_size, metavar="RATE",
                         help="bytes per second the writes may use (e.g. 1GiB; default: "
                              "no limit); migrate-set-parameters changes it live")
-    parser.add_argument("--control", type=parse_control, metavar="unix:PATH",
+    parser.add_argument("--control", type=parse_control_address, metavar="unix:PATH",
                         help="a QMP socket to watch and drive the migration (query-migrate, "
                              "migrate_cancel, migrate-set-parameters)")
 
