@@ -18,7 +18,7 @@ from rdmamig.engine.convergence import RoundCounters
 from rdmamig.engine.pages import runs
 from rdmamig.engine.pipeline import _pieces
 from rdmamig.engine.source import MIN_COMPRESS_RUN
-from rdmamig.errors import MigrationError
+from rdmamig.errors import MigrationCancelledError, MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
 from rdmamig.status import Monitor, Status
 from rdmamig.transport import MemoryRegion, RemoteWrite
@@ -600,3 +600,18 @@ def test_mbps_at_the_end_is_the_whole_migrations_rate() -> None:
     monitor.set_status(Status.COMPLETED)
     answer = monitor.query()
     assert answer["ram"]["mbps"] == round(64 * MiB * 8 / monitor.total_time_s / 1e6, 3)
+
+
+def test_a_cancelled_migration_reports_what_it_did_as_query_migrate_does(
+        migration: Migration) -> None:
+    # Paced at 8 MiB/s and cancelled after 0.5 s: a few MiB of 32 went out.
+    blocks = guest(32 * MiB)
+    monitor = Monitor(total_bytes=32 * MiB, max_downtime=0.3, max_bandwidth=8 * MiB)
+    timer = threading.Timer(0.5, monitor.cancel)
+    timer.start()
+    migration.run(blocks, monitor=monitor)
+    timer.join()
+    assert isinstance(migration.source_error, MigrationCancelledError)
+    result, ram = migration.source.result, monitor.query()["ram"]  # type: ignore[union-attr]
+    assert result.iterations == ram["dirty-sync-count"] == 1
+    assert result.bytes_written == ram["transferred"] < 32 * MiB

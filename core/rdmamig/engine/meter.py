@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from ..errors import MigrationCancelledError
 from ..memory import PAGE_SIZE, RamBlock
 from ..pinning import locked_bytes
 from ..status import Monitor
@@ -104,13 +105,18 @@ class Meter:
                             remaining=self.remaining_bytes())
 
     def _pace(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` of writes fit
-        ``max-bandwidth`` (read again as it waits: it may change, or a cancel
-        come). A token bucket: credit accrues at the limit up to
+        """Wait until ``nbytes`` of writes fit ``max-bandwidth`` (read again as it
+        waits: it may change). A token bucket: credit accrues at the limit up to
         :data:`BURST_S` worth, a batch waits until the credit is not negative and
         then takes its bytes (going into debt), so the rate over any second stays at
-        the limit but for one batch."""
+        the limit but for one batch.
+
+        Raises:
+            MigrationCancelledError: a cancel came: nothing more is posted.
+        """
         while True:
+            if self.monitor.parameters.cancel_requested.is_set():
+                raise MigrationCancelledError("migration cancelled (migrate_cancel)")
             limit = self.monitor.parameters.max_bandwidth
             now = time.monotonic()
             if limit is None:
@@ -119,7 +125,7 @@ class Meter:
             credit, then = self._bucket if self._bucket is not None else (0.0, now)
             credit = min(credit + (now - then) * limit, BURST_S * limit)
             self._bucket = (credit, now)
-            if credit >= 0 or self.monitor.parameters.cancel_requested.is_set():
+            if credit >= 0:
                 self._bucket = (credit - nbytes, now)
                 return
             time.sleep(min(-credit / limit, 0.1))

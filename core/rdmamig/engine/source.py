@@ -163,6 +163,11 @@ class Source:
         return self.result
 
     def _end(self, status: Status, error: str | None = None) -> None:
+        # What was done, also when it stopped halfway: the passes begun (QMP's
+        # dirty-sync-count), the writes posted (queued ones never went out).
+        self.result.iterations = len(self.result.pass_starts)
+        self.result.bytes_written -= self.meter.unposted_bytes
+        self.meter.unposted_bytes = 0
         self.monitor.update(pinned_bytes=self.endpoint.pinned_bytes, locked_bytes=locked_bytes())
         self.monitor.set_status(status, error)
         # The monitor's clock, so that the report and query-migrate agree.
@@ -254,7 +259,6 @@ class Source:
             # place (a QEMU destination sends none: it offers no verification either).
             self.session.wait_ready()
         done = time.monotonic()
-        self.result.iterations = iteration + 1
         self.result.downtime_s = done - stop
         self.result.transfer_time_s = done - self._start
         if self.result.downtime_s > self.monitor.parameters.max_downtime:
