@@ -20,6 +20,7 @@ from rdmamig.engine.pipeline import _pieces
 from rdmamig.engine.source import MIN_COMPRESS_RUN
 from rdmamig.errors import MigrationCancelledError, MigrationError
 from rdmamig.policy import ChunkId, PolicyOptions, UnpinPolicy
+from rdmamig.report import rate_series
 from rdmamig.status import Monitor, Status
 from rdmamig.transport import MemoryRegion, RemoteWrite
 from rdmamig.workload import SyntheticWorkload, fill_guest
@@ -615,3 +616,25 @@ def test_a_cancelled_migration_reports_what_it_did_as_query_migrate_does(
     result, ram = migration.source.result, monitor.query()["ram"]  # type: ignore[union-attr]
     assert result.iterations == ram["dirty-sync-count"] == 1
     assert result.bytes_written == ram["transferred"] < 32 * MiB
+
+
+def test_the_timeline_counts_writes_as_they_complete(migration: Migration) -> None:
+    blocks = guest(32 * MiB)
+    migration.run(blocks, config=SourceConfig(timeout=20, batch_chunks=4, window_chunks=16))
+    assert_succeeded(migration, blocks)
+    result = migration.source.result  # type: ignore[union-attr]
+    completed = [s["bytes_completed"] for s in result.timeline]
+    assert completed == sorted(completed)
+    assert all(s["bytes_completed"] <= s["bytes_written"] for s in result.timeline)
+    assert completed[-1] == result.bytes_written
+    assert len(set(completed)) > 4  # sampled as batches complete, not once a window
+
+
+def test_the_plotted_rate_follows_completions_not_windows_queued() -> None:
+    # A window of 256 MiB queued at once at 0.1 s, carried at 1 GiB/s: the plotted
+    # rate is 1 GiB/s throughout, never the queue's jump.
+    samples = [{"t": i / 100, "bytes_written": float(256 * MiB if i >= 10 else 0),
+                "bytes_completed": float(max(i - 10, 0) * (1 << 30) / 100)}
+               for i in range(10, 36)]
+    _t, rate = rate_series(samples)
+    assert rate.max() == pytest.approx((1 << 30) / 1e9)

@@ -81,7 +81,8 @@ def plot_pinned(results: list[dict[str, Any]], path: Path) -> None:
     """
     plt = require_matplotlib()
     patterns = list(dict.fromkeys(r["pattern"] for r in results))
-    fig, axes = plt.subplots(len(patterns), 1, sharex=True, squeeze=False,
+    # Each panel its own time axis: one slow run would squeeze all the others.
+    fig, axes = plt.subplots(len(patterns), 1, squeeze=False,
                              figsize=(8, 3 * len(patterns)))
     for axis, pattern in zip(axes[:, 0], patterns, strict=True):
         for report in (r for r in results if r["pattern"] == pattern):
@@ -93,7 +94,8 @@ def plot_pinned(results: list[dict[str, Any]], path: Path) -> None:
         axis.set_title(f"{pattern} dirtying")
         axis.set_ylabel("pinned MiB (source)")
         axis.legend(fontsize="small")
-    axes[-1, 0].set_xlabel("seconds since connect")
+    for axis in axes[:, 0]:
+        axis.set_xlabel("seconds since connect")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

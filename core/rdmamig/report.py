@@ -158,6 +158,20 @@ def require_matplotlib() -> Any:
 RATE_WINDOW = 0.25
 
 
+def rate_series(samples: list[dict[str, float]]) -> tuple[Any, Any]:
+    """(seconds, GB/s) of a timeline: the bytes whose writes completed over the last
+    :data:`RATE_WINDOW` seconds, not from one sample to the next (batches complete
+    in bursts) and not the bytes queued (a window is queued at once, long before
+    the link carries it). A report from before ``bytes_completed`` uses
+    ``bytes_written``."""
+    import numpy as np
+    t = np.array([s["t"] for s in samples])
+    done = np.array([s.get("bytes_completed", s["bytes_written"]) for s in samples])
+    back = np.clip(np.searchsorted(t, t - RATE_WINDOW, side="right") - 1, 0, None)
+    span = np.maximum(t - t[back], 1e-9)
+    return t, np.where(t - t[back] > 0, (done - done[back]) / span / 1e9, 0.0)
+
+
 def plot_timeline(report: dict[str, Any], path: Path) -> None:
     """Throughput, dirty bytes remaining and pinned bytes over time, as a PNG, with
     the passes marked and the downtime shaded.
@@ -166,17 +180,9 @@ def plot_timeline(report: dict[str, Any], path: Path) -> None:
         ConfigurationError: matplotlib is not installed.
     """
     plt = require_matplotlib()
-    import numpy as np
     timeline = report["timeline"]
     samples = timeline["source"]
-    t = np.array([s["t"] for s in samples])
-    written = np.array([s["bytes_written"] for s in samples])
-    # The rate over the last RATE_WINDOW seconds, not from one batch to the next:
-    # batches complete in bursts, and their spikes say nothing.
-    back = np.searchsorted(t, t - RATE_WINDOW, side="right") - 1
-    back = np.clip(back, 0, None)
-    span = np.maximum(t - t[back], 1e-9)
-    rate = np.where(t - t[back] > 0, (written - written[back]) / span / 1e9, 0.0)
+    t, rate = rate_series(samples)
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=(8, 7))
     axes[0].plot(t, rate)
     axes[0].set_ylabel(f"GB/s over {RATE_WINDOW} s")

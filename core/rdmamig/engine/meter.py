@@ -49,6 +49,8 @@ class Meter:
         #: Bytes of writes queued and not posted yet: taken from what is dirty, not
         #: transferred yet either.
         self.unposted_bytes = 0
+        #: Bytes of writes completed (the peer has them): what the link carried.
+        self.completed_bytes = 0
         #: The pacing's bucket: (bytes of credit, when), None without a limit.
         self._bucket: tuple[float, float] | None = None
 
@@ -77,6 +79,7 @@ class Meter:
         sample = {"t": time.monotonic() - self.started,
                   "locked_bytes": float(locked),
                   "bytes_written": float(result.bytes_written),
+                  "bytes_completed": float(self.completed_bytes),
                   "dirty_bytes": float(dirty),
                   "pinned_bytes": float(pinned),
                   "zero_pages": float(result.zero_pages)}
@@ -94,6 +97,10 @@ class Meter:
         one): the credit's worth, so that no burst goes far past the limit."""
         limit = self.monitor.parameters.max_bandwidth
         return None if limit is None else max(int(limit * BURST_S), MIN_POST_UNIT)
+
+    def completed(self, nbytes: int) -> None:
+        """``nbytes`` of posted writes completed."""
+        self.completed_bytes += nbytes
 
     def before_post(self, nbytes: int) -> None:
         """Called before ``nbytes`` of queued writes are posted: paced, then counted

@@ -58,13 +58,16 @@ class WritePipeline:
         post_unit: the most bytes to post at once, or None (a paced source posts
             its batches in pieces of this size).
         on_posted: called with a batch's chunks once all its writes are posted.
+        on_completed: called with the bytes of each posted piece that completes,
+            before the progress sample that follows.
     """
 
     def __init__(self, endpoint: Endpoint, pins: PinTable, *, batch_chunks: int,
                  timeout: float | None, on_progress: Callable[[], None],
                  before_post: Callable[[int], None] = lambda nbytes: None,
                  post_unit: Callable[[], int | None] = lambda: None,
-                 on_posted: Callable[[list[ChunkId]], None] = lambda chunks: None) -> None:
+                 on_posted: Callable[[list[ChunkId]], None] = lambda chunks: None,
+                 on_completed: Callable[[int], None] = lambda nbytes: None) -> None:
         self.endpoint = endpoint
         self.batch_chunks = batch_chunks
         self.timeout = timeout
@@ -74,9 +77,11 @@ class WritePipeline:
         self._before_post = before_post
         self._post_unit = post_unit
         self._on_posted = on_posted
+        self._on_completed = on_completed
         self._queued: list[_Batch] = []
-        # Posted batches not yet seen complete, oldest first.
-        self._outstanding: deque[tuple[int, list[ChunkId]]] = deque()
+        # Posted pieces not yet seen complete, oldest first: ticket, the chunks
+        # written once it completes (a batch's last piece), bytes.
+        self._outstanding: deque[tuple[int, list[ChunkId], int]] = deque()
         #: Batches posted since :meth:`mark`: those of the window now in flight.
         self.posted_since_mark = 0
 
@@ -116,12 +121,13 @@ class WritePipeline:
         for batch in posting:
             pieces = _pieces(batch.writes, self._post_unit())
             for index, piece in enumerate(pieces):
-                self._before_post(sum(write.length for write in piece))
+                nbytes = sum(write.length for write in piece)
+                self._before_post(nbytes)
                 ticket = self.endpoint.post_writes(writes=piece)
                 # Completions come in order: the batch's chunks are written with its
                 # last piece.
                 self._outstanding.append((ticket, batch.chunks if index == len(pieces) - 1
-                                          else []))
+                                          else [], nbytes))
                 self.posted_since_mark += 1
             self._on_posted(batch.chunks)
         self.sample()
@@ -141,11 +147,13 @@ class WritePipeline:
 
     def complete_oldest(self) -> None:
         """Wait for the oldest posted batch; its chunks are written."""
-        ticket, chunks = self._outstanding.popleft()
+        ticket, chunks, nbytes = self._outstanding.popleft()
         self.endpoint.wait_writes(ticket=ticket, timeout=self.timeout)
         for cid in chunks:
             self._pins.release(cid)
         self._written += chunks
+        self._on_completed(nbytes)
+        self.sample()
 
     def take_written(self) -> list[ChunkId]:
         """The chunks whose writes completed since the last call, in order."""

@@ -123,7 +123,8 @@ class Source:
                                       on_progress=self.meter.sample,
                                       before_post=self.meter.before_post,
                                       post_unit=self.meter.post_unit,
-                                      on_posted=self._posted)
+                                      on_posted=self._posted,
+                                      on_completed=self.meter.completed)
         self._sent = SentChunks(self.blocks)
         #: Made once the blocks are exchanged (:mod:`.registrar`).
         self.registrar: Registrar | None = None
@@ -371,6 +372,7 @@ class Source:
         # (of them or of a partner) happens before their writes are queued.
         rewritten: list[ChunkId] = []
         base = self._registrar.remote[index].offset
+        taken = 0  # bytes of the dirty pages this window sends, however
         for first_chunk, end_chunk in masks.runs_of_consecutive(window):
             first = first_chunk * PAGES_PER_CHUNK
             pages = dirty[first:min(end_chunk * PAGES_PER_CHUNK, block.pages)]
@@ -383,7 +385,7 @@ class Source:
                                    fill_gaps_below=FILL_GAPS_BELOW, populated=populated)
             self.result.zero_pages += int(np.count_nonzero(plan.compress))
             self.result.duplicate_pages += int(np.count_nonzero(pages & ~nonzero))
-            self.meter.unsent_bytes -= int(np.count_nonzero(pages)) * PAGE_SIZE
+            taken += int(np.count_nonzero(pages)) * PAGE_SIZE
             for run_start, run_end in masks.runs(plan.compress):
                 compress.append(wire.CompressRange(
                     value=0, block_idx=index, offset=base + (first + run_start) * PAGE_SIZE,
@@ -414,6 +416,8 @@ class Source:
         self.result.inline_pages += len(inline_pages)
         for cid, first_page, end_page in writes:
             self._queue_write(cid, first_page * PAGE_SIZE, end_page * PAGE_SIZE)
+        # Only now: until its writes are queued, the window is still to send.
+        self.meter.unsent_bytes -= taken
         self._registrar.rewritten(rewritten)
         self._mode.end_window(self.pipeline)
         self._registrar.settle()
