@@ -310,11 +310,16 @@ _ZEROS = memoryview(bytes(CHUNK_SIZE))
 _HELD_PIECE = 64 << 10
 
 
+def _feed(running: xxhash.xxh3_128, view: memoryview, piece: int) -> None:
+    """Hash ``view`` into ``running``, ``piece`` bytes per call."""
+    for start in range(0, view.nbytes, piece):
+        running.update(view[start:start + piece])
+
+
 def _xxh3(view: memoryview, piece: int) -> bytes:
     """xxh3-128 of ``view``, hashed ``piece`` bytes per call."""
     running = xxhash.xxh3_128()
-    for start in range(0, view.nbytes, piece):
-        running.update(view[start:start + piece])
+    _feed(running, view, piece)
     return running.digest()
 
 
@@ -334,10 +339,9 @@ def _chunk_digest(chunk: memoryview, populated: BoolArray, piece: int) -> bytes:
     edges = np.flatnonzero(np.diff(populated)) + 1
     for start, end in zip(np.r_[0, edges].tolist(), np.r_[edges, len(populated)].tolist(),
                           strict=True):
-        source = chunk if populated[start] else _ZEROS
-        base = start * PAGE_SIZE if populated[start] else 0
-        for at in range(base, base + (end - start) * PAGE_SIZE, piece):
-            running.update(source[at:min(at + piece, base + (end - start) * PAGE_SIZE)])
+        length = (end - start) * PAGE_SIZE
+        _feed(running, chunk[start * PAGE_SIZE:start * PAGE_SIZE + length]
+              if populated[start] else _ZEROS[:length], piece)
     return running.digest()
 
 
