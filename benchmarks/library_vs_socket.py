@@ -74,9 +74,10 @@ def _round(kind: str, size: int, channels: int) -> float:
     child = context.Process(target=target, args=args)
     child.start()
     port = mine.recv()
+    send = rdmamig.send  # loaded before the clock starts (rdmamig loads names lazily)
     started = time.perf_counter()
     if kind == "library":
-        rdmamig.send(f"127.0.0.1:{port}", {"array": data}, channels=channels)
+        send(f"127.0.0.1:{port}", {"array": data}, channels=channels)
     else:
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(memoryview(data))
