@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rdmamig.caps import Capability
+from rdmamig import loopback
+from rdmamig.caps import SOURCE_DEFAULTS, Capability
 from rdmamig.cli.options import parse_size
 from rdmamig.engine import Destination, RamBlock, Source, SourceConfig
 from rdmamig.errors import MigrationError
 from rdmamig.image import open_image
+from rdmamig.migration import Plan
 from rdmamig.pinning import locked_bytes
+from rdmamig.plugins import load_registry
 from rdmamig.policy import PolicyOptions
 from rdmamig_policies.pin_until_done import PinUntilDone
 from rdmamig_tcp import TcpBackend
@@ -468,3 +472,23 @@ def test_ctrl_c_while_rdmamig_starts_is_an_interruption_not_a_traceback(
     assert child.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().endswith("interrupted")
+
+
+def test_an_interrupted_local_migration_takes_its_destination_process_along(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while the source runs: the destination process, which ignores SIGINT
+    # and was listening, must go too, or `rdmamig migrate` waits for it at exit.
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loopback, "run_source", interrupted)
+    registry = load_registry()
+    plan = Plan(backend=registry.backend("tcp"), policy=registry.policy("pin-until-done"),
+                options=PolicyOptions(), requested=SOURCE_DEFAULTS,
+                config=SourceConfig(timeout=20))
+    with pytest.raises(KeyboardInterrupt):
+        loopback.migrate_locally(plan, loopback.Guest(ram=1 << 20))
+    left = multiprocessing.active_children()
+    for process in left:
+        process.kill()
+    assert left == []

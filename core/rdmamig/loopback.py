@@ -95,6 +95,59 @@ def _receive_from(pipe: Connection, process: Any) -> Any:
                              f"status {process.exitcode})") from None
 
 
+def _start_destination(plan: Plan, host: str, layout: list[tuple[str, int]]
+                       ) -> tuple[Connection, Any]:
+    """Start the destination process; returns our end of its pipe and the process."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_destination_child, name="rdmamig-destination",
+                              args=(plan.backend.name, plan.backend_options, host, layout,
+                                    plan.config.timeout, plan.key, child,
+                                    logging.getLogger("rdmamig").getEffectiveLevel()))
+    process.start()
+    child.close()
+    return parent, process
+
+
+def _migrate_to(process: Any, pipe: Connection, plan: Plan, guest: Guest, host: str,
+                layout: list[tuple[str, int]],
+                on_progress: Callable[[dict[str, float]], None] | None, monitor: Monitor
+                ) -> tuple[SourceResult | None, DestinationResult | None,
+                           MigrationError | str | None]:
+    """Fill the guest, migrate it to the destination process once it listens, and
+    collect what both sides made of it."""
+    timeout = plan.config.timeout
+    blocks = [RamBlock.anonymous(name, length) for name, length in layout]
+    fill_guest(blocks, zero_fraction=guest.zero_fraction)
+    workload = SyntheticWorkload(blocks, rate=guest.dirty_rate, pattern=guest.pattern)
+    source: SourceResult | None = None
+    error: MigrationError | str | None = None
+    try:
+        if not pipe.poll(timeout):
+            raise MigrationError("the destination process did not start listening")
+        port = _receive_from(pipe, process)
+        if isinstance(port, str):
+            raise MigrationError(port)
+        workload.start()
+        source, error = run_source(plan, host, port, blocks, workload=workload,
+                                   on_progress=on_progress, monitor=monitor)
+    except MigrationError as exc:
+        error = exc
+    finally:
+        workload.close()
+    destination = None
+    if pipe.poll(timeout):
+        try:
+            received = _receive_from(pipe, process)
+        except MigrationError as exc:
+            received = str(exc)
+        if isinstance(received, str):
+            error = error or received
+        else:
+            destination = DestinationResult(**received)
+    return source, destination, error
+
+
 def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
                     on_progress: Callable[[dict[str, float]], None] | None = None,
                     monitor: Monitor | None = None) -> dict[str, Any]:
@@ -109,46 +162,20 @@ def migrate_locally(plan: Plan, guest: Guest, *, host: str = "127.0.0.1",
     ram_bytes = sum(length for _name, length in layout)
     monitor = monitor or Monitor(total_bytes=ram_bytes, max_downtime=plan.config.max_downtime,
                                  max_bandwidth=plan.config.max_bandwidth)
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    timeout = plan.config.timeout
-    process = context.Process(target=_destination_child, name="rdmamig-destination",
-                              args=(plan.backend.name, plan.backend_options, host, layout,
-                                    timeout, plan.key, child,
-                                    logging.getLogger("rdmamig").getEffectiveLevel()))
-    process.start()
-    child.close()
-    blocks = [RamBlock.anonymous(name, length) for name, length in layout]
-    fill_guest(blocks, zero_fraction=guest.zero_fraction)
-    workload = SyntheticWorkload(blocks, rate=guest.dirty_rate, pattern=guest.pattern)
-    source: SourceResult | None = None
-    error: MigrationError | str | None = None
+    parent, process = _start_destination(plan, host, layout)
     try:
-        if not parent.poll(timeout):
-            raise MigrationError("the destination process did not start listening")
-        port = _receive_from(parent, process)
-        if isinstance(port, str):
-            raise MigrationError(port)
-        workload.start()
-        source, error = run_source(plan, host, port, blocks, workload=workload,
-                                   on_progress=on_progress, monitor=monitor)
-    except MigrationError as exc:
-        error = exc
-    finally:
-        workload.close()
-    destination = None
-    if parent.poll(timeout):
-        try:
-            received = _receive_from(parent, process)
-        except MigrationError as exc:
-            received = str(exc)
-        if isinstance(received, str):
-            error = error or received
-        else:
-            destination = DestinationResult(**received)
-    process.join(timeout)
-    if process.is_alive():
+        source, destination, error = _migrate_to(process, parent, plan, guest, host, layout,
+                                                 on_progress, monitor)
+    except BaseException:
+        # Interrupted (Ctrl-C) or broken here: the destination must not outlive us,
+        # nor keep this process from exiting (multiprocessing joins its children).
         process.kill()
+        raise
+    finally:
+        process.join(plan.config.timeout)
+        if process.is_alive():
+            process.kill()
+        parent.close()
     return build_report(backend=plan.backend.name, policy=plan.label,
                         ram_bytes=ram_bytes, source=source, destination=destination,
                         error=error, status=monitor.query(), pattern=guest.pattern,
