@@ -17,7 +17,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import xxhash
 
 from .errors import ConfigurationError, ImageError
 from .populated import Everything, FileExtents, PrivateAnonymous, Residency, is_private_anonymous
+from .units import size_text
 from .wire import CHUNK_SIZE
 
 PAGE_SIZE = 4096
@@ -289,6 +290,12 @@ class RamBlock:
 
     def _chunk_view(self, index: int) -> memoryview:
         return self.view[index * CHUNK_SIZE:(index + 1) * CHUNK_SIZE]
+
+
+def blocks_text(blocks: Sequence[RamBlock], shown: int = 4) -> str:
+    """The first ``shown`` blocks by name and size, for a log line."""
+    text = ", ".join(f"{block.name} {size_text(block.length)}" for block in blocks[:shown])
+    return text + (", ..." if len(blocks) > shown else "")
 
 
 def content_digest(data: bytes | memoryview) -> bytes:

@@ -43,7 +43,7 @@ from ..errors import (
     VerificationError,
 )
 from ..limits import Limits, check_layout
-from ..memory import RamBlock
+from ..memory import RamBlock, blocks_text
 from ..pinning import buffer_address, locked_bytes
 from ..qemu import stream as qemu_stream
 from ..qemu.decoder import PrecopyDecoder
@@ -330,9 +330,7 @@ class Destination:
                 raise RefusedError(f"cannot make RAM block {name!r} of {length} bytes: "
                                    f"{exc}") from exc
         self.monitor.total_bytes = sum(block.length for block in self.blocks)
-        log.info("%d RAM block(s): %s", len(self.blocks), ", ".join(
-            f"{b.name} {size_text(b.length)}" for b in self.blocks[:4])
-            + (", ..." if len(self.blocks) > 4 else ""))
+        log.info("%d RAM block(s): %s", len(self.blocks), blocks_text(self.blocks))
         self.monitor.set_status(Status.ACTIVE)
         self.grants = GrantTable([block.chunks for block in self.blocks])
         if self.endpoint.capabilities & Capability.CHUNK_HASHES:

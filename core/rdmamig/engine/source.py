@@ -35,7 +35,14 @@ from ..errors import (
     RdmamigError,
     VerificationError,
 )
-from ..memory import PAGE_SIZE, PAGES_PER_CHUNK, BoolArray, ChecksumTracker, RamBlock
+from ..memory import (
+    PAGE_SIZE,
+    PAGES_PER_CHUNK,
+    BoolArray,
+    ChecksumTracker,
+    RamBlock,
+    blocks_text,
+)
 from ..pinning import locked_bytes
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
@@ -291,9 +298,7 @@ class Source:
         reply = self.session.exchange_send(wire.RamBlocksRequest(),
                                            reply=wire.Command.RAM_BLOCKS_RESULT)
         assert isinstance(reply, wire.RamBlocksResult)
-        log.info("%d RAM block(s): %s", len(self.blocks), ", ".join(
-            f"{b.name} {size_text(b.length)}" for b in self.blocks[:4])
-            + (", ..." if len(self.blocks) > 4 else ""))
+        log.info("%d RAM block(s): %s", len(self.blocks), blocks_text(self.blocks))
         theirs = [b.length for b in reply.blocks]
         ours = [b.length for b in self.blocks]
         if theirs != ours:
