@@ -16,6 +16,7 @@ from ..caps import PROTOCOL_VERSION
 from ..errors import ConfigurationError, RdmamigError, UnknownNameError, UnreachableError
 from ..units import size_text
 from . import backends, image, listen, migrate, policies, send
+from .options import QUIET_HELP, VERBOSE_HELP
 
 
 class _Help(argparse.HelpFormatter):
@@ -58,10 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"rdmamig {__version__} (protocol version {PROTOCOL_VERSION})")
     # Also before the verb (`rdmamig -v migrate`), as after it.
     parser.add_argument("-v", "--verbose", dest="global_verbose", action="count", default=0,
-                        help="log more (-v: the steps of both sides, -vv: every control "
-                             "message, registration and unpin decision)")
+                        help=VERBOSE_HELP)
     parser.add_argument("-q", "--quiet", dest="global_quiet", action="store_true",
-                        help="no live progress display; log only warnings and errors")
+                        help=QUIET_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in (backends, policies, migrate, listen, send, image):
         verb.add_verb(verbs)

@@ -45,6 +45,12 @@ for _power, _letter in enumerate("kmgt", start=1):
                    _letter + "b": 1000**_power})
 
 
+#: What -q and -v / -vv do, before the verb or after it.
+QUIET_HELP = "no live progress display; log only warnings and errors"
+VERBOSE_HELP = ("log more (-v: the steps of both sides, -vv: every control message, "
+                "registration and unpin decision)")
+
+
 def parse_size(text: str) -> int:
     """``1GiB``, ``512M``, ``1.5G``, ``2TB``, ``1e9``, ``4096`` -> bytes (K, M, G, T
     alone are binary, as in QEMU; KB... decimal). A size must come to whole bytes."""
@@ -158,10 +164,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of every verb that connects: backend, device, report, timeout, TLS, key,
     and how much it says."""
     parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no live progress display; log only warnings and errors")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: the steps of both sides, -vv: every control "
-                             "message, registration and unpin decision)")
+                        help=QUIET_HELP)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     parser.add_argument("--backend", default="tcp", help="transport (rdmamig backends)")
     parser.add_argument("--device", metavar="NAME",
                         help="RDMA device the address must be on (verbs; e.g. rxe0, mlx5_0)")
