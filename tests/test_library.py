@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+import rdmamig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -100,3 +102,13 @@ def test_a_source_can_wait_for_a_destination_that_is_not_listening_yet() -> None
     result = rdmamig.send(f"127.0.0.1:{port}", {"ram": data}, connect_wait=60)
     later.join(30)
     assert result.verified and received.tobytes() == data
+
+
+def test_every_public_name_loads_from_where_the_package_says() -> None:
+    # rdmamig loads its names lazily from a table beside __all__: the two must list
+    # the same names, and each must load.
+    assert set(rdmamig.__all__) == {"__version__", *rdmamig._EXPORTS}
+    for name in rdmamig.__all__:
+        assert getattr(rdmamig, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nowhere'"):
+        rdmamig.nowhere  # noqa: B018
