@@ -379,6 +379,9 @@ class ChecksumTracker:
 
     #: Pages hashed per numpy step (bounds the temporary arrays to 32 MiB).
     STEP = 8192
+    #: What it rests on (:class:`rdmamig.tracking.DirtyTracker`), with why it was
+    #: chosen when something chose it.
+    method = "checksum"
 
     def __init__(self, block: RamBlock, *, seed: int = 0x5EED) -> None:
         self.block = block

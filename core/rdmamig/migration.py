@@ -17,7 +17,6 @@ import attrs
 from .auth import PreSharedKey
 from .caps import SOURCE_DEFAULTS, Capability, is_qemu
 from .engine import (
-    ChecksumTracker,
     Destination,
     DestinationResult,
     RamBlock,
@@ -37,6 +36,7 @@ from .errors import (
 from .limits import Limits
 from .policy import PolicyOptions, UnpinPolicy
 from .status import Monitor, Status
+from .tracking import DirtyTracker
 from .transport import Backend, Endpoint, Listener, address_text
 
 #: How often a source waiting for its destination (``connect_wait``) tries again.
@@ -115,7 +115,7 @@ def available_backend(backend: type[Backend], options: dict[str, Any] | None = N
 
 
 def run_source(plan: Plan, host: str, port: int, blocks: Sequence[RamBlock], *,
-               workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
+               workload: Workload | None = None, trackers: Sequence[DirtyTracker] = (),
                on_progress: Callable[[dict[str, float]], None] | None = None,
                origin: dict[str, Any] | None = None,
                monitor: Monitor | None = None) -> tuple[SourceResult, MigrationError | None]:

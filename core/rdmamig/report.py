@@ -124,6 +124,8 @@ def summary_table(report: dict[str, Any]) -> Any:
         rows += [("passes", str(report["iterations"])),
                  ("zero pages / inline pages",
                   f"{report['zero_pages']} / {report['inline_pages']}")]
+    for name, method in report.get("dirty_tracking", {}).items():
+        rows.append((f"written pages of {name} found by", method))
     peaks = [size_text(report[f"pinned_peak_bytes_{side}"])
              for side, shown in (("source", source), ("destination", destination)) if shown]
     names = " / ".join(n for n, shown in (("source", source), ("destination", destination))

@@ -4,15 +4,17 @@ migrate`` (RAM content and a thread that dirties pages at a set rate, the ``stre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .errors import MigrationError
 from .memory import PAGE_SIZE, RamBlock
 
 PATTERNS = ("uniform", "hotspot", "sequential")
@@ -146,26 +148,62 @@ class PausedProcess:
     """Another process (a VM, a writer) that owns the memory: stopped with SIGSTOP
     for stop-and-copy and resumed with SIGCONT. ``pid`` None: nothing to pause.
 
+    A stop returns once every thread of the process has stopped (SIGSTOP only asks),
+    so nothing it writes after the stop escapes the last pass.
+
     Args:
         pid: the process to pause.
         state: the non-RAM state sent after stop.
     """
 
+    #: Seconds a process may take to stop before :meth:`stop` gives up.
+    STOP_TIMEOUT = 10.0
+
     def __init__(self, pid: int | None, state: bytes = b"") -> None:
         self.pid = pid
         self._state = state
-
-    def _signal(self, sig: int) -> None:
-        if self.pid is not None:
-            os.kill(self.pid, sig)
+        self._stopped = False
 
     def stop(self) -> None:
-        """SIGSTOP the process."""
-        self._signal(signal.SIGSTOP)
+        """SIGSTOP the process and wait until it has stopped.
+
+        Raises:
+            MigrationError: it is gone, or did not stop within :attr:`STOP_TIMEOUT`.
+        """
+        if self.pid is None or self._stopped:
+            return
+        try:
+            os.kill(self.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            raise MigrationError(f"process {self.pid} (--pause-pid) is gone") from None
+        self._stopped = True
+        deadline = time.monotonic() + self.STOP_TIMEOUT
+        while not _has_stopped(self.pid):
+            if time.monotonic() > deadline:
+                raise MigrationError(f"process {self.pid} (--pause-pid) did not stop within "
+                                     f"{self.STOP_TIMEOUT:.0f} s of SIGSTOP")
+            time.sleep(0.0005)
 
     def resume(self) -> None:
-        """SIGCONT the process."""
-        self._signal(signal.SIGCONT)
+        """SIGCONT the process, if it was stopped here (and is still there)."""
+        if self.pid is None or not self._stopped:
+            return
+        self._stopped = False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The process stopped for the length of the ``with`` block (a dirty-page
+        sync), and running again after it unless it was stopped before."""
+        if self._stopped:
+            yield
+            return
+        self.stop()
+        try:
+            yield
+        finally:
+            self.resume()
 
     def throttle(self, fraction: float) -> None:
         """A paused-or-running process cannot be throttled: nothing happens."""
@@ -173,3 +211,22 @@ class PausedProcess:
     def state(self) -> bytes:
         """The state given at construction."""
         return self._state
+
+
+def _has_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (or gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread has exited
+        # The state follows the command name, which may hold anything but ends at
+        # the last ')'.
+        if stat.rpartition(b")")[2].split()[0] not in (b"T", b"t", b"Z", b"X"):
+            return False
+    return True

@@ -67,6 +67,9 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         "device": [python, "tests/rxe/device_check.py", host, "rxe0"],
         "listen-service": [python, "tests/rxe/listen_check.py", host],
         "sparse": [python, "tests/rxe/sparse_check.py", host],
+        # The guest's kernel keeps soft-dirty bits (this machine's may not).
+        "soft-dirty": [python, "tests/rxe/softdirty_check.py", "check", host],
+        "soft-dirty-speed": [python, "tests/rxe/softdirty_check.py", "bench", host],
         "memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
                     "prlimit", "--memlock=8388608:8388608", python, "tests/rxe/memlock_check.py"],
         "migrate-memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
@@ -96,7 +99,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
 STEP_MARK = "rdmamig-step"
 #: Steps that measure: their figures are reported, and a run that fails to measure
 #: (a timeout on a loaded machine) is reported too, but fails nothing.
-BENCHMARKS = {"qemu-speed", "speed"}
+BENCHMARKS = {"qemu-speed", "soft-dirty-speed", "speed"}
 
 
 # ------------------------------------------------------------------ prerequisites

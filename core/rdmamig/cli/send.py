@@ -8,12 +8,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..engine import ChecksumTracker, RamBlock
+from ..engine import RamBlock
 from ..image import open_image
 from ..migration import run_source
 from ..plugins import load_registry
 from ..report import build_report
 from ..status import Monitor
+from ..tracking import TRACKERS, choose_tracker
 from ..workload import PausedProcess
 from .options import (
     UsageError,
@@ -38,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(args, load_registry())
     host, port = parse_address(args.address)
     origin = None
+    paths: list[Path] = []
+    if args.tracker != "auto" and not args.live:
+        raise UsageError("--tracker is for --live")
     if args.image is not None:
         if args.block or args.state is not None or args.live:
             raise UsageError("--image sends a whole image: no --block, --state or --live "
@@ -60,11 +64,13 @@ def run(args: argparse.Namespace) -> int:
         for name, path in map(_parse_block, args.block):
             try:
                 blocks.append(RamBlock.from_file(name, path))
+                paths.append(path)
             except (OSError, ValueError) as exc:
                 raise UsageError(f"block {name}={path}: {exc}") from None
         state = args.state.read_bytes() if args.state is not None else b""
-    trackers = [ChecksumTracker(block) for block in blocks] if args.live else []
     workload = PausedProcess(args.pause_pid, state)
+    trackers = [choose_tracker(block, path, workload, wanted=args.tracker)
+                for block, path in zip(blocks, paths, strict=True)] if args.live else []
     total = sum(b.length for b in blocks)
     monitor = Monitor(total_bytes=total, max_downtime=plan.config.max_downtime,
                       max_bandwidth=plan.config.max_bandwidth)
@@ -77,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
         workload.resume()
     report = build_report(backend=args.backend, policy=plan.label, ram_bytes=total,
                           source=source, destination=None, error=error,
-                          status=monitor.query(), channels=args.channels)
+                          status=monitor.query(), channels=args.channels,
+                          **({"dirty_tracking": {block.name: tracker.method for block, tracker
+                                                 in zip(blocks, trackers, strict=True)}}
+                             if trackers else {}))
     return finish(args, report)
 
 
@@ -93,7 +102,11 @@ def add_verb(verbs: Any) -> None:
                       help="with --image: send even blocks that no longer match the "
                            "manifest's digests")
     send.add_argument("--live", action="store_true",
-                      help="track pages written by other processes (checksums per page)")
+                      help="track the pages another process writes while the blocks move")
+    send.add_argument("--tracker", choices=TRACKERS, default="auto",
+                      help="with --live, how written pages are found: the kernel's "
+                           "soft-dirty bits of the --pause-pid process, checksums of every "
+                           "page each pass, or soft-dirty where it can be trusted (auto)")
     send.add_argument("--pause-pid", type=int, metavar="PID",
                       help="SIGSTOP this process for stop-and-copy, SIGCONT after")
     send.add_argument("--state", type=Path, help="file sent as the non-RAM state")

@@ -39,7 +39,6 @@ from ..memory import (
     PAGE_SIZE,
     PAGES_PER_CHUNK,
     BoolArray,
-    ChecksumTracker,
     RamBlock,
     blocks_text,
 )
@@ -47,6 +46,7 @@ from ..pinning import locked_bytes
 from ..policy import ChunkId, UnpinPolicy
 from ..session import ControlSession, QemuFileWriter
 from ..status import Monitor, Status, capability_names
+from ..tracking import DirtyTracker
 from ..transport import Endpoint
 from ..units import size_text
 from . import convergence
@@ -77,8 +77,8 @@ class Source:
         blocks: the RAM to migrate.
         policy: decides what to unpin and when.
         workload: stopped for stop-and-copy; None for idle memory.
-        trackers: checksum trackers to scan before each round (memory rdmamig does
-            not write itself).
+        trackers: what finds the pages of memory rdmamig does not write itself
+            (:mod:`rdmamig.tracking`), scanned around each round.
         on_progress: called after every batch with the latest timeline sample.
         started_at: ``time.monotonic()`` when the migration started (connect).
         stream: what goes into the QEMU FILE stream around the rounds (rdmamig's
@@ -92,7 +92,7 @@ class Source:
 
     def __init__(self, endpoint: Endpoint, blocks: Sequence[RamBlock], *,
                  policy: UnpinPolicy, config: SourceConfig | None = None,
-                 workload: Workload | None = None, trackers: Sequence[ChecksumTracker] = (),
+                 workload: Workload | None = None, trackers: Sequence[DirtyTracker] = (),
                  on_progress: Callable[[dict[str, float]], None] | None = None,
                  started_at: float | None = None,
                  stream: OutgoingStream | None = None,
