@@ -70,6 +70,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         # The guest's kernel keeps soft-dirty bits (this machine's may not).
         "soft-dirty": [python, "tests/rxe/softdirty_check.py", "check", host],
         "soft-dirty-speed": [python, "tests/rxe/softdirty_check.py", "bench", host],
+        "ksm-verbs": [python, "tests/rxe/ksm_check.py", host],
         "memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
                     "prlimit", "--memlock=8388608:8388608", python, "tests/rxe/memlock_check.py"],
         "migrate-memlock": ["setpriv", "--bounding-set", "-ipc_lock", "--inh-caps", "-ipc_lock",
@@ -99,7 +100,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
 STEP_MARK = "rdmamig-step"
 #: Steps that measure: their figures are reported, and a run that fails to measure
 #: (a timeout on a loaded machine) is reported too, but fails nothing.
-BENCHMARKS = {"qemu-speed", "soft-dirty-speed", "speed"}
+BENCHMARKS = {"ksm-verbs", "qemu-speed", "soft-dirty-speed", "speed"}
 
 
 # ------------------------------------------------------------------ prerequisites
