@@ -33,16 +33,22 @@ class Guest:
         ram_path: a file to run the RAM in, as it is (kept at the end); by default a
             new one in ``ram_dir``, removed at the end.
         prealloc: have QEMU allocate all of its RAM before it starts.
+        anonymous: RAM in QEMU's own anonymous memory (``memory-backend-ram``), as
+            most VMs run, instead of a file: a page the guest never touched is not
+            resident (:meth:`resident_anonymous`); :meth:`ram_bytes` reads it over QMP.
     """
 
     def __init__(self, workdir: Path, name: str, *, ram: int, incoming: str | None = None,
                  paused: bool = False, kernel: Path | None = None,
                  initrd: Path | None = None, random_ram: bool = False,
                  ram_dir: Path = Path("/dev/shm"), command: Sequence[str] = (QEMU,),
-                 ram_path: Path | None = None, prealloc: bool = False) -> None:
+                 ram_path: Path | None = None, prealloc: bool = False,
+                 anonymous: bool = False) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol  # a test dependency only
 
-        self._own_ram = ram_path is None
+        self._own_ram = ram_path is None and not anonymous
+        self.anonymous = anonymous
+        self.workdir = workdir
         self.ram_path = ram_path or ram_dir / f"rdmamig-test-{os.getpid()}-{name}.ram"
         self.console = workdir / f"{name}.console"
         self.qmp_path = workdir / f"{name}.qmp"
@@ -53,10 +59,11 @@ class Guest:
                 rng = np.random.default_rng(7)
                 for _ in range(ram // (16 << 20)):
                     out.write(rng.bytes(16 << 20))
+        backend = (f"memory-backend-ram,id=mem,size={ram}" if anonymous else
+                   f"memory-backend-file,id=mem,size={ram},mem-path={self.ram_path},share=on")
         args = [*command, "-accel", "tcg", "-nodefaults", "-display", "none",
                 "-machine", "pc,memory-backend=mem", "-m", f"{ram >> 20}",
-                "-object", f"memory-backend-file,id=mem,size={ram},mem-path={self.ram_path},"
-                           f"share=on{',prealloc=on' if prealloc else ''}",
+                "-object", backend + (",prealloc=on" if prealloc else ""),
                 "-serial", f"file:{self.console}",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if paused:
@@ -135,8 +142,26 @@ class Guest:
                            f"{self.console_text()[-2000:]}")
 
     def ram_bytes(self) -> bytes:
-        """The guest's RAM, read from its backing file."""
-        return self.ram_path.read_bytes()
+        """The guest's RAM, read from its backing file (anonymous RAM: saved by QMP
+        ``pmemsave``, which reads guest-physical addresses: the legacy VGA and BIOS
+        window at 640 KiB to 1 MiB shows devices, not RAM)."""
+        if not self.anonymous:
+            return self.ram_path.read_bytes()
+        saved = self.workdir / f"{self.console.stem}.pmem"
+        self.cmd("pmemsave", val=0, size=self.ram, filename=str(saved))
+        try:
+            return saved.read_bytes()
+        finally:
+            saved.unlink(missing_ok=True)
+
+    def resident_anonymous(self) -> int:
+        """Bytes of anonymous memory QEMU has resident (``RssAnon``): its guest RAM's
+        touched pages when :attr:`anonymous`, and its own heap."""
+        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no RssAnon in /proc/{self.process.pid}/status")
 
     def close(self) -> None:
         """Stop QEMU and remove its RAM file."""
