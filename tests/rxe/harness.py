@@ -84,6 +84,7 @@ def steps(python: str, host: str) -> dict[str, list[str]]:
         "rdmamig-to-qemu-pin-all": [python, *qemu, "to-qemu", "--pin-all", host],
         "qemu-round-trip": [python, *qemu, "round-trip", host],
         "qemu-pins": [python, *qemu, "pins", host],
+        "qemu-never-touched": [python, *qemu, "never-touched", host],
         # The same against the newest QEMU the registries have (Debian 13's, in the
         # debootstrap root the harness builds), as QEMU's migration-compat jobs do.
         "qemu10-to-rdmamig": [python, *qemu, "to-rdmamig", "--qemu-root", QEMU_ROOT, host],

@@ -6,6 +6,7 @@ into rdmamig and out of it, inside the soft-RoCE guest (run by harness.py).
     python tests/rxe/qemu_check.py to-rdmamig-refused HOST
     python tests/rxe/qemu_check.py round-trip HOST
     python tests/rxe/qemu_check.py pins HOST
+    python tests/rxe/qemu_check.py never-touched HOST
     python tests/rxe/qemu_check.py speed HOST
 
 ``--qemu-root DIR`` runs another QEMU release (Debian 13's, by chroot) instead of the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -210,6 +212,71 @@ def to_qemu(work: Path, host: str, pin_all: bool) -> None:
               f"{wall:.1f} s with rdmamig's start-up; RAM byte-identical; cont: running")
     finally:
         destination.close()
+
+
+def sparse_guest_file(path: Path, ram: int) -> tuple[bytes, int]:
+    """A guest RAM file holding four 4 MiB extents, holes elsewhere: (its content,
+    the bytes used)."""
+    extents = [(i * (ram // 4) + 8 * MiB, 4 * MiB) for i in range(4)]
+    with path.open("wb") as f:
+        f.truncate(ram)
+        for offset, length in extents:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path.read_bytes(), sum(length for _offset, length in extents)
+
+
+def never_touched(work: Path, host: str) -> None:
+    """A guest that used 16 MiB of its 128: QEMU -> rdmamig over RDMA gives an image
+    that allocates what was used, and rdmamig -> a QEMU with anonymous RAM over RDMA
+    leaves that QEMU as resident as QEMU's own migration of the guest does."""
+    ram, ram_file, image = 128 * MiB, work / "sparse.ram", work / "image"
+    content, used = sparse_guest_file(ram_file, ram)
+    source = Guest(work, "src", ram=ram, paused=True, ram_path=ram_file, command=COMMAND)
+    listener, _startup = listen(image, host)
+    try:
+        info = migrate(source, f"rdma:{host}:{PORT}", pin_all=False)
+        check(info["status"] == "completed", f"QEMU -> rdmamig: {info}")
+        check(listener.wait(120) == 0, f"rdmamig listen: {stderr_of(listener)}")
+    finally:
+        source.close()
+        if listener.poll() is None:
+            listener.kill()
+    from rdmamig.image import open_image
+    held = open_image(image)
+    mem = next(block for block in held.manifest.blocks if block.name == "mem")
+    allocated = (image / mem.file).stat().st_blocks * 512
+    check(used <= allocated <= used + used // 100,
+          f"the image allocated {allocated >> 20} MiB for {used >> 20} MiB used")
+    resident = {}
+    for name in ("qemu", "rdmamig"):
+        destination = Guest(work, f"dst-{name}", ram=ram, incoming=f"rdma:{host}:{PORT}",
+                            anonymous=True, command=COMMAND)
+        try:
+            time.sleep(1)  # QEMU listens once its incoming side is set up
+            if name == "qemu":
+                again = Guest(work, "src2", ram=ram, paused=True, ram_path=ram_file,
+                              command=COMMAND)
+                try:
+                    info = migrate(again, f"rdma:{host}:{PORT}", pin_all=False)
+                finally:
+                    again.close()
+                check(info["status"] == "completed", f"QEMU -> QEMU: {info}")
+            else:
+                send_image(image, host, "rdmamig send into QEMU", "--timeout", "600")
+            check(destination.wait_migration(timeout=120)["status"] == "completed",
+                  f"{name} -> QEMU did not complete")
+            resident[name] = destination.resident_anonymous()
+            check(destination.ram_bytes()[MiB:] == content[MiB:],
+                  f"{name} -> QEMU: RAM above 1 MiB differs")
+        finally:
+            destination.close()
+    check(resident["rdmamig"] <= resident["qemu"] + 2 * MiB,
+          f"QEMU's RssAnon: {resident['rdmamig'] >> 20} MiB from rdmamig, "
+          f"{resident['qemu'] >> 20} MiB from QEMU")
+    print(f"{version()}, {ram >> 20} MiB guest using {used >> 20} MiB: image allocates "
+          f"{allocated >> 20} MiB; destination RssAnon {resident['rdmamig'] >> 20} MiB from "
+          f"rdmamig, {resident['qemu'] >> 20} MiB from QEMU")
 
 
 def round_trip(work: Path, host: str) -> None:
@@ -428,7 +495,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("check", choices=("to-rdmamig", "to-rdmamig-refused", "to-qemu",
-                                          "round-trip", "pins", "speed"))
+                                          "round-trip", "pins", "never-touched", "speed"))
     parser.add_argument("host")
     parser.add_argument("--pin-all", action="store_true")
     parser.add_argument("--qemu-root", type=Path, metavar="DIR",
@@ -448,6 +515,8 @@ def main() -> None:
             round_trip(work, args.host)
         elif args.check == "pins":
             pins(work, args.host)
+        elif args.check == "never-touched":
+            never_touched(work, args.host)
         else:
             speed(work, args.host)
 
