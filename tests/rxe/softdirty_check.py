@@ -7,7 +7,7 @@ writes to a ``/dev/shm`` block are found by the kernel's bits, not by hashing.
         ``send --live --pause-pid`` over verbs with the writer running verifies,
         and its report says soft-dirty found the writes.
     python tests/rxe/softdirty_check.py bench HOST
-        The cost of one pass of each tracker, a 256 MiB block of which the writer
+        The cost of one pass of each tracker, a 512 MiB block of which the writer
         rewrites 1 % between passes (a benchmark line: it fails nothing).
 """
 
@@ -154,7 +154,7 @@ def main() -> None:
     check(kernel_keeps_soft_dirty(), "this guest's kernel keeps no soft-dirty bits")
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         work = Path(tmp)
-        size = 64 * MiB if mode == "check" else 256 * MiB
+        size = 64 * MiB if mode == "check" else 512 * MiB
         path = block_file(work, size)
         process = writer(path)
         try:
