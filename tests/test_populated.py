@@ -134,6 +134,27 @@ def test_a_migration_reads_no_hole_of_the_source_and_fills_none_of_the_destinati
     assert set(touched.tolist()) <= pairs
 
 
+def test_memory_given_back_like_a_balloon_is_neither_read_nor_filled(
+        migration: Migration) -> None:
+    # A guest's balloon driver gives pages back; QEMU discards them with
+    # MADV_DONTNEED: they read as zero and hold no memory. The migration must not
+    # fault them back in on either side.
+    mapping = mmap.mmap(-1, 16 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    source = RamBlock("ram", mapping, owner=mapping,
+                      residency=PrivateAnonymous(np.frombuffer(mapping, np.uint8).ctypes.data))
+    source.array[:] = np.random.default_rng(4).integers(1, 256, source.length, np.uint8)
+    mapping.madvise(mmap.MADV_DONTNEED, 4 * MiB, 8 * MiB)
+    given_back = slice(4 * MiB // PAGE, 12 * MiB // PAGE)
+    assert not source.populated_pages(given_back.start, given_back.stop).any()
+    destination = RamBlock.anonymous("ram", source.length, populate=False)
+    migration.run([source], dest_blocks=[destination])
+    assert migration.source is not None and migration.source.result.verified
+    assert not source.populated_pages(given_back.start, given_back.stop).any()
+    assert not destination.populated_pages(given_back.start, given_back.stop).any()
+    assert destination.digest() == source.digest()
+    assert not destination.array[4 * MiB:12 * MiB].any()
+
+
 def test_pagemap_scan_and_reading_pagemap_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     memory = mmap.mmap(-1, 4 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_NOHUGEPAGE)  # one page touched is one page present
