@@ -272,6 +272,24 @@ class BackendConformance:
         assert remote[:end] == local[:end]
         assert remote[end:] == bytes(size - end)
 
+    def test_one_batch_longer_than_a_send_queue(self, pair: tuple[Endpoint, Endpoint]
+                                                ) -> None:
+        # A pass over memory another process dirtied page by page gives a window
+        # thousands of separate writes: one batch of 1500, every other page, more
+        # than a send queue of a few hundred holds. Its ticket covers all of it.
+        src, dst = pair
+        size, page = 12 * MiB, 4096
+        local, lregion = self._registered(src, size, remote_write=False)
+        remote, rregion = self._registered(dst, size)
+        local[:] = os.urandom(size)
+        ticket = src.post_writes(writes=[
+            RemoteWrite(region=lregion, offset=at, length=page, remote_addr=rregion.addr + at,
+                        rkey=rregion.rkey) for at in range(0, 3000 * page, 2 * page)])
+        src.wait_writes(ticket=ticket, timeout=60)
+        for at in range(0, 3000 * page, page):
+            expected = local[at:at + page] if at % (2 * page) == 0 else bytes(page)
+            assert remote[at:at + page] == expected, f"page {at // page}"
+
     def test_keys_are_distinct(self, pair: tuple[Endpoint, Endpoint]) -> None:
         dst = pair[1]
         buffer = _buffer(64 * 4096)

@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 from rdmamig import pinning, wire
 from rdmamig.caps import Capability
-from rdmamig.errors import LocalProtocolError, TransportError
+from rdmamig.errors import TransportError
 from rdmamig.regions import EndpointBase
 from rdmamig.transport import MemoryRegion, RemoteWrite
 
@@ -228,36 +228,44 @@ class VerbsEndpoint(EndpointBase[_Pinned]):
         self.check_batch(writes)
         if self._error is not None:
             raise self._error
-        room = SEND_DEPTH - CONTROL_SLOTS
-        if len(writes) > room:
-            raise LocalProtocolError(f"a batch of {len(writes)} writes is more than the "
-                                     f"{room} send-queue slots for writes")
-        pv = self._pv
-        ticket = next(self._tickets)
-        requests: list[Any] = []
         with self._keys:
-            for position, write in enumerate(writes):
-                region, _pinned = self._regions.source_of(write)
-                last = position == len(writes) - 1
-                sge = pv.wr.SGE(region.addr + write.offset, write.length, region.lkey)
-                # Only the last write is signalled and names the batch: a completion of
-                # any other (wr_id 0) could never be taken for the batch's end.
-                wr = pv.wr.SendWR(wr_id=ticket if last else 0,
-                                  opcode=pv.enums.IBV_WR_RDMA_WRITE, num_sge=1, sg=[sge],
-                                  send_flags=pv.enums.IBV_SEND_SIGNALED if last else 0)
-                wr.set_wr_rdma(write.rkey, write.remote_addr)
-                if requests:
-                    requests[-1].next_wr = wr
-                requests.append(wr)
+            sources = [self._regions.source_of(write)[0] for write in writes]
+        room = SEND_DEPTH - CONTROL_SLOTS
         with self._send_lock:
-            # A full send queue refuses a post: wait for earlier batches to complete.
-            self._wait(lambda: self._send_queue_used() + len(requests) <= room, timeout=30,
-                       what="no room in the send queue: earlier writes not completed")
-            # The batch as one chain: one ibv_post_send (one doorbell) for all of it.
-            # ``requests`` keeps every link alive until the post returns.
-            self._post(requests[0])
-            self._in_send_queue.append((ticket, len(requests)))
+            # Tickets are taken in the order of posting: completions come in that
+            # order, and a ticket seen completed says every one before it is.
+            for start in range(0, len(writes), room):
+                ticket = next(self._tickets)
+                self._post_chain(writes[start:start + room], sources[start:start + room],
+                                 ticket, room)
         return ticket
+
+    def _post_chain(self, writes: Sequence[RemoteWrite], sources: Sequence[MemoryRegion],
+                    ticket: int, room: int) -> None:
+        """Post ``writes`` as one chain of work requests (one ``ibv_post_send``, one
+        doorbell) once the send queue has room for it; the last names ``ticket``.
+        A batch longer than the queue goes as several chains, each signalled, since
+        the slots of unsignalled requests come back only with a later completion."""
+        pv = self._pv
+        requests: list[Any] = []
+        for position, (write, region) in enumerate(zip(writes, sources, strict=True)):
+            last = position == len(writes) - 1
+            sge = pv.wr.SGE(region.addr + write.offset, write.length, region.lkey)
+            # Only the last write is signalled and names the chain: a completion of
+            # any other (wr_id 0) could never be taken for the chain's end.
+            wr = pv.wr.SendWR(wr_id=ticket if last else 0,
+                              opcode=pv.enums.IBV_WR_RDMA_WRITE, num_sge=1, sg=[sge],
+                              send_flags=pv.enums.IBV_SEND_SIGNALED if last else 0)
+            wr.set_wr_rdma(write.rkey, write.remote_addr)
+            if requests:
+                requests[-1].next_wr = wr
+            requests.append(wr)
+        # A full send queue refuses a post: wait for earlier chains to complete.
+        self._wait(lambda: self._send_queue_used() + len(requests) <= room, timeout=30,
+                   what="no room in the send queue: earlier writes not completed")
+        # ``requests`` keeps every link alive until the post returns.
+        self._post(requests[0])
+        self._in_send_queue.append((ticket, len(requests)))
 
     def _send_queue_used(self) -> int:
         """Work requests of write batches not yet completed (a signalled completion
