@@ -36,3 +36,11 @@ def test_each_step_reports_its_name_status_and_seconds_as_it_ends(tmp_path: Path
     assert [(name, rc) for _mark, name, rc, _seconds in marks] == [("good", "0"), ("bad", "3")]
     assert all(seconds.isdigit() for *_rest, seconds in marks)
     assert (tmp_path / "results" / "bad.rc").read_text().strip() == "3"
+
+
+def test_a_benchmark_line_is_shown_whole_a_check_line_cut(tmp_path: Path) -> None:
+    figures = "speed," + " QEMU -> rdmamig 1.23 s (1.10x)," * 8
+    for name in ("qemu-speed", "device"):
+        (tmp_path / f"{name}.log").write_text(f"setting up\n{figures}\n")
+    assert harness._gist(tmp_path, "qemu-speed", tmp_path / "qemu-speed.log") == figures
+    assert harness._gist(tmp_path, "device", tmp_path / "device.log") == figures[:100]
