@@ -199,8 +199,8 @@ class PausedProcess:
         if self._stopped:
             yield
             return
-        self.stop()
         try:
+            self.stop()  # may fail once SIGSTOP is sent: it is continued all the same
             yield
         finally:
             self.resume()
