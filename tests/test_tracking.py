@@ -264,3 +264,16 @@ def test_send_live_reports_its_tracker_and_refuses_a_bad_choice(
     wrong = subprocess.run([*rdmamig, "send", "127.0.0.1:1", "--block", f"mem={shm_file}",
                             "--tracker", "checksum"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "--tracker is for --live" in wrong.stderr
+
+
+def test_a_stop_that_times_out_leaves_the_process_running(
+        mapper: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import rdmamig.workload
+
+    monkeypatch.setattr(rdmamig.workload, "_has_stopped", lambda pid: False)
+    paused = PausedProcess(mapper.pid)
+    paused.STOP_TIMEOUT = 0.05
+    with pytest.raises(Exception, match="did not stop within"), paused.held():
+        pass
+    time.sleep(0.05)
+    assert "T" not in _states(mapper.pid)
