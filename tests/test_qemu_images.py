@@ -129,7 +129,9 @@ def test_memory_a_guest_never_touched_stays_unallocated_through_an_image(
         resident[name] = b.resident_anonymous()
         # pmemsave reads guest-physical memory: below 1 MiB lie the VGA and BIOS.
         assert b.ram_bytes()[MiB:] == content[MiB:]
-    assert resident["rdmamig"] <= resident["qemu"] + 2 * MiB, resident
+    # QEMU's own anonymous memory varies by a few MiB between runs (5 MiB seen); a
+    # guest's never-touched RAM faulted in would be 240 MiB.
+    assert resident["rdmamig"] <= resident["qemu"] + 16 * MiB, resident
     assert resident["rdmamig"] < used + 64 * MiB < ram, resident
 
 

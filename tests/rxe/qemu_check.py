@@ -271,7 +271,9 @@ def never_touched(work: Path, host: str) -> None:
                   f"{name} -> QEMU: RAM above 1 MiB differs")
         finally:
             destination.close()
-    check(resident["rdmamig"] <= resident["qemu"] + 2 * MiB,
+    # QEMU's own anonymous memory varies by a few MiB between runs; the guest's
+    # never-touched RAM faulted in would be 112 MiB.
+    check(resident["rdmamig"] <= resident["qemu"] + 16 * MiB,
           f"QEMU's RssAnon: {resident['rdmamig'] >> 20} MiB from rdmamig, "
           f"{resident['qemu'] >> 20} MiB from QEMU")
     print(f"{version()}, {ram >> 20} MiB guest using {used >> 20} MiB: image allocates "
