@@ -28,8 +28,10 @@ def _migrate(listener: Service, count: int, *, at_once: int = 1) -> None:
 
 
 def _settled(listener: Service, served: int) -> tuple[int, int]:
-    """(open fds, resident bytes) once ``served`` migrations have been logged."""
-    listener.wait_for_log(f"migration {served}:")
+    """(open fds, resident bytes) once each of the first ``served`` migrations has
+    been logged (those run at once end in any order)."""
+    for number in range(1, served + 1):
+        listener.wait_for_log(f"migration {number}:")
     return listener.open_fds(), listener.status("VmRSS")
 
 

@@ -451,17 +451,19 @@ def _serve_migration(service: _Service, number: int, endpoint: Endpoint, *,
     connection closed."""
     into = _image_path(service.args.into, number)
     try:
-        report = service.receive(endpoint, into, number, admit=admit)
-        if report["succeeded"]:
-            log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
-                     report["verification"], report["ram_bytes"] >> 20,
-                     report["total_time_s"], into)
-        else:
-            log.warning("migration %d failed: %s", number, report["error"])
+        try:
+            report = service.receive(endpoint, into, number, admit=admit)
+        finally:
+            endpoint.close()  # first: a migration logged as over holds nothing
     except Exception as exc:
         log.warning("migration %d failed: %s", number, exc)
-    finally:
-        endpoint.close()
+        return
+    if report["succeeded"]:
+        log.info("migration %d: %s, %d MiB in %.2f s into %s", number,
+                 report["verification"], report["ram_bytes"] >> 20,
+                 report["total_time_s"], into)
+    else:
+        log.warning("migration %d failed: %s", number, report["error"])
 
 
 def _image_path(directory: Path, number: int) -> Path:
