@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import rdmamig
+from kernelmem import PAGE, page_frames
 
 KSM = Path("/sys/kernel/mm/ksm")
-PAGE = 4096
 
 pytestmark = pytest.mark.skipif(not (KSM / "run").exists() or os.geteuid() != 0,
                                 reason="KSM (CONFIG_KSM) and root to drive ksmd are needed")
@@ -43,14 +42,6 @@ def ksmd() -> Iterator[None]:
             (KSM / name).write_text(saved[name])
 
 
-def frames(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
-    """The page frame of each page (a row of ``pages``), from this process's pagemap."""
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(pages.ctypes.data // PAGE * 8)
-        entries = np.frombuffer(f.read(8 * len(pages)), dtype=np.uint64)
-    return entries & np.uint64((1 << 55) - 1)
-
-
 @pytest.mark.usefixtures("ksmd")
 def test_merged_pages_stay_merged_through_a_migration() -> None:
     memory = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -60,11 +51,11 @@ def test_merged_pages_stay_merged_through_a_migration() -> None:
     pages[:] = kinds[np.arange(len(pages)) % 16]
     memory.madvise(mmap.MADV_MERGEABLE)
     deadline = time.monotonic() + 300
-    while len(np.unique(frames(pages))) > len(pages) // 16:
+    while len(np.unique(page_frames(pages))) > len(pages) // 16:
         assert time.monotonic() < deadline, "ksmd did not merge the pages in 5 minutes"
         time.sleep(0.1)
     (KSM / "run").write_text("0")  # merged pages stay merged; no more merging
-    before = frames(pages)
+    before = page_frames(pages)
 
     received = np.zeros(pages.size, dtype=np.uint8)
     ports: list[int] = []
@@ -78,7 +69,7 @@ def test_merged_pages_stay_merged_through_a_migration() -> None:
 
     assert result.verified and np.array_equal(received, pages.reshape(-1))
     # Every page is still on the frame KSM merged it into.
-    after = frames(pages)
+    after = page_frames(pages)
     assert np.array_equal(after, before), (
         f"{np.count_nonzero(after != before)} of {len(pages)} pages were unmerged "
         f"({len(np.unique(before))} frames before, {len(np.unique(after))} after)")

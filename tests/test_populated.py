@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 import xxhash
 from conftest import Migration
+from kernelmem import PAGE, allocated, sparse_file
 from rdmamig import populated
 from rdmamig.engine import ChecksumTracker, RamBlock
 from rdmamig.memory import content_digest
 from rdmamig.populated import Everything, FileExtents, PrivateAnonymous, is_private_anonymous
 
 MiB = 1 << 20
-PAGE = 4096
-
-
-def allocated(path: Path) -> int:
-    """Bytes the filesystem has allocated for ``path``."""
-    return os.stat(path).st_blocks * 512
 
 
 @pytest.fixture
@@ -39,15 +34,6 @@ def shm_file() -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def sparse(path: Path, length: int, data: dict[int, bytes]) -> None:
-    """A file of ``length`` bytes holding ``data`` at its offsets, holes elsewhere."""
-    with open(path, "wb") as f:
-        f.truncate(length)
-        for offset, chunk in data.items():
-            f.seek(offset)
-            f.write(chunk)
-
-
 def test_block_digest_is_xxh3_128_over_its_chunk_digests() -> None:
     block = RamBlock.anonymous("b", 2 * MiB + 3 * PAGE)
     block.array[:] = np.random.default_rng(1).integers(0, 256, block.length, dtype=np.uint8)
@@ -57,7 +43,7 @@ def test_block_digest_is_xxh3_128_over_its_chunk_digests() -> None:
 
 
 def test_file_extents_are_the_pages_written(shm_file: Path) -> None:
-    sparse(shm_file, 4 * MiB, {0: b"a", 5 * PAGE + 100: b"b" * PAGE, 3 * MiB: b"c" * MiB})
+    sparse_file(shm_file, 4 * MiB, {0: b"a", 5 * PAGE + 100: b"b" * PAGE, 3 * MiB: b"c" * MiB})
     block = RamBlock.from_file("f", shm_file)
     assert isinstance(block.residency, FileExtents)
     expected = np.zeros(block.pages, dtype=np.bool_)
@@ -90,7 +76,7 @@ def test_only_private_anonymous_mappings_are_judged_by_pagemap() -> None:
 
 def test_a_digest_reads_no_hole(shm_file: Path) -> None:
     data = {PAGE: b"x" * 3 * PAGE, 2 * MiB + 17: b"y"}
-    sparse(shm_file, 8 * MiB, data)
+    sparse_file(shm_file, 8 * MiB, data)
     before = allocated(shm_file)
     digest = RamBlock.from_file("f", shm_file).digest()
     assert allocated(shm_file) == before == 4 * PAGE
@@ -98,7 +84,7 @@ def test_a_digest_reads_no_hole(shm_file: Path) -> None:
 
 
 def test_the_checksum_tracker_reads_no_hole_and_sees_one_filled(shm_file: Path) -> None:
-    sparse(shm_file, 16 * MiB, {0: b"x" * PAGE})
+    sparse_file(shm_file, 16 * MiB, {0: b"x" * PAGE})
     tracker = ChecksumTracker(RamBlock.from_file("f", shm_file))
     tracker.block.take_dirty()
     assert tracker.scan() == 0 and allocated(shm_file) == PAGE
@@ -118,7 +104,7 @@ def test_a_migration_reads_no_hole_of_the_source_and_fills_none_of_the_destinati
     # such holes with its data if holes were not told apart from zero pages (more
     # of them than a chunk sends inline).
     extents |= {20 * MiB + 2 * PAGE * i: rng.bytes(PAGE) for i in range(40)}
-    sparse(shm_file, 64 * MiB, extents)
+    sparse_file(shm_file, 64 * MiB, extents)
     before = allocated(shm_file)
     source = RamBlock.from_file("ram", shm_file)
     destination = RamBlock.anonymous("ram", source.length, populate=False)

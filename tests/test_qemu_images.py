@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kernelmem import allocated, sparse_file
 from qemuvm import REQUIRE_ENV, Guest, need_qemu
 from rdmamig.memory import content_digest
 
@@ -87,21 +88,13 @@ def test_a_paused_guest_goes_through_an_image_byte_identical(
     assert b.ram_bytes() == a.ram_bytes()
 
 
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
-
-
 def test_memory_a_guest_never_touched_stays_unallocated_through_an_image(
         tmp_path: Path, guests: list[Guest]) -> None:
     # A 256 MiB guest that holds data in four 4 MiB extents, holes elsewhere.
     need_qemu()
-    ram, extents = 256 * MiB, [(i * 64 * MiB + 8 * MiB, 4 * MiB) for i in range(4)]
+    ram, extents = 256 * MiB, {i * 64 * MiB + 8 * MiB: os.urandom(4 * MiB) for i in range(4)}
     ram_file = Path("/dev/shm") / f"rdmamig-test-{os.getpid()}-sparse.ram"
-    with ram_file.open("wb") as f:
-        f.truncate(ram)
-        for offset, length in extents:
-            f.seek(offset)
-            f.write(os.urandom(length))
+    sparse_file(ram_file, ram, extents)
     content = ram_file.read_bytes()
     try:
         a = Guest(tmp_path, "a", ram=ram, paused=True, ram_path=ram_file)
@@ -115,7 +108,7 @@ def test_memory_a_guest_never_touched_stays_unallocated_through_an_image(
     from rdmamig.image import open_image
     manifest = open_image(image).manifest
     mem = next(block for block in manifest.blocks if block.name == "mem")
-    used = sum(length for _offset, length in extents)
+    used = sum(map(len, extents.values()))
     assert used <= allocated(image / mem.file) <= used + used // 100
     # A QEMU with anonymous RAM, as most run, loads rdmamig's export with no more
     # resident than from QEMU's own stream of the same guest: neither touches a

@@ -17,16 +17,11 @@ from pathlib import Path
 import numpy as np
 import rdmamig
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernelmem import PAGE, page_frames
+
 KSM = Path("/sys/kernel/mm/ksm")
-PAGE = 4096
 PORT = 18533
-
-
-def frames(pages: np.ndarray) -> np.ndarray:
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(pages.ctypes.data // PAGE * 8)
-        entries = np.frombuffer(f.read(8 * len(pages)), dtype=np.uint64)
-    return entries & np.uint64((1 << 55) - 1)
 
 
 def main() -> None:
@@ -40,12 +35,12 @@ def main() -> None:
     (KSM / "sleep_millisecs").write_text("10")
     (KSM / "run").write_text("1")
     deadline = time.monotonic() + 600
-    while len(np.unique(frames(pages))) > len(pages) // 16:
+    while len(np.unique(page_frames(pages))) > len(pages) // 16:
         if time.monotonic() > deadline:
             raise SystemExit("ksmd did not merge the pages in 10 minutes")
         time.sleep(0.2)
     (KSM / "run").write_text("0")
-    before = frames(pages)
+    before = page_frames(pages)
     received = np.zeros(pages.size, dtype=np.uint8)
     ports: list[int] = []
     receiver = threading.Thread(target=lambda: rdmamig.receive_into(
@@ -56,7 +51,7 @@ def main() -> None:
         time.sleep(0.01)
     result = rdmamig.send(f"{host}:{ports[0]}", {"ram": pages.reshape(-1)}, backend="verbs")
     receiver.join(120)
-    after = frames(pages)
+    after = page_frames(pages)
     if not (result.verified and np.array_equal(received, pages.reshape(-1))):
         raise SystemExit("the migration did not verify")
     print(f"verbs: {np.count_nonzero(after != before)} of {len(pages)} KSM-merged pages "

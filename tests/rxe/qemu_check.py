@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernelmem import sparse_file
 from qemuvm import Guest, qemu_root
 
 MiB = 1 << 20
@@ -217,13 +218,9 @@ def to_qemu(work: Path, host: str, pin_all: bool) -> None:
 def sparse_guest_file(path: Path, ram: int) -> tuple[bytes, int]:
     """A guest RAM file holding four 4 MiB extents, holes elsewhere: (its content,
     the bytes used)."""
-    extents = [(i * (ram // 4) + 8 * MiB, 4 * MiB) for i in range(4)]
-    with path.open("wb") as f:
-        f.truncate(ram)
-        for offset, length in extents:
-            f.seek(offset)
-            f.write(os.urandom(length))
-    return path.read_bytes(), sum(length for _offset, length in extents)
+    extents = {i * (ram // 4) + 8 * MiB: os.urandom(4 * MiB) for i in range(4)}
+    sparse_file(path, ram, extents)
+    return path.read_bytes(), sum(map(len, extents.values()))
 
 
 def never_touched(work: Path, host: str) -> None:
