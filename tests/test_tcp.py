@@ -20,6 +20,7 @@ import pytest
 from rdmamig.caps import Capability, PrivateData
 from rdmamig.errors import TransportError
 from rdmamig.pinning import locked_bytes
+from rdmamig.populated import pagemap_entries
 from rdmamig.testing import connected_pair
 from rdmamig.testing.conformance import BackendConformance
 from rdmamig.transport import Backend, Endpoint, RemoteWrite
@@ -341,10 +342,9 @@ def _file_pages(mapping: mmap.mmap) -> int:
     """How many pages of ``mapping`` are present and a file's, by this process's
     pagemap (bits 63 and 61)."""
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    entries = np.zeros(len(mapping) // 4096, dtype=np.uint64)
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
-        os.preadv(fd, [entries.data], address // 4096 * 8)
+        entries = pagemap_entries(fd, address // 4096, len(mapping) // 4096)
     finally:
         os.close(fd)
     both = np.uint64(0xA000_0000_0000_0000)

@@ -92,14 +92,26 @@ class PrivateAnonymous:
             start = (self._first_page + first) * PAGE_SIZE
             regions = _scan(fd, start, start + len(mask) * PAGE_SIZE)
             if regions is None:
-                entries = np.zeros(len(mask), dtype=np.uint64)
-                os.preadv(fd, [entries.data], (self._first_page + first) * 8)
+                entries = pagemap_entries(fd, self._first_page + first, len(mask))
                 return np.asarray(entries & (PRESENT | SWAPPED) != 0, dtype=np.bool_)
         finally:
             os.close(fd)
         for low, high in regions:
             mask[(low - start) // PAGE_SIZE:(high - start) // PAGE_SIZE] = True
         return mask
+
+
+def pagemap_entries(fd: int, first_page: int, count: int) -> npt.NDArray[np.uint64]:
+    """``count`` pagemap entries from virtual page ``first_page`` on, read from the
+    pagemap ``fd`` (``/proc/PID/pagemap``).
+
+    Raises:
+        OSError: the pagemap cannot be read, or ends before them.
+    """
+    entries = np.zeros(count, dtype=np.uint64)
+    if os.preadv(fd, [entries.data], first_page * 8) != entries.nbytes:
+        raise OSError(f"the pagemap ended before page {first_page + count:#x}")
+    return entries
 
 
 #: PAGEMAP_SCAN: _IOWR('f', 16, struct pm_scan_arg) (include/uapi/linux/fs.h).

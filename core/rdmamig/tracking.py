@@ -35,6 +35,8 @@ import numpy as np
 
 from .errors import ConfigurationError, MigrationError
 from .memory import PAGE_SIZE, ChecksumTracker, RamBlock
+from .pinning import buffer_address
+from .populated import pagemap_entries
 from .workload import PausedProcess
 
 log = logging.getLogger("rdmamig.tracking")
@@ -106,16 +108,14 @@ def kernel_keeps_soft_dirty() -> bool:
     """Whether this kernel keeps soft-dirty bits (``CONFIG_MEM_SOFT_DIRTY``): a
     page just written by this process shows the bit in its pagemap entry."""
     page = mmap.mmap(-1, PAGE_SIZE)
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        view = np.frombuffer(page, dtype=np.uint8)
-        view[0] = 1
-        address = view.ctypes.data
-        del view
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(address // PAGE_SIZE * 8)
-            entry = int.from_bytes(f.read(8), "little")
-        return bool(entry & int(SOFT_DIRTY))
+        page[0] = 1
+        with memoryview(page) as view:
+            first_page = buffer_address(view) // PAGE_SIZE
+        return bool(pagemap_entries(fd, first_page, 1)[0] & SOFT_DIRTY)
     finally:
+        os.close(fd)
         page.close()
 
 
@@ -204,7 +204,7 @@ class SoftDirtyTracker:
                 mappings = shared_mappings(pid, self.path)
                 if mappings != self._mappings:
                     return self._fall_back(f"process {pid} mapped or unmapped {self.path}")
-                entries = [self._entries(pid, mapping) for mapping in mappings]
+                entries = self._entries(pid, mappings)
                 self._clear()
         except (OSError, MigrationError) as exc:  # gone, or its /proc unreadable
             return self._fall_back(f"process {pid} cannot be tracked any more: {exc}")
@@ -216,15 +216,16 @@ class SoftDirtyTracker:
         self.block.mark_pages_dirty(dirty)
         return int(np.count_nonzero(dirty))
 
-    def _entries(self, pid: int, mapping: Mapping) -> np.ndarray:
-        entries = np.zeros((mapping.high - mapping.low) // PAGE_SIZE, dtype=np.uint64)
+    @staticmethod
+    def _entries(pid: int, mappings: list[Mapping]) -> list[np.ndarray]:
+        """Each mapping's pagemap entries."""
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if os.preadv(fd, [entries.data], mapping.low // PAGE_SIZE * 8) != entries.nbytes:
-                raise OSError(f"the pagemap of process {pid} ended early")
+            return [pagemap_entries(fd, mapping.low // PAGE_SIZE,
+                                    (mapping.high - mapping.low) // PAGE_SIZE)
+                    for mapping in mappings]
         finally:
             os.close(fd)
-        return entries
 
     def _clear(self) -> None:
         with open(f"/proc/{self.process.pid}/clear_refs", "wb") as f:
