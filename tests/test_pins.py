@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 from rdmamig.engine.pins import Pin, PinTable, registration_units
@@ -58,6 +60,18 @@ def test_units_cover_each_chunk_once_pairs_only_even_neighbours(
     assert sorted(covered) == sorted(chunks)
     for _block, first, count in units:
         assert count == 1 or (pairs and count == 2 and first % 2 == 0)
+
+
+@given(st.sets(st.tuples(st.integers(0, 2), st.integers(0, 40))))
+def test_units_of_runs_are_the_runs_of_consecutive_chunks(wanted: set[tuple[int, int]]) -> None:
+    chunks = [ChunkId(b, i) for b, i in wanted]
+    units = registration_units(chunks, pairs=True, runs=True)
+    covered = [ChunkId(b, f + k) for b, f, count in units for k in range(count)]
+    assert covered == sorted(chunks)  # in order, each once, so each unit consecutive
+    for (block, first, count), (after_block, after_first, _) in itertools.pairwise(units):
+        assert (block, first + count) != (after_block, after_first)  # runs are whole
+    # Without BATCH (a QEMU peer) a registration stays one chunk.
+    assert {count for *_, count in registration_units(chunks, pairs=False, runs=True)} <= {1}
 
 
 def test_the_peak_is_the_most_chunk_bytes_registered_at_once() -> None:

@@ -1,8 +1,9 @@
 """The source's pin table: which chunks are registered, under which registration,
 and which of them may not be unpinned now.
 
-A registration covers one chunk or, with an rdmamig peer, two neighbouring ones
-under one local region and one rkey; it is unpinned whole. A chunk is *held* while
+A registration covers one chunk or, with an rdmamig peer, neighbouring ones (two,
+or a window's whole run when nothing is unpinned before the end) under one local
+region and one rkey; it is unpinned whole. A chunk is *held* while
 a write into it is queued, posted and not yet completed, or while the window being
 prepared is about to write it. A held chunk – and any chunk sharing a registration
 with one – must not be unpinned: that is the one rule this module keeps.
@@ -168,12 +169,17 @@ class PinTable:
                 if not self.tied(pin)]
 
 
-def registration_units(chunks: Iterable[ChunkId], *, pairs: bool) -> list[tuple[int, int, int]]:
+def registration_units(chunks: Iterable[ChunkId], *, pairs: bool,
+                       runs: bool = False) -> list[tuple[int, int, int]]:
     """(block, first chunk, count) to register for ``chunks``, in order. With
     ``pairs`` (an rdmamig peer, which negotiates BATCH), an even chunk and the next
     one are registered together: 2 MiB, aligned, so pinning keeps the memory's
     transparent huge pages whole (a 1 MiB mlock splits them, which costs much more)
-    and writes merge over both."""
+    and writes merge over both. With ``runs`` as well (a policy that unpins nothing
+    before the end, so no registration need be small), each run of consecutive
+    chunks is one registration: one pin on each side instead of one per pair."""
+    if pairs and runs:
+        return [(block, first, end - first) for block, first, end in _runs(chunks)]
     wanted = set(chunks)
     units = []
     for cid in sorted(wanted):
@@ -184,3 +190,14 @@ def registration_units(chunks: Iterable[ChunkId], *, pairs: bool) -> list[tuple[
         elif cid in wanted:
             units.append((cid.block, cid.index, 1))
     return units
+
+
+def _runs(chunks: Iterable[ChunkId]) -> list[tuple[int, int, int]]:
+    """(block, first, end) of each run of consecutive ``chunks``, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for cid in sorted(set(chunks)):
+        if runs and runs[-1][0] == cid.block and runs[-1][2] == cid.index:
+            runs[-1] = (cid.block, runs[-1][1], cid.index + 1)
+        else:
+            runs.append((cid.block, cid.index, cid.index + 1))
+    return runs

@@ -258,7 +258,8 @@ class PerChunk(Registrar):
             self.counts.registering_s += time.monotonic() - started
 
     def _register(self, chunks: list[ChunkId]) -> None:
-        units = registration_units(chunks, pairs=self.batch)
+        units = registration_units(chunks, pairs=self.batch,
+                                   runs=self._policy.keeps_everything)
         log.debug("registering %d chunk(s) as %d region(s)", len(chunks), len(units))
         self._make_room(sum(self.blocks[c.block].chunk_bytes(c.index) for c in chunks))
         regions: list[MemoryRegion] = []
