@@ -280,12 +280,15 @@ class RamBlock:
             tree.update(digest)
         return tree.digest()
 
-    def chunk_digest(self, index: int) -> bytes:
+    def chunk_digest(self, index: int, populated: BoolArray | None = None) -> bytes:
         """The digest of chunk ``index`` that :meth:`digest` takes, hashed in one
         call that lets other threads run meanwhile (this is for hashing beside a
-        transfer: the lanes that send or place data need the GIL now and then)."""
-        first = index * PAGES_PER_CHUNK
-        populated = self.populated_pages(first, min(first + PAGES_PER_CHUNK, self.pages))
+        transfer: the lanes that send or place data need the GIL now and then).
+        ``populated``: the chunk's pages that may hold data, when the caller has
+        asked the kernel already (:meth:`populated_pages`); else asked now."""
+        if populated is None:
+            first = index * PAGES_PER_CHUNK
+            populated = self.populated_pages(first, min(first + PAGES_PER_CHUNK, self.pages))
         return _chunk_digest(self._chunk_view(index), populated, CHUNK_SIZE)
 
     def _chunk_view(self, index: int) -> memoryview:

@@ -322,11 +322,11 @@ class Source:
     def _send_dirty(self) -> None:
         for index, block in enumerate(self.blocks):
             dirty = block.take_dirty()
-            self._sent.forget(index, masks.any_per_chunk(dirty))
             self.meter.unsent_bytes += int(np.count_nonzero(dirty)) * PAGE_SIZE
             # Asked of the kernel once a pass: a page populated after this goes as
             # zero now and, dirty, again next pass – as a page written after it is read.
             populated = block.populated_pages(0, block.pages)
+            self._sent.new_pass(index, masks.any_per_chunk(dirty), populated)
             chunks = self._without_holes(index, block, dirty, populated)
             ordered = self._registrar.pinned_first(index, chunks.tolist())
             # Windows grow from one batch to the mode's window: the first writes

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import wire
 from ..errors import RemoteProtocolError
-from ..memory import BoolArray, RamBlock
+from ..memory import PAGES_PER_CHUNK, BoolArray, RamBlock
 from ..policy import ChunkId
 from ..wire import CHUNK_SIZE
 
@@ -42,20 +42,28 @@ class SentChunks:
         #: Per block: chunk index -> digest.
         self.known: list[dict[int, bytes]] = [{} for _ in blocks]
         self._unsent: list[wire.ChunkHash] = []
+        self._populated: list[BoolArray | None] = [None for _ in blocks]
         #: Chunk digests named so far.
         self.named = 0
 
-    def forget(self, block: int, dirty_chunks: BoolArray) -> None:
-        """Chunks of ``block`` dirtied again (``dirty_chunks``, one per chunk) are no
-        longer known: they are hashed again when they are written again."""
+    def new_pass(self, block: int, dirty_chunks: BoolArray, populated: BoolArray) -> None:
+        """A pass over ``block`` starts: chunks dirtied again (``dirty_chunks``, one
+        per chunk) are no longer known, and are hashed again when they are written
+        again, as the pass sends them: the pages ``populated`` (one per page, as the
+        kernel said at the pass's start) with their content, the others as zero."""
         known = self.known[block]
         for index in [index for index in known if dirty_chunks[index]]:
             del known[index]
+        self._populated[block] = populated
 
     def posted(self, chunks: Iterable[ChunkId]) -> None:
         """Hash ``chunks``, whose writes are posted and whose memory is final."""
         for cid in chunks:
-            digest = self.blocks[cid.block].chunk_digest(cid.index)
+            populated = self._populated[cid.block]
+            first = cid.index * PAGES_PER_CHUNK
+            digest = self.blocks[cid.block].chunk_digest(
+                cid.index, None if populated is None
+                else populated[first:first + PAGES_PER_CHUNK])
             self.known[cid.block][cid.index] = digest
             self._unsent.append(wire.ChunkHash(block_idx=cid.block, chunk=cid.index,
                                                digest=digest))
@@ -130,9 +138,14 @@ class ArrivedChunks:
             named.clear()
 
     def _hash(self, entries: list[wire.ChunkHash]) -> None:
-        # One thread, in order: a chunk's last hash is the one that stays.
+        # One thread, in order: a chunk's last hash is the one that stays. The
+        # kernel is asked once per block which pages are populated, not per chunk.
+        populated = {index: self.blocks[index].populated_pages(0, self.blocks[index].pages)
+                     for index in {entry.block_idx for entry in entries}}
         for entry in entries:
-            ours = self.blocks[entry.block_idx].chunk_digest(entry.chunk)
+            first = entry.chunk * PAGES_PER_CHUNK
+            ours = self.blocks[entry.block_idx].chunk_digest(
+                entry.chunk, populated[entry.block_idx][first:first + PAGES_PER_CHUNK])
             self.known[entry.block_idx][entry.chunk] = ours
             if ours == entry.digest:
                 self.mismatched.discard((entry.block_idx, entry.chunk))
