@@ -5,6 +5,8 @@ without a Python loop over pages or chunks."""
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import numpy as np
 import numpy.typing as npt
@@ -90,10 +92,21 @@ def _run_bounds(mask: BoolArray, period: int | None) -> tuple[IntArray, IntArray
     before = np.concatenate(([False], mask[:-1]))
     after = np.concatenate((mask[1:], [False]))
     if period is not None:
-        at = np.arange(len(mask))
-        before &= at % period != 0
-        after &= (at + 1) % period != 0
+        not_first, not_last = _inside_periods(len(mask), period)
+        before &= not_first
+        after &= not_last
     return np.flatnonzero(mask & ~before), np.flatnonzero(mask & ~after) + 1
+
+
+@functools.lru_cache(maxsize=32)
+def _inside_periods(size: int, period: int) -> tuple[BoolArray, BoolArray]:
+    """Per index of a mask of ``size``: whether it is not the first of its period,
+    and whether it is not the last. Windows come in a few sizes, so these are kept
+    (the modulo over a window's pages cost more than the rest of the run search)."""
+    at = np.arange(size)
+    not_first, not_last = at % period != 0, (at + 1) % period != 0
+    not_first.flags.writeable = not_last.flags.writeable = False
+    return not_first, not_last
 
 
 def short_runs(mask: BoolArray, *, shorter_than: int, period: int) -> BoolArray:
