@@ -7,7 +7,8 @@ loopback: ``rdmamig.send`` / ``rdmamig.receive_into`` (verified, committed) agai
 
 Each round is a process of its own (``--baseline DIR``: the library of that
 checkout's sources, as a third kind of round) whose receiver is a child process
-with its array pre-faulted; the sender's array holds random bytes. A round's time
+with its array pre-faulted; the sender's array holds random bytes (a first,
+untimed round of each kind fills the bytecode caches). A round's time
 runs on the sender from the call until the receiver has everything: for the
 library, until ``send`` returns (the destination verified and kept it); for the
 socket, until the receiver's one-byte answer after its last ``recv_into``. Rounds
@@ -94,6 +95,9 @@ def _in_a_process(kind: str, size: int, channels: int, tree: Path | None) -> flo
     """One round in a process of its own: the library of ``tree``'s sources when
     given, else of this checkout."""
     env = dict(os.environ)
+    # As an installed package would, modules load from their bytecode caches: a
+    # machine that sets this would compile the plugins' sources in every round.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if tree is not None:
         env["PYTHONPATH"] = os.pathsep.join(str(tree / part) for part in (
             "core", "plugins/tcp_fallback", "plugins/policies", "plugins/verbs"))
@@ -120,6 +124,8 @@ def main() -> None:
     if args.baseline is not None:
         kinds["baseline"] = ("library", args.baseline)
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for what, tree in kinds.values():  # untimed: fills the bytecode caches
+        _in_a_process(what, 1 << 20, args.channels, tree)
     for round_ in range(args.repeat):
         for kind, (what, tree) in kinds.items():
             times[kind].append(_in_a_process(what, size, args.channels, tree))
