@@ -8,12 +8,13 @@ loopback: ``rdmamig.send`` / ``rdmamig.receive_into`` (verified, committed) agai
 Each round is a process of its own (``--baseline DIR``: the library of that
 checkout's sources, as a third kind of round) whose receiver is a child process
 with its array pre-faulted; the sender's array holds random bytes (a first,
-untimed round of each kind fills the bytecode caches). A round's time
-runs on the sender from the call until the receiver has everything: for the
-library, until ``send`` returns (the destination verified and kept it); for the
-socket, until the receiver's one-byte answer after its last ``recv_into``. Rounds
+untimed round of each kind fills the bytecode caches). A round makes two calls one
+after the other, each timed on the sender from the call until the receiver has
+everything: for the library, until ``send`` returns (the destination verified and
+kept it); for the socket, until the receiver's one-byte answer after its last
+``recv_into``. The first call of a process also loads the library's plugins. Rounds
 alternate; the figures are medians and the ratios are the socket's time over each
-library's (1.0: as fast as a socket).
+library's for the same call (1.0: as fast as a socket).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import numpy as np
 import rdmamig
 
 GiB = 1 << 30
+#: Transfers per round, one after the other in the same processes: the first call
+#: of a process also loads the library's plugins (entry points).
+CALLS = 2
 
 
 def _buffer(size: int) -> np.ndarray:
@@ -44,29 +48,32 @@ def _buffer(size: int) -> np.ndarray:
 
 def _library_receiver(pipe: Connection, size: int, channels: int) -> None:
     array = _buffer(size)
-    rdmamig.receive_into("127.0.0.1:0", {"array": array}, announce=pipe.send,
-                         channels=channels)
-    pipe.send(int(array[-1]))
+    for _ in range(CALLS):
+        rdmamig.receive_into("127.0.0.1:0", {"array": array}, announce=pipe.send,
+                             channels=channels)
+        pipe.send(int(array[-1]))
 
 
 def _socket_receiver(pipe: Connection, size: int) -> None:
     array = _buffer(size)
     view = memoryview(array)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        pipe.send(server.getsockname()[1])
-        conn, _ = server.accept()
-    with conn:
-        got = 0
-        while got < size:
-            count = conn.recv_into(view[got:])
-            if not count:
-                raise ConnectionError(f"sender closed after {got} of {size} bytes")
-            got += count
-        conn.sendall(b"!")
-    pipe.send(int(array[-1]))
+    for _ in range(CALLS):
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            pipe.send(server.getsockname()[1])
+            conn, _ = server.accept()
+        with conn:
+            got = 0
+            while got < size:
+                count = conn.recv_into(view[got:])
+                if not count:
+                    raise ConnectionError(f"sender closed after {got} of {size} bytes")
+                got += count
+            conn.sendall(b"!")
+        pipe.send(int(array[-1]))
 
 
-def _round(kind: str, size: int, channels: int) -> float:
+def _round(kind: str, size: int, channels: int) -> list[float]:
+    """The times of the round's calls, in order."""
     data = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
     context = multiprocessing.get_context("spawn")
     mine, theirs = context.Pipe()
@@ -74,24 +81,26 @@ def _round(kind: str, size: int, channels: int) -> float:
     target = _library_receiver if kind == "library" else _socket_receiver
     child = context.Process(target=target, args=args)
     child.start()
-    port = mine.recv()
     send = rdmamig.send  # loaded before the clock starts (rdmamig loads names lazily)
-    started = time.perf_counter()
-    if kind == "library":
-        send(f"127.0.0.1:{port}", {"array": data}, channels=channels)
-    else:
-        with socket.create_connection(("127.0.0.1", port)) as conn:
-            conn.sendall(memoryview(data))
-            if conn.recv(1) != b"!":
-                raise ConnectionError("the receiver did not answer")
-    elapsed = time.perf_counter() - started
-    if mine.recv() != int(data[-1]):
-        raise AssertionError(f"{kind}: the receiver's last byte differs")
+    times = []
+    for _ in range(CALLS):
+        port = mine.recv()
+        started = time.perf_counter()
+        if kind == "library":
+            send(f"127.0.0.1:{port}", {"array": data}, channels=channels)
+        else:
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                conn.sendall(memoryview(data))
+                if conn.recv(1) != b"!":
+                    raise ConnectionError("the receiver did not answer")
+        times.append(time.perf_counter() - started)
+        if mine.recv() != int(data[-1]):
+            raise AssertionError(f"{kind}: the receiver's last byte differs")
     child.join(30)
-    return elapsed
+    return times
 
 
-def _in_a_process(kind: str, size: int, channels: int, tree: Path | None) -> float:
+def _in_a_process(kind: str, size: int, channels: int, tree: Path | None) -> list[float]:
     """One round in a process of its own: the library of ``tree``'s sources when
     given, else of this checkout."""
     env = dict(os.environ)
@@ -104,7 +113,7 @@ def _in_a_process(kind: str, size: int, channels: int, tree: Path | None) -> flo
     done = subprocess.run([sys.executable, __file__, "--one", kind, "--bytes", str(size),
                            "--channels", str(channels)], env=env, check=True,
                           capture_output=True, text=True)
-    return float(done.stdout.split()[-1])
+    return [float(word) for word in done.stdout.split()]
 
 
 def main() -> None:
@@ -117,26 +126,34 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(_round(args.one, args.bytes, args.channels))
+        print(*_round(args.one, args.bytes, args.channels))
         return
     size = int(args.gib * GiB) // 4096 * 4096
     kinds = {"socket": ("socket", None), "library": ("library", None)}
     if args.baseline is not None:
         kinds["baseline"] = ("library", args.baseline)
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    times: dict[str, list[list[float]]] = {kind: [] for kind in kinds}
     for what, tree in kinds.values():  # untimed: fills the bytecode caches
         _in_a_process(what, 1 << 20, args.channels, tree)
     for round_ in range(args.repeat):
         for kind, (what, tree) in kinds.items():
             times[kind].append(_in_a_process(what, size, args.channels, tree))
-            print(f"round {round_ + 1} {kind:8} {times[kind][-1]:.3f} s", flush=True)
-    medians = {kind: statistics.median(values) for kind, values in times.items()}
+            print(f"round {round_ + 1} {kind:8} " + ", ".join(
+                f"{seconds:.3f} s" for seconds in times[kind][-1]), flush=True)
+    medians = {kind: [statistics.median(call) for call in zip(*rounds, strict=True)]
+               for kind, rounds in times.items()}
     mib = size / (1 << 20)
     print(f"{date.today()}, {os.cpu_count()} CPUs, {mib:.0f} MiB, channels {args.channels}, "
-          f"medians of {args.repeat}:")
-    for kind, seconds in medians.items():
-        print(f"| {kind} | {seconds:.3f} s | {mib / seconds:.0f} MiB/s | "
-              f"{medians['socket'] / seconds:.2f}x |")
+          f"medians of {args.repeat}; each call's ratio is the socket's same call's time "
+          "over its time:")
+    print("| | first call in its process | of the socket's | the call after it "
+          "| of the socket's |")
+    print("|---|---|---|---|---|")
+    for kind, (first, later) in medians.items():
+        socket_first, socket_later = medians["socket"]
+        print(f"| {kind} | {first:.3f} s ({mib / first:.0f} MiB/s) | "
+              f"{socket_first / first:.2f}x | {later:.3f} s ({mib / later:.0f} MiB/s) | "
+              f"{socket_later / later:.2f}x |")
 
 
 if __name__ == "__main__":
