@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import Migration
+from kernelmem import PAGE, allocated, sparse_file
 from rdmamig import wire
 from rdmamig.engine import RamBlock
 from rdmamig.engine.verify import ArrivedChunks
 from rdmamig.errors import VerificationError
+from rdmamig.memory import content_digest
 from rdmamig.policy import PolicyOptions
 from rdmamig_policies.pin_until_done import PinUntilDone
 from test_destination import against_a_destination, refused
@@ -92,3 +97,29 @@ def test_chunk_hashes_naming_what_does_not_exist_or_twice_are_refused(
             wire.ChunkHash(block_idx=block, chunk=chunk, digest=bytes(16))
             for block, chunk in entries)))
         assert error in reason
+
+
+def test_chunks_named_on_arrival_are_hashed_without_reading_a_hole() -> None:
+    # A destination block in a tmpfs file, where reading a hole allocates it: chunk
+    # 2 holds data throughout, chunk 5 one page. Named together (chunk 2 first), the
+    # hashes read only those pages, and each agrees with the source's digest.
+    ram = Path("/dev/shm") / f"rdmamig-test-{os.getpid()}-arrived"
+    content = {2 * MiB: os.urandom(MiB), 5 * MiB + 7 * PAGE: os.urandom(PAGE)}
+    sparse_file(ram, 8 * MiB, content)
+    try:
+        before = allocated(ram)
+        block = RamBlock.from_file("ram0", ram)
+        named = [wire.ChunkHash(block_idx=0, chunk=chunk, digest=block.chunk_digest(chunk))
+                 for chunk in (2, 5)]
+        assert allocated(ram) == before == MiB + PAGE
+        arrived = ArrivedChunks([block])
+        try:
+            arrived.check(named)
+            digests = arrived.block_digests()
+        finally:
+            arrived.close()
+        assert allocated(ram) == before
+        assert arrived.mismatched == set() and sorted(arrived.known[0]) == [2, 5]
+        assert digests == [content_digest(ram.read_bytes())]
+    finally:
+        ram.unlink()

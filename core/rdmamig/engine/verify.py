@@ -139,13 +139,20 @@ class ArrivedChunks:
 
     def _hash(self, entries: list[wire.ChunkHash]) -> None:
         # One thread, in order: a chunk's last hash is the one that stays. The
-        # kernel is asked once per block which pages are populated, not per chunk.
-        populated = {index: self.blocks[index].populated_pages(0, self.blocks[index].pages)
-                     for index in {entry.block_idx for entry in entries}}
+        # kernel is asked which pages are populated once per block, over the
+        # chunks named, not per chunk.
+        spans: dict[int, tuple[int, int]] = {}
         for entry in entries:
-            first = entry.chunk * PAGES_PER_CHUNK
+            low, high = spans.get(entry.block_idx, (entry.chunk, entry.chunk))
+            spans[entry.block_idx] = (min(low, entry.chunk), max(high, entry.chunk))
+        populated = {index: (low, self.blocks[index].populated_pages(
+            low * PAGES_PER_CHUNK, min((high + 1) * PAGES_PER_CHUNK, self.blocks[index].pages)))
+            for index, (low, high) in spans.items()}
+        for entry in entries:
+            low, pages = populated[entry.block_idx]
+            first = (entry.chunk - low) * PAGES_PER_CHUNK
             ours = self.blocks[entry.block_idx].chunk_digest(
-                entry.chunk, populated[entry.block_idx][first:first + PAGES_PER_CHUNK])
+                entry.chunk, pages[first:first + PAGES_PER_CHUNK])
             self.known[entry.block_idx][entry.chunk] = ours
             if ours == entry.digest:
                 self.mismatched.discard((entry.block_idx, entry.chunk))
