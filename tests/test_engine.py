@@ -142,7 +142,7 @@ def test_a_policy_that_keeps_everything_pins_a_windows_run_at_once(
     migration.run(blocks, requested=requested & ~Capability.INLINE, wrap_source=spy)
     assert_succeeded(migration, blocks)
     assert migration.source.result.registrations == 94  # type: ignore[union-attr]
-    if batch:  # one pin per run of each window, on both sides
+    if batch:  # one pin per run of each window (one REGISTER entry: one pin there too)
         assert spies[0].lengths == [10 * MiB, 52 * MiB, 32 * MiB]
         assert migration.destination.result.registrations == 94  # type: ignore[union-attr]
     else:  # QEMU asks for one chunk at a time: so does a source for it
