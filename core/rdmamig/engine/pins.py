@@ -18,6 +18,7 @@ import attrs
 
 from ..policy import ChunkId
 from ..transport import MemoryRegion
+from .pages import runs_of_consecutive
 
 
 @attrs.frozen
@@ -179,7 +180,11 @@ def registration_units(chunks: Iterable[ChunkId], *, pairs: bool,
     before the end, so no registration need be small), each run of consecutive
     chunks is one registration: one pin on each side instead of one per pair."""
     if pairs and runs:
-        return [(block, first, end - first) for block, first, end in _runs(chunks)]
+        by_block: dict[int, list[int]] = {}
+        for cid in sorted(set(chunks)):
+            by_block.setdefault(cid.block, []).append(cid.index)
+        return [(block, first, end - first) for block, indices in by_block.items()
+                for first, end in runs_of_consecutive(indices)]
     wanted = set(chunks)
     units = []
     for cid in sorted(wanted):
@@ -190,14 +195,3 @@ def registration_units(chunks: Iterable[ChunkId], *, pairs: bool,
         elif cid in wanted:
             units.append((cid.block, cid.index, 1))
     return units
-
-
-def _runs(chunks: Iterable[ChunkId]) -> list[tuple[int, int, int]]:
-    """(block, first, end) of each run of consecutive ``chunks``, in order."""
-    runs: list[tuple[int, int, int]] = []
-    for cid in sorted(set(chunks)):
-        if runs and runs[-1][0] == cid.block and runs[-1][2] == cid.index:
-            runs[-1] = (cid.block, runs[-1][1], cid.index + 1)
-        else:
-            runs.append((cid.block, cid.index, cid.index + 1))
-    return runs
