@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from rdmamig.populated import pagemap_entries
 
 PAGE = 4096
 _FRAME_BITS = np.uint64((1 << 55) - 1)  # a pagemap entry's bits 0-54: the page frame
@@ -17,10 +18,11 @@ _FRAME_BITS = np.uint64((1 << 55) - 1)  # a pagemap entry's bits 0-54: the page 
 def page_frames(pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     """The page frame of each page (a row of ``pages``) of this process, from its
     pagemap (root reads real frame numbers)."""
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(pages.ctypes.data // PAGE * 8)
-        entries = np.frombuffer(f.read(8 * len(pages)), dtype=np.uint64)
-    return entries & _FRAME_BITS
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        return pagemap_entries(fd, pages.ctypes.data // PAGE, len(pages)) & _FRAME_BITS
+    finally:
+        os.close(fd)
 
 
 def sparse_file(path: Path, length: int, data: Mapping[int, bytes]) -> None:
