@@ -1,7 +1,9 @@
-"""Shared fixtures: a migration between two threads of this process, over TCP."""
+"""Shared fixtures: a migration between two threads of this process, over TCP, and
+a file on tmpfs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -81,3 +83,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+@pytest.fixture
+def shm_file() -> Iterator[Path]:
+    """A fresh file on tmpfs, where reading a hole through a mapping allocates it."""
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        if not any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts):
+            pytest.skip("/dev/shm is not a tmpfs here")
+    path = Path("/dev/shm") / f"rdmamig-test-{os.getpid()}-{id(object())}"
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

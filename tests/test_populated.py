@@ -4,8 +4,6 @@ the checksum tracker and the digest never read (so never allocate) the rest."""
 from __future__ import annotations
 
 import mmap
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +17,6 @@ from rdmamig.memory import content_digest
 from rdmamig.populated import Everything, FileExtents, PrivateAnonymous, is_private_anonymous
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def shm_file() -> Iterator[Path]:
-    """A fresh file on tmpfs, where reading a hole through a mapping allocates it."""
-    with open("/proc/mounts", encoding="utf-8") as mounts:
-        if not any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts):
-            pytest.skip("/dev/shm is not a tmpfs here")
-    path = Path("/dev/shm") / f"rdmamig-test-{os.getpid()}-{id(object())}"
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def test_block_digest_is_xxh3_128_over_its_chunk_digests() -> None:

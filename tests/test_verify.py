@@ -99,27 +99,23 @@ def test_chunk_hashes_naming_what_does_not_exist_or_twice_are_refused(
         assert error in reason
 
 
-def test_chunks_named_on_arrival_are_hashed_without_reading_a_hole() -> None:
+def test_chunks_named_on_arrival_are_hashed_without_reading_a_hole(shm_file: Path) -> None:
     # A destination block in a tmpfs file, where reading a hole allocates it: chunk
     # 2 holds data throughout, chunk 5 one page. Named together (chunk 2 first), the
     # hashes read only those pages, and each agrees with the source's digest.
-    ram = Path("/dev/shm") / f"rdmamig-test-{os.getpid()}-arrived"
     content = {2 * MiB: os.urandom(MiB), 5 * MiB + 7 * PAGE: os.urandom(PAGE)}
-    sparse_file(ram, 8 * MiB, content)
+    sparse_file(shm_file, 8 * MiB, content)
+    before = allocated(shm_file)
+    block = RamBlock.from_file("ram0", shm_file)
+    named = [wire.ChunkHash(block_idx=0, chunk=chunk, digest=block.chunk_digest(chunk))
+             for chunk in (2, 5)]
+    assert allocated(shm_file) == before == MiB + PAGE
+    arrived = ArrivedChunks([block])
     try:
-        before = allocated(ram)
-        block = RamBlock.from_file("ram0", ram)
-        named = [wire.ChunkHash(block_idx=0, chunk=chunk, digest=block.chunk_digest(chunk))
-                 for chunk in (2, 5)]
-        assert allocated(ram) == before == MiB + PAGE
-        arrived = ArrivedChunks([block])
-        try:
-            arrived.check(named)
-            digests = arrived.block_digests()
-        finally:
-            arrived.close()
-        assert allocated(ram) == before
-        assert arrived.mismatched == set() and sorted(arrived.known[0]) == [2, 5]
-        assert digests == [content_digest(ram.read_bytes())]
+        arrived.check(named)
+        digests = arrived.block_digests()
     finally:
-        ram.unlink()
+        arrived.close()
+    assert allocated(shm_file) == before
+    assert arrived.mismatched == set() and sorted(arrived.known[0]) == [2, 5]
+    assert digests == [content_digest(shm_file.read_bytes())]
