@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import termios
 import textwrap
 import threading
 import time
@@ -24,7 +26,7 @@ from rdmamig.populated import pagemap_entries
 from rdmamig.testing import connected_pair
 from rdmamig.testing.conformance import BackendConformance
 from rdmamig.transport import Backend, Endpoint, RemoteWrite
-from rdmamig_tcp import TcpBackend, TcpEndpoint, TcpListener
+from rdmamig_tcp import TcpBackend, TcpEndpoint, TcpListener, zerocopy
 from rdmamig_tcp.frames import EXTENT, LANE_UNIT, MAGIC, PART, Kind, header
 
 MiB = 1 << 20
@@ -365,3 +367,37 @@ def test_a_write_source_is_locked_without_copying_its_pages() -> None:
         region = src.register(buffer=memoryview(local), remote_write=False)
         assert _file_pages(local) == 512
         src.deregister(region=region)
+
+
+def _wait_until_queued(sock: socket.socket, count: int) -> None:
+    """Wait until at least ``count`` bytes wait unread in ``sock``'s receive queue."""
+    queued = bytearray(4)
+    deadline = time.monotonic() + 30
+    while fcntl.ioctl(sock, termios.FIONREAD, queued, True) == 0 and (
+            int.from_bytes(queued, sys.byteorder) < count):
+        assert time.monotonic() < deadline, "the write never reached the peer's socket"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("by_reference", [True, False], ids=["vmsplice", "copied"])
+def test_a_write_payload_is_read_from_its_memory_when_the_peer_takes_it(
+        by_reference: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a NIC reads a WRITE's source itself, the lane hands the kernel the pages of
+    # a payload, not a copy: bytes changed after posting, before the peer took
+    # them, arrive changed (which RDMA allows until the completion). Where the
+    # kernel cannot lend pages, the bytes are copied as they are sent.
+    if not by_reference:
+        monkeypatch.setattr(zerocopy, "_vmsplice", None)
+    with connected_pair(TcpBackend(), requested=Capability(0)) as (src, dst):
+        assert isinstance(dst, TcpEndpoint)
+        local, remote, writes = _registered_pair(src, dst, LANE_UNIT)
+        local[:] = b"\x01" * len(local)
+        with dst.stalled(0):  # the peer takes nothing of the write yet
+            ticket = src.post_writes(writes=writes)
+            _wait_until_queued(dst.lane_socket(0), 64 << 10)
+            local[:] = b"\x02" * len(local)
+        src.wait_writes(ticket=ticket, timeout=30)
+        if by_reference:
+            assert remote[:] == local[:]
+        else:  # at least its first bytes were copied before the change
+            assert remote[:4096] == b"\x01" * 4096

@@ -41,6 +41,7 @@ from .frames import (
     PART,
     SIGNALED,
     Kind,
+    Registered,
     header,
     recv_exact,
 )
@@ -419,12 +420,12 @@ class _Piece(NamedTuple):
     whole: tuple[int, int] | None
 
 
-def _write_frames(pieces: Sequence[_Piece], ticket: int) -> list[bytes | memoryview]:
+def _write_frames(pieces: Sequence[_Piece], ticket: int) -> list[bytes | Registered]:
     """A lane's part of batch ``ticket``: its writes, the last one signaled, or a
     MARK when the batch has none for it (every lane completes every batch)."""
     if not pieces:
         return [header(Kind.MARK, wr_id=ticket, flags=SIGNALED)]
-    frames: list[bytes | memoryview] = []
+    frames: list[bytes | Registered] = []
     for position, piece in enumerate(pieces):
         last = position == len(pieces) - 1
         flags = SIGNALED if last else 0
@@ -436,5 +437,5 @@ def _write_frames(pieces: Sequence[_Piece], ticket: int) -> list[bytes | memoryv
                              wr_id=ticket if last else 0, flags=flags))
         if extent:
             frames.append(extent)
-        frames.append(piece.data)
+        frames.append(Registered(piece.data))
     return frames

@@ -29,6 +29,8 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from .zerocopy import MIN_SPLICE_BYTES, PageSender
+
 FRAME: Final = struct.Struct("!BBxxIQQI")
 #: Identifies an rdmamig TCP connect request (then 8 bytes of private data).
 MAGIC: Final = b"RDMAMIG\x03"
@@ -74,16 +76,52 @@ def header(
     return FRAME.pack(kind, flags, rkey, remote_addr, wr_id, length)
 
 
-def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], *,
-             timeout: float | None = None) -> None:
-    """sendmsg every buffer, gathering them without copying; resumes partial sends.
-    With ``timeout`` (and :func:`set_wakeups`), a peer that stops reading for that
-    long makes it raise TimeoutError instead of blocking for ever."""
-    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+class Registered:
+    """A WRITE's payload: bytes of registered memory, which stay alive until the
+    write completes, so :func:`send_all` may send them without copying. Its
+    length is its bytes', as a buffer's."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view.cast("B")
+
+    def __len__(self) -> int:
+        return self.view.nbytes
+
+
+def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview | Registered], *,
+             timeout: float | None = None, pages: PageSender | None = None) -> None:
+    """Send every buffer in order: sendmsg gathers them without copying them in
+    Python and resumes partial sends; with ``pages``, a :class:`Registered`
+    payload goes by reference (:mod:`rdmamig_tcp.zerocopy`). With ``timeout`` (and
+    :func:`set_wakeups`), a peer that stops reading for that long makes it raise
+    TimeoutError instead of blocking for ever."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    copied: list[memoryview] = []
+    for position, item in enumerate(buffers):
+        if isinstance(item, Registered):
+            view = item.view
+            if pages is not None and view.nbytes >= MIN_SPLICE_BYTES:
+                _sendmsg_all(sock, copied, deadline, timeout, more=True)
+                copied = []
+                view = view[pages.send(sock, view, more=position < len(buffers) - 1,
+                                       deadline=deadline, timeout=timeout):]
+        else:
+            view = memoryview(item).cast("B")
+        if view.nbytes:
+            copied.append(view)
+    _sendmsg_all(sock, copied, deadline, timeout, more=False)
+
+
+def _sendmsg_all(sock: socket.socket, pending: list[memoryview], deadline: float | None,
+                 timeout: float | None, *, more: bool) -> None:
+    """sendmsg ``pending`` (consumed) until all of it is sent; ``more``: bytes
+    follow at once (MSG_MORE: they may share segments)."""
+    flags = socket.MSG_MORE if more else 0
     while pending:
         try:
-            sent = sock.sendmsg(pending[:MAX_IOV])
+            sent = sock.sendmsg(pending[:MAX_IOV], [], flags)
         except BlockingIOError:  # a wake-up: no room in the peer's window meanwhile
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"the peer read nothing for {timeout} s") from None

@@ -2,8 +2,10 @@
 the counters that order its writes against control messages.
 
 Sending happens on the lane's own thread, as a NIC works through its send queue:
-posting returns at once, several lanes copy into the kernel at the same time (the
-GIL is released in ``sendmsg``), and the caller prepares its next batch meanwhile.
+posting returns at once, several lanes send at the same time (the GIL is released
+in ``sendmsg`` and ``splice``), and the caller prepares its next batch meanwhile.
+A WRITE's payload goes by reference where the kernel can (:mod:`.zerocopy`), as a
+NIC reads it from memory itself.
 A small push to an idle lane is sent by the caller itself: handing it to the thread
 would cost more than sending it.
 """
@@ -18,12 +20,13 @@ from collections.abc import Callable, Sequence
 
 from rdmamig.transport import MemoryRegion
 
-from .frames import FRAME_TIMEOUT, send_all, set_wakeups
+from .frames import FRAME_TIMEOUT, Registered, send_all, set_wakeups
+from .zerocopy import PageSender
 
 #: A queue item: half-close the socket once everything before it is sent.
 _SHUT_WR = object()
 
-Frames = Sequence[bytes | memoryview]
+Frames = Sequence[bytes | memoryview | Registered]
 
 #: A push of at most this many bytes to an idle lane is sent by the caller.
 DIRECT_SEND_BYTES = 1 << 20
@@ -64,6 +67,8 @@ class Lane:
         self._state = threading.Lock()
         self._sending = threading.Lock()
         self._on_send_error = on_send_error
+        # TLS encrypts every byte: only a plain socket can send pages by reference.
+        self._pages = PageSender() if isinstance(sock, socket.socket) else None
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"rdmamig-tcp-tx{index}")
         self._sender.start()
@@ -84,7 +89,7 @@ class Lane:
             self._queue.put(frames)
             return
         try:
-            send_all(self.sock, frames, timeout=FRAME_TIMEOUT)
+            send_all(self.sock, frames, timeout=FRAME_TIMEOUT, pages=self._pages)
         except OSError as exc:
             self._on_send_error(exc)
         finally:
@@ -106,7 +111,7 @@ class Lane:
                         self.sock.shutdown(socket.SHUT_WR)
                     else:
                         send_all(self.sock, item,  # type: ignore[arg-type]
-                                 timeout=FRAME_TIMEOUT)
+                                 timeout=FRAME_TIMEOUT, pages=self._pages)
             except OSError as exc:
                 self._on_send_error(exc)
                 return
@@ -129,3 +134,5 @@ class Lane:
         """Close the socket once the sender thread is gone (after :meth:`shutdown`)."""
         self._sender.join(timeout=10)
         self.sock.close()
+        if self._pages is not None:
+            self._pages.close()

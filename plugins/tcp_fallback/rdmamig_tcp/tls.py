@@ -101,8 +101,10 @@ class TlsSocket:
 
     # ------------------------------------------------------------ what lanes call
 
-    def sendmsg(self, buffers: Sequence[bytes | memoryview]) -> int:
-        """Encrypt and send every buffer (all of them: the count is their total)."""
+    def sendmsg(self, buffers: Sequence[bytes | memoryview], ancdata: Sequence[Any] = (),
+                flags: int = 0) -> int:
+        """Encrypt and send every buffer (all of them: the count is their total);
+        ``ancdata`` and ``flags`` (MSG_MORE) are a socket's, and not needed here."""
         total = 0
         with self._sending:
             for buffer in buffers:
