@@ -27,8 +27,9 @@ from rdmamig import pinning
 
 #: Pipe capacity asked for: the bytes one vmsplice / splice pair moves.
 PIPE_BYTES = 1 << 20
-#: Payloads smaller than this are copied: two system calls cost more than the copy.
-MIN_SPLICE_BYTES = 64 << 10
+#: Payloads smaller than a chunk are copied: for them the system calls and page
+#: references of each payload cost more than the copy (benchmarks/README.md).
+MIN_SPLICE_BYTES = 1 << 20
 
 
 class _IoVec(ctypes.Structure):
