@@ -309,34 +309,62 @@ def test_more_lanes_than_allowed_is_refused() -> None:
     assert reply[0] == Kind.REJECT and b"more than 16 lanes" in reply
 
 
-def test_a_peer_that_stops_reading_fails_a_send_instead_of_blocking_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("rdmamig_tcp.lanes.FRAME_TIMEOUT", 2.0)
+def _peer_that_never_reads(server: socket.socket, accepted: list[socket.socket]) -> None:
+    """Accept one rdmamig source at ``server`` and read nothing more from it."""
+    conn, _ = server.accept()
+    conn.recv(4096)  # the CONNECT frame
+    granted = PrivateData().encode()
+    conn.sendall(header(Kind.ACCEPT, length=len(granted), rkey=1) + granted)
+    accepted.append(conn)
+
+
+def _connect_to_a_peer_that_never_reads() -> tuple[TcpEndpoint, socket.socket, socket.socket]:
+    """A source endpoint, the listening socket and the peer's end of its lane."""
     server = socket.create_server(("127.0.0.1", 0))
     accepted: list[socket.socket] = []
-
-    def destination_that_never_reads() -> None:
-        conn, _ = server.accept()
-        conn.recv(4096)  # the CONNECT frame
-        granted = PrivateData().encode()
-        conn.sendall(header(Kind.ACCEPT, length=len(granted), rkey=1) + granted)
-        accepted.append(conn)  # and never reads again
-
-    thread = threading.Thread(target=destination_that_never_reads)
+    thread = threading.Thread(target=_peer_that_never_reads, args=(server, accepted))
     thread.start()
     endpoint = TcpBackend().connect(host="127.0.0.1", port=server.getsockname()[1],
                                     requested=Capability(0), timeout=5)
     thread.join(5)
+    assert isinstance(endpoint, TcpEndpoint)
+    return endpoint, server, accepted[0]
+
+
+def _post_one_write(endpoint: Endpoint, buffer: mmap.mmap) -> int:
+    region = endpoint.register(buffer=memoryview(buffer), remote_write=False)
+    return endpoint.post_writes(writes=[RemoteWrite(region=region, offset=0,
+                                                    length=len(buffer), remote_addr=0,
+                                                    rkey=1)])
+
+
+def test_a_peer_that_stops_reading_fails_a_send_instead_of_blocking_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rdmamig_tcp.lanes.FRAME_TIMEOUT", 2.0)
+    endpoint, server, peer = _connect_to_a_peer_that_never_reads()
     with endpoint:
-        buffer = mmap.mmap(-1, 64 << 20)
-        region = endpoint.register(buffer=memoryview(buffer), remote_write=False)
-        ticket = endpoint.post_writes(writes=[RemoteWrite(region=region, offset=0,
-                                                          length=64 << 20, remote_addr=0,
-                                                          rkey=1)])
+        ticket = _post_one_write(endpoint, mmap.mmap(-1, 64 << 20))
         with pytest.raises(TransportError, match="send failed: the peer read nothing"):
             endpoint.wait_writes(ticket=ticket, timeout=60)
-        endpoint.deregister(region=region)
-    accepted[0].close()
+    peer.close()
+    server.close()
+
+
+def test_closing_with_writes_not_completed_resets_the_connection() -> None:
+    # A write's payload is sent by reference to its memory: once the endpoint is
+    # closed none of it may leave (the memory is the caller's again), as a queue
+    # pair destroyed with work requests outstanding flushes them.
+    endpoint, server, peer = _connect_to_a_peer_that_never_reads()
+    with endpoint:
+        _post_one_write(endpoint, mmap.mmap(-1, 64 << 20))
+    received = 0
+    scratch = bytearray(1 << 20)
+    peer.settimeout(30)
+    with pytest.raises(ConnectionResetError):  # not an orderly end behind the queue
+        while count := peer.recv_into(scratch):
+            received += count
+    assert received < 64 << 20
+    peer.close()
     server.close()
 
 

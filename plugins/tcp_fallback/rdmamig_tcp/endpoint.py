@@ -86,6 +86,7 @@ class TcpEndpoint(EndpointBase[memoryview]):
         # Control messages with their fences (the writes to place before each).
         self._inbox: deque[tuple[tuple[int, ...], bytes]] = deque()
         self._tickets = itertools.count(1)
+        self._last_ticket = 0  # the batch posted last
         self._error: TransportError | None = None
         self._closed = False
         self._lanes = [Lane(sock, index, on_send_error=self._send_failed)
@@ -180,7 +181,7 @@ class TcpEndpoint(EndpointBase[memoryview]):
                     pieces[index].append(_Piece(write.remote_addr + at, write.rkey,
                                                 local[at:at + length], whole))
         with self._posting:
-            ticket = next(self._tickets)
+            ticket = self._last_ticket = next(self._tickets)
             for lane, mine in zip(self._lanes, pieces, strict=True):
                 lane.posted_writes += len(mine)
                 lane.push(_write_frames(mine, ticket))
@@ -397,13 +398,19 @@ class TcpEndpoint(EndpointBase[memoryview]):
         # queue drains before the QP is destroyed; then the connections go.
         for lane in self._lanes:
             lane.finish_sending(timeout=CLOSE_TIMEOUT)
+        with self._cond:
+            # Writes the peer has not completed may still be in the kernel's queues,
+            # by reference to memory we hand back: as destroying a queue pair
+            # flushes its work requests, the connections are reset (none of it
+            # leaves after this) instead of closed behind their queues.
+            unfinished = any(lane.acked < self._last_ticket for lane in self._lanes)
         self._fail(TransportError("connection closed", errno=errno.ESHUTDOWN))
         for lane in self._lanes:
             lane.shutdown()
         for thread in self._receivers:
             thread.join(timeout=10)
         for lane in self._lanes:
-            lane.close()
+            lane.close(reset=unfinished)
         with self._keys:
             self._by_rkey.clear()
             for region, _view in self._regions.drain():

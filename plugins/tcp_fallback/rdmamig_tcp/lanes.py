@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
+import struct
 import threading
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,8 @@ from rdmamig.transport import MemoryRegion
 from .frames import FRAME_TIMEOUT, Registered, send_all, set_wakeups
 from .zerocopy import PageSender
 
+#: SO_LINGER on, 0 seconds: close() resets the connection and drops its queues.
+_ABORT = struct.pack("ii", 1, 0)
 #: A queue item: half-close the socket once everything before it is sent.
 _SHUT_WR = object()
 
@@ -130,9 +133,13 @@ class Lane:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
-    def close(self) -> None:
-        """Close the socket once the sender thread is gone (after :meth:`shutdown`)."""
+    def close(self, *, reset: bool = False) -> None:
+        """Close the socket once the sender thread is gone (after :meth:`shutdown`);
+        with ``reset``, abort the connection: what its queues still hold is dropped."""
         self._sender.join(timeout=10)
+        if reset:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
         self.sock.close()
         if self._pages is not None:
             self._pages.close()

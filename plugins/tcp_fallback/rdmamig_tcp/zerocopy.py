@@ -7,7 +7,11 @@ kernel sends them, until the peer has them, so only memory that stays alive and
 registered until its write completes may go this way: a WRITE's source, which the
 engine holds pinned until then and treats as RDMA does (changed before the
 completion, a page may go old or new; the source's dirty tracking sends it again).
-Headers and control messages are copied, as before.
+Headers and control messages are copied, as before. An endpoint closed with writes
+not completed resets its connections, so nothing of them leaves after that (as a
+queue pair destroyed with work outstanding flushes it). On one host (loopback, a
+veth pair) what the peer's socket has received and not read yet still refers to
+the pages until the peer reads it or closes.
 
 Where the kernel refuses (no ``vmsplice``, a mapping it cannot take pages of), the
 bytes go by ``sendmsg`` instead.
