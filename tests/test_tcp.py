@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -429,3 +430,28 @@ def test_a_write_payload_is_read_from_its_memory_when_the_peer_takes_it(
             assert remote[:] == local[:]
         else:  # at least its first bytes were copied before the change
             assert remote[:4096] == b"\x01" * 4096
+
+
+def test_a_payload_the_kernel_stops_lending_goes_on_copied(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # vmsplice lends the first 256 KiB of a payload, then refuses (EFAULT: a
+    # mapping whose pages it cannot take): the rest is copied behind them.
+    real = zerocopy._vmsplice
+    assert real is not None
+    calls = []
+
+    def lend_once(fd: int, vector: ctypes._Pointer, count: int, flags: int) -> int:
+        calls.append(fd)
+        if len(calls) > 1:
+            ctypes.set_errno(errno.EFAULT)
+            return -1
+        vector._obj.length = 256 << 10
+        return int(real(fd, vector, count, flags))
+
+    monkeypatch.setattr(zerocopy, "_vmsplice", lend_once)
+    with connected_pair(TcpBackend(), requested=Capability(0)) as (src, dst):
+        local, remote, writes = _registered_pair(src, dst, LANE_UNIT)
+        local[:] = np.random.default_rng(3).integers(0, 256, len(local), np.uint8).tobytes()
+        src.wait_writes(ticket=src.post_writes(writes=writes), timeout=30)
+        assert remote[:] == local[:]
+    assert len(calls) == 2

@@ -82,6 +82,8 @@ class PageSender:
                 return sent
             if lent < 0:
                 code = ctypes.get_errno()
+                if code == errno.EINTR:
+                    continue
                 if code in (errno.ENOSYS, errno.EPERM):
                     self.enabled = False
                 if code in _CANNOT:
