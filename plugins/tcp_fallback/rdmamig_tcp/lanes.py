@@ -141,5 +141,5 @@ class Lane:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
         self.sock.close()
-        if self._pages is not None:
+        if self._pages is not None and not self._sender.is_alive():  # else it may use it
             self._pages.close()
