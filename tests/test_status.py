@@ -63,3 +63,16 @@ def test_the_reports_total_time_is_query_migrates(migration: Migration) -> None:
     assert source_monitor.query()["total-time"] == round(source.result.total_time_s * 1000)
     assert destination.monitor.query()["total-time"] == round(
         destination.result.total_time_s * 1000)
+
+
+def test_a_migration_cancelled_before_its_setup_stays_cancelling_until_it_ends() -> None:
+    # A driver may cancel as soon as the control socket answers, before the
+    # source has entered setup: as QEMU's, a cancelling migration only ends.
+    monitor = Monitor(total_bytes=1 << 20, max_downtime=0.3, max_bandwidth=None)
+    monitor.cancel()
+    monitor.set_status(Status.SETUP)
+    monitor.set_status(Status.ACTIVE)
+    assert monitor.query()["status"] == "cancelling"
+    assert monitor.parameters.cancel_requested.is_set()
+    monitor.set_status(Status.CANCELLED)
+    assert monitor.query()["status"] == "cancelled"

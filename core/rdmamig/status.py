@@ -190,6 +190,8 @@ class Monitor:
         with self._lock:
             if self._status in FINAL or self._status == status:
                 return
+            if self._status == Status.CANCELLING and status not in FINAL:
+                return  # as QEMU's: a cancelled migration only ends (one cancelled in setup too)
             if self._status == Status.NONE:  # QEMU's clock starts with setup
                 self._started = time.monotonic()
             self._status = status
