@@ -27,9 +27,10 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from .zerocopy import MIN_SPLICE_BYTES, PageSender
+if TYPE_CHECKING:
+    from .zerocopy import PageSender
 
 FRAME: Final = struct.Struct("!BBxxIQQI")
 #: Identifies an rdmamig TCP connect request (then 8 bytes of private data).
@@ -102,7 +103,7 @@ def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview | Registe
     for position, item in enumerate(buffers):
         if isinstance(item, Registered):
             view = item.view
-            if pages is not None and view.nbytes >= MIN_SPLICE_BYTES:
+            if pages is not None and pages.takes(view):
                 _sendmsg_all(sock, copied, deadline, timeout, more=True)
                 copied = []
                 view = view[pages.send(sock, view, more=position < len(buffers) - 1,
@@ -123,8 +124,7 @@ def _sendmsg_all(sock: socket.socket, pending: list[memoryview], deadline: float
         try:
             sent = sock.sendmsg(pending[:MAX_IOV], [], flags)
         except BlockingIOError:  # a wake-up: no room in the peer's window meanwhile
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"the peer read nothing for {timeout} s") from None
+            check_deadline(deadline, timeout)
             continue
         while sent:
             if sent >= pending[0].nbytes:
@@ -141,6 +141,13 @@ WAKE_SECONDS: Final = 0.5
 #: room: a peer that stops halfway through a write breaks the connection instead of
 #: holding its region, and one that stops reading cannot block us for ever.
 FRAME_TIMEOUT: Final = 30.0
+
+
+def check_deadline(deadline: float | None, timeout: float | None) -> None:
+    """After a send's wake-up without progress: raise TimeoutError once ``deadline``
+    (``timeout`` seconds after the send started) has passed."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TimeoutError(f"the peer read nothing for {timeout} s") from None
 
 
 def set_wakeups(sock: socket.socket) -> None:

@@ -25,9 +25,10 @@ import errno
 import fcntl
 import os
 import socket
-import time
 
 from rdmamig import pinning
+
+from .frames import check_deadline
 
 #: Pipe capacity asked for: the bytes one vmsplice / splice pair moves.
 PIPE_BYTES = 1 << 20
@@ -59,6 +60,11 @@ class PageSender:
         #: Whether to try: False once the kernel refused for good.
         self.enabled = _vmsplice is not None and hasattr(os, "splice")
 
+    def takes(self, view: memoryview) -> bool:
+        """Whether :meth:`send` tries to send ``view`` by reference (else it is
+        for the caller to copy)."""
+        return self.enabled and view.nbytes >= MIN_SPLICE_BYTES
+
     def send(self, sock: socket.socket, view: memoryview, *, more: bool,
              deadline: float | None, timeout: float | None) -> int:
         """Send the bytes of ``view`` (registered memory) without copying them;
@@ -70,7 +76,7 @@ class PageSender:
             TimeoutError: the peer read nothing until ``deadline`` (``timeout``
                 seconds after the caller started).
         """
-        if not self.enabled or view.nbytes < MIN_SPLICE_BYTES:
+        if not self.takes(view):
             return 0
         address = pinning.buffer_address(view, writable=False)
         reading, writing = self._pipe or self._open()
@@ -114,8 +120,7 @@ class PageSender:
             try:
                 count -= os.splice(reading, sock.fileno(), count, flags=flags)
             except BlockingIOError:  # a wake-up (SO_SNDTIMEO): no room meanwhile
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"the peer read nothing for {timeout} s") from None
+                check_deadline(deadline, timeout)
 
     def close(self) -> None:
         """Close the pipe (a later send opens another)."""
