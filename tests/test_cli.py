@@ -414,6 +414,49 @@ def test_a_warning_prints_above_the_live_display_not_into_it() -> None:
     assert "filling" in text  # the set-up phase is named while the guest fills
 
 
+def _read_until(fd: int, wanted: bytes, *, seconds: float = 60) -> bytes:
+    """What ``fd`` gives until ``wanted`` appears (or EOF, or ``seconds`` pass)."""
+    import select
+    seen, deadline = b"", time.monotonic() + seconds
+    while wanted not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        try:
+            data = os.read(fd, 65536) if ready else b""
+        except OSError:  # a terminal whose other end is closed
+            data = b""
+        if not data:
+            break
+        seen += data
+    return seen
+
+
+def test_listen_once_shows_its_display_while_it_waits(tmp_path: Path) -> None:
+    # The display is made before the listener says it listens (nothing of it on the
+    # clock of a migration that starts then) and shown while it waits; the line
+    # still goes to standard output, not into the display on the terminal.
+    import pty
+    primary, secondary = pty.openpty()
+    child = subprocess.Popen([*RDMAMIG, "listen", "127.0.0.1:0", "--once", "--into",
+                              str(tmp_path / "into")], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=secondary,
+                             env={**os.environ, "COLUMNS": "120"})
+    os.close(secondary)
+    try:
+        assert child.stdout is not None
+        line = _read_until(child.stdout.fileno(), b"\n")
+        assert line.startswith(b"listening on "), line
+        assert b"waiting" in _read_until(primary, b"waiting")  # before any source came
+        port = int(line.split(b":")[-1])
+        (tmp_path / "ram").write_bytes(bytes(4 * MiB))
+        sent = run("send", f"127.0.0.1:{port}", "--quiet", "--block", f"ram={tmp_path / 'ram'}")
+        assert sent.returncode == 0, sent.stderr
+        assert child.wait(60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(primary)
+
+
 def test_a_host_that_is_not_this_machines_fails_with_its_reason() -> None:
     # The destination process cannot listen there: its reason, not an EOFError.
     result = run("migrate", "--ram", "4MiB", "--host", "192.0.2.1", "--quiet")

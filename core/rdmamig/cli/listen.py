@@ -132,11 +132,10 @@ class _Service:
                                                    total=args.max_bytes)
 
     def receive(self, endpoint: Endpoint, into: Path, number: int = 1, *,
-                display: bool = False, admit: Callable[[], None] | None = None,
+                admit: Callable[[], None] | None = None,
                 monitor: Monitor | None = None) -> dict[str, Any]:
-        """Receive migration ``number`` into a new image at ``into`` (with a live
-        display on a terminal, if ``display``; once ``admit`` lets the source in;
-        heard by ``monitor``): its report."""
+        """Receive migration ``number`` into a new image at ``into`` (once ``admit``
+        lets the source in; heard by ``monitor``): its report."""
         args = self.args
         monitor = monitor or Monitor(total_bytes=0, max_downtime=0.0)
         write = self.events
@@ -164,11 +163,10 @@ class _Service:
                 "not offered by the peer (QEMU)"})
 
         try:
-            with destination_display(display and not args.quiet, monitor):
-                destination = receive_on(endpoint, timeout=args.timeout,
-                                         make_block=make_block, limits=self.limits,
-                                         key=self.key, keep=keep, monitor=monitor,
-                                         auth_timeout=args.auth_timeout, admit=admit)
+            destination = receive_on(endpoint, timeout=args.timeout, make_block=make_block,
+                                     limits=self.limits, key=self.key, keep=keep,
+                                     monitor=monitor, auth_timeout=args.auth_timeout,
+                                     admit=admit)
         finally:
             if writer is not None:
                 writer.close()  # removes the staging files of what was not kept
@@ -227,19 +225,9 @@ def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
             raise ConfigurationError(str(exc)) from None
         bound.set()
         port = listener.address[1]
-        # On standard output, unless the events go there (a JSON line each).
-        print(f"listening on {address_text(host, port)}", flush=True,
-              file=sys.stderr if args.events == STDOUT else sys.stdout)
         if args.once:
-            monitor = Monitor(total_bytes=0, max_downtime=0.0)
-            with contextlib.ExitStack() as stack:
-                if args.control is not None:  # there before the source comes
-                    stack.enter_context(ControlServer(args.control, monitor,
-                                                      version=__version__, destination=True))
-                with listener:
-                    endpoint = listener.accept(timeout=args.timeout)
-                report = service.receive(endpoint, args.into, display=True, monitor=monitor)
-            return finish(args, report)
+            return _receive_once(service, listener, address_text(host, port))
+        _announce(args, address_text(host, port))
         if listener.concurrent:
             with listener:
                 _serve(service, listener, _Admission(
@@ -250,15 +238,44 @@ def _run_in(args: argparse.Namespace, backend: Backend, host: str, port: int,
     return 0
 
 
-@contextlib.contextmanager
-def destination_display(shown: bool, monitor: Monitor) -> Iterator[None]:
-    """On a terminal (standard error), the destination's own progress: its status,
-    the pass the source is in, what it has pinned."""
+def _announce(args: argparse.Namespace, address: str) -> None:
+    """Say where it listens: on standard output, unless the events go there (a
+    JSON line each)."""
+    print(f"listening on {address}", flush=True,
+          file=sys.stderr if args.events == STDOUT else sys.stdout)
+
+
+def _receive_once(service: _Service, listener: Listener, address: str) -> int:
+    """``listen --once``: accept one source and receive its migration."""
+    args = service.args
+    monitor = Monitor(total_bytes=0, max_downtime=0.0)
+    with contextlib.ExitStack() as stack:
+        # Made before it says it listens, so that none of it is on the clock of a
+        # migration that starts then (a QEMU source's): the control socket, and the
+        # display, which shows "waiting" until the source comes (started after the
+        # line on standard output: a live display takes over what is printed).
+        if args.control is not None:
+            stack.enter_context(ControlServer(args.control, monitor, version=__version__,
+                                              destination=True))
+        display = destination_display(not args.quiet, monitor)
+        _announce(args, address)
+        stack.enter_context(display)
+        with listener:
+            endpoint = listener.accept(timeout=args.timeout)
+        report = service.receive(endpoint, args.into, monitor=monitor)
+    return finish(args, report)
+
+
+def destination_display(shown: bool, monitor: Monitor) -> contextlib.AbstractContextManager[Any]:
+    """On a terminal (standard error), the destination's own progress while the
+    context is entered: its status, the pass the source is in, what it has
+    pinned. Made at the call (loading what draws it), shown on entering."""
+    if not shown:
+        return contextlib.nullcontext()
     from rich.console import Console
     console = Console(stderr=True)
-    if not shown or not console.is_terminal:
-        yield
-        return
+    if not console.is_terminal:
+        return contextlib.nullcontext()
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description:>10}"),
                         TextColumn("{task.fields[line]}"), TimeElapsedColumn(),
@@ -273,12 +290,16 @@ def destination_display(shown: bool, monitor: Monitor) -> Iterator[None]:
                         else str(data["status"]),
                         line=f"{size_text(monitor.total_bytes)}, pinned {size_text(pinned)}")
 
-    monitor.subscribe(on_event)
-    try:
-        with progress:
-            yield
-    finally:
-        monitor.unsubscribe(on_event)
+    @contextlib.contextmanager
+    def shown_while() -> Iterator[None]:
+        monitor.subscribe(on_event)
+        try:
+            with progress:
+                yield
+        finally:
+            monitor.unsubscribe(on_event)
+
+    return shown_while()
 
 
 def _allow_open_files(sessions: int, blocks: int) -> None:
