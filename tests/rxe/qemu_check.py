@@ -497,6 +497,7 @@ def main() -> None:
                                           "round-trip", "pins", "never-touched", "speed"))
     parser.add_argument("host")
     parser.add_argument("--pin-all", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="speed: rounds to run")
     parser.add_argument("--qemu-root", type=Path, metavar="DIR",
                         help="run the QEMU of this root file system, by chroot")
     args = parser.parse_args()
@@ -517,7 +518,7 @@ def main() -> None:
         elif args.check == "never-touched":
             never_touched(work, args.host)
         else:
-            speed(work, args.host)
+            speed(work, args.host, args.rounds)
 
 
 if __name__ == "__main__":
