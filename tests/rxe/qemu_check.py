@@ -7,7 +7,7 @@ into rdmamig and out of it, inside the soft-RoCE guest (run by harness.py).
     python tests/rxe/qemu_check.py round-trip HOST
     python tests/rxe/qemu_check.py pins HOST
     python tests/rxe/qemu_check.py never-touched HOST
-    python tests/rxe/qemu_check.py speed HOST
+    python tests/rxe/qemu_check.py speed [--rounds N] HOST
 
 ``--qemu-root DIR`` runs another QEMU release (Debian 13's, by chroot) instead of the
 system's.
