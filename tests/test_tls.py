@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,8 @@ def test_a_listener_from_another_ca_is_refused_by_the_source(
         pki: dict[str, dict[str, Path]]) -> None:
     theirs = TcpBackend(tls_cert=pki["theirs"]["cert"], tls_key=pki["theirs"]["key"])
     with (theirs.listen(host="127.0.0.1", port=0, supported=Capability(0)) as listener,
-          pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED")):
+          pytest.raises(TransportError,
+                        match=r"^TLS with 127\.0\.0\.1:\d+: CERTIFICATE_VERIFY_FAILED")):
         TcpBackend(tls_ca=pki["ours"]["ca"]).connect(
             host="127.0.0.1", port=listener.address[1], requested=Capability(0), timeout=5)
 
@@ -79,3 +82,18 @@ def test_with_a_ca_the_listener_requires_a_source_certificate(
             # its handshake: the alert ends the exchange of CONNECT and ACCEPT.
             with pytest.raises(TransportError, match=alert):
                 source.connect(host="127.0.0.1", port=port, requested=Capability(0), timeout=5)
+
+
+def test_ssl_is_loaded_only_by_a_migration_over_tls() -> None:
+    # Importing ssl costs a process 10-30 ms, a first library call's share of which
+    # benchmarks/README.md counts: plugins load it only when TLS is asked for.
+    code = ("import sys, numpy, rdmamig\n"
+            "from rdmamig.plugins import load_registry\n"
+            "backend = load_registry().backend('tcp')\n"
+            "plain = 'ssl' in sys.modules\n"
+            "backend(tls=True)\n"
+            "print(plain, 'ssl' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr
+

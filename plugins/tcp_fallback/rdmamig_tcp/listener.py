@@ -23,12 +23,12 @@ import logging
 import queue
 import secrets
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar, TypeGuard, cast
 
 import attrs
 from rdmamig import caps
@@ -48,7 +48,11 @@ from .frames import (
     send_all,
     set_wakeups,
 )
-from .tls import TlsOptions, wrap
+
+if TYPE_CHECKING:
+    import ssl
+
+    from .tls import TlsOptions
 
 log = logging.getLogger("rdmamig.tcp")
 
@@ -99,6 +103,13 @@ def _close_all(socks: Sequence[socket.socket | None]) -> None:
     for sock in socks:
         if sock is not None:
             sock.close()
+
+
+def _tls_error(exc: BaseException) -> TypeGuard[ssl.SSLError]:
+    """Whether ``exc`` is a TLS failure (``ssl`` is loaded only when TLS is used:
+    without it, nothing could have raised one)."""
+    loaded = sys.modules.get("ssl")
+    return loaded is not None and isinstance(exc, loaded.SSLError)
 
 
 def _oserror(what: str, exc: OSError) -> TransportError:
@@ -182,6 +193,7 @@ class TcpListener(Listener):
         keep = False
         try:
             if self._tls is not None:
+                from .tls import wrap
                 # A TLS socket stands in for the socket (tls.TlsSocket says how).
                 conn = cast(socket.socket, wrap(conn, self._tls, server_side=True,
                                                 timeout=self._handshake_timeout))
@@ -197,11 +209,12 @@ class TcpListener(Listener):
         except RemoteProtocolError as exc:
             log.warning("refused %s: %s", peer, exc)
             _reject(conn, f"connection refused: {exc}")
-        except ssl.SSLError as exc:
-            log.warning("refused %s: TLS: %s", peer, exc.reason or exc)
         except (OSError, ConnectionError) as exc:
-            log.warning("dropped %s during the handshake: %s", peer,
-                        "timed out" if isinstance(exc, TimeoutError) else exc)
+            if _tls_error(exc):
+                log.warning("refused %s: TLS: %s", peer, exc.reason or exc)
+            else:
+                log.warning("dropped %s during the handshake: %s", peer,
+                            "timed out" if isinstance(exc, TimeoutError) else exc)
         finally:
             if not keep:
                 conn.close()
@@ -310,8 +323,11 @@ class TcpBackend(Backend):
                              f"most 3600 s")
         self.channels = channels
         self.handshake_timeout = handshake_timeout
-        self.tls = (TlsOptions(certificate=tls_cert, key=tls_key, ca=tls_ca)
-                    if tls or tls_cert or tls_key or tls_ca else None)
+        self.tls: TlsOptions | None = None
+        if tls or tls_cert or tls_key or tls_ca:
+            # Loaded only here: ``ssl`` takes a while to import, and most runs go without.
+            from .tls import TlsOptions
+            self.tls = TlsOptions(certificate=tls_cert, key=tls_key, ca=tls_ca)
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -361,7 +377,7 @@ class TcpBackend(Backend):
                 self._answer(socks[lane], host, port)
         except BaseException as exc:
             _close_all(socks)
-            if isinstance(exc, ssl.SSLError):
+            if _tls_error(exc):
                 raise TransportError(f"TLS with {address_text(host, port)}: {exc.reason or exc}",
                                      errno=errno.EPROTO) from None
             if isinstance(exc, OSError):
@@ -379,6 +395,7 @@ class TcpBackend(Backend):
         sock.settimeout(timeout if timeout is not None else HANDSHAKE_TIMEOUT)
         if tls is None:
             return sock
+        from .tls import wrap
         try:
             # A TLS socket stands in for the socket (tls.TlsSocket says how).
             return cast(socket.socket, wrap(sock, tls, server_side=False, server_hostname=host,
