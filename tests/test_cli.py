@@ -441,11 +441,15 @@ def test_listen_once_shows_its_display_while_it_waits(tmp_path: Path) -> None:
                              stdout=subprocess.PIPE, stderr=secondary,
                              env={**os.environ, "COLUMNS": "120"})
     os.close(secondary)
+    # Reads the terminal on once "waiting" is seen, so that a full one never stalls
+    # the listener; it ends when the listener does (EOF).
+    drain = threading.Thread(target=_read_until, args=(primary, b"\0"), daemon=True)
     try:
         assert child.stdout is not None
         line = _read_until(child.stdout.fileno(), b"\n")
         assert line.startswith(b"listening on "), line
         assert b"waiting" in _read_until(primary, b"waiting")  # before any source came
+        drain.start()
         port = int(line.split(b":")[-1])
         (tmp_path / "ram").write_bytes(bytes(4 * MiB))
         sent = run("send", f"127.0.0.1:{port}", "--quiet", "--block", f"ram={tmp_path / 'ram'}")
@@ -454,6 +458,9 @@ def test_listen_once_shows_its_display_while_it_waits(tmp_path: Path) -> None:
     finally:
         if child.poll() is None:
             child.kill()
+        child.wait(30)
+        if drain.is_alive():
+            drain.join(30)
         os.close(primary)
 
 
