@@ -385,40 +385,12 @@ def test_image_export_never_replaces_a_file(tmp_path: Path) -> None:
     assert out.read_bytes() == b"keep me"
 
 
-def test_a_warning_prints_above_the_live_display_not_into_it() -> None:
-    import pty
-    import select
-    primary, secondary = pty.openpty()
-    # A downtime limit of 0 ms is always missed: the warning comes during the display.
-    child = subprocess.Popen([*RDMAMIG, "migrate", "--ram", "32MiB", "--max-downtime", "0",
-                              "--max-iterations", "1"],
-                             stdin=secondary, stdout=secondary, stderr=secondary,
-                             env={**os.environ, "COLUMNS": "120"})
-    os.close(secondary)
-    screen = b""
-    while True:
-        ready, _, _ = select.select([primary], [], [], 120)
-        try:
-            data = os.read(primary, 65536) if ready else b""
-        except OSError:  # the child closed the terminal
-            data = b""
-        if not data:
-            break
-        screen += data
-    os.close(primary)
-    assert child.wait(60) == 0
-    text = screen.decode(errors="replace")
-    at = text.index("rdmamig migrate: downtime")
-    # The display's line was cleared (erase line) right before it, not written on.
-    assert text[:at].endswith("\r\x1b[2K"), repr(text[max(0, at - 80):at + 40])
-    assert "filling" in text  # the set-up phase is named while the guest fills
-
-
-def _read_until(fd: int, wanted: bytes, *, seconds: float = 60) -> bytes:
-    """What ``fd`` gives until ``wanted`` appears (or EOF, or ``seconds`` pass)."""
+def _read_until(fd: int, wanted: bytes | None, *, seconds: float = 60) -> bytes:
+    """What ``fd`` gives until ``wanted`` appears (None: until EOF), or EOF, or
+    ``seconds`` pass."""
     import select
     seen, deadline = b"", time.monotonic() + seconds
-    while wanted not in seen and time.monotonic() < deadline:
+    while (wanted is None or wanted not in seen) and time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
         try:
             data = os.read(fd, 65536) if ready else b""
@@ -428,6 +400,25 @@ def _read_until(fd: int, wanted: bytes, *, seconds: float = 60) -> bytes:
             break
         seen += data
     return seen
+
+
+def test_a_warning_prints_above_the_live_display_not_into_it() -> None:
+    import pty
+    primary, secondary = pty.openpty()
+    # A downtime limit of 0 ms is always missed: the warning comes during the display.
+    child = subprocess.Popen([*RDMAMIG, "migrate", "--ram", "32MiB", "--max-downtime", "0",
+                              "--max-iterations", "1"],
+                             stdin=secondary, stdout=secondary, stderr=secondary,
+                             env={**os.environ, "COLUMNS": "120"})
+    os.close(secondary)
+    screen = _read_until(primary, None, seconds=300)
+    os.close(primary)
+    assert child.wait(60) == 0
+    text = screen.decode(errors="replace")
+    at = text.index("rdmamig migrate: downtime")
+    # The display's line was cleared (erase line) right before it, not written on.
+    assert text[:at].endswith("\r\x1b[2K"), repr(text[max(0, at - 80):at + 40])
+    assert "filling" in text  # the set-up phase is named while the guest fills
 
 
 def test_listen_once_shows_its_display_while_it_waits(tmp_path: Path) -> None:
@@ -443,7 +434,7 @@ def test_listen_once_shows_its_display_while_it_waits(tmp_path: Path) -> None:
     os.close(secondary)
     # Reads the terminal on once "waiting" is seen, so that a full one never stalls
     # the listener; it ends when the listener does (EOF).
-    drain = threading.Thread(target=_read_until, args=(primary, b"\0"), daemon=True)
+    drain = threading.Thread(target=_read_until, args=(primary, None), daemon=True)
     try:
         assert child.stdout is not None
         line = _read_until(child.stdout.fileno(), b"\n")

@@ -85,8 +85,8 @@ def test_with_a_ca_the_listener_requires_a_source_certificate(
 
 
 def test_ssl_is_loaded_only_by_a_migration_over_tls() -> None:
-    # Importing ssl costs a process 10-30 ms, a first library call's share of which
-    # benchmarks/README.md counts: plugins load it only when TLS is asked for.
+    # Importing ssl takes a process 14-31 ms by -X importtime (1-5 ms of loading
+    # the plugins, benchmarks/README.md): plugins load it only when TLS is asked for.
     code = ("import sys, numpy, rdmamig\n"
             "from rdmamig.plugins import load_registry\n"
             "backend = load_registry().backend('tcp')\n"
