@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -513,6 +514,28 @@ def test_ctrl_c_while_rdmamig_starts_is_an_interruption_not_a_traceback(
     assert child.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().endswith("interrupted")
+
+
+def test_ctrl_c_while_rdmamig_loads_waits_until_it_has_loaded() -> None:
+    # Raised inside an extension module's import (numpy's), the interruption came
+    # out as an ImportError with a traceback: it is held until the imports are
+    # done. The launcher interrupts itself as the CLI starts importing numpy.
+    launcher = textwrap.dedent("""
+        import builtins, os, signal, sys
+        from rdmamig.cli import main
+        plain = builtins.__import__
+        def importing(name, *args, **kwargs):
+            if name == "numpy" and "numpy" not in sys.modules:
+                os.kill(os.getpid(), signal.SIGINT)
+            return plain(name, *args, **kwargs)
+        builtins.__import__ = importing
+        code = main(["migrate", "--ram", "64MiB"])
+        print("rdmamig.cli.app" in sys.modules, code)
+        """)
+    done = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.split() == ["True", "130"], done.stderr
+    assert done.stderr.strip() == "rdmamig: interrupted"
 
 
 def test_an_interrupted_local_migration_takes_its_destination_process_along(

@@ -10,8 +10,12 @@ before any work and exit status 2; a peer that cannot be reached or refuses exit
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,8 +23,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     before this runs, so that a Ctrl-C while the rest loads is an interruption
     like any other, not a traceback."""
     try:
-        from .app import run
+        with _interrupt_after():
+            from .app import run
         return run(argv)
     except KeyboardInterrupt:  # before a verb took over (it says which it was)
         print("rdmamig: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a SIGINT until the block ends, then raise it: raised inside an
+    extension module's import (numpy's), it would come out as an ImportError."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
