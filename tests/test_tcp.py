@@ -235,6 +235,35 @@ def test_a_send_waits_for_the_writes_posted_before_it_on_other_lanes() -> None:
         assert remote[:] == local[:]
 
 
+@pytest.mark.parametrize("channels", [1, 4])
+def test_work_alongside_a_batch_runs_on_a_sending_thread_before_its_data_goes(
+        channels: int) -> None:
+    # Where the data is read next: by the lane that sends it, which finds it in
+    # cache. Nothing of the batch has reached the peer when it runs.
+    with connected_pair(TcpBackend(channels=channels)) as (src, dst):
+        local, remote, writes = _registered_pair(src, dst, 4 * LANE_UNIT)
+        local[:] = b"\x5A" * len(local)
+        ran: list[tuple[str, bool]] = []
+        ticket = src.post_writes_with(writes=writes, alongside=lambda: ran.append(
+            (threading.current_thread().name, remote[:] == bytes(len(remote)))))
+        src.wait_writes(ticket=ticket, timeout=5)
+        assert ran == [("rdmamig-tcp-tx0", True)]
+        assert remote[:] == local[:]
+
+
+def test_work_alongside_a_batch_that_fails_fails_the_endpoint() -> None:
+    with connected_pair(TcpBackend()) as (src, dst):
+        _local, _remote, writes = _registered_pair(src, dst, LANE_UNIT)
+
+        def broken() -> None:
+            raise ValueError("no digest")
+
+        ticket = src.post_writes_with(writes=writes, alongside=broken)
+        with pytest.raises(TransportError, match="work beside a batch of writes failed: "
+                                                 "ValueError\\('no digest'\\)"):
+            src.wait_writes(ticket=ticket, timeout=5)
+
+
 def test_writes_to_the_same_bytes_keep_their_order_across_lanes() -> None:
     rounds, span, length = 40, 4 * LANE_UNIT, 3 * LANE_UNIT - 8192
     with connected_pair(TcpBackend(channels=4)) as (src, dst):

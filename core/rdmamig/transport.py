@@ -14,7 +14,7 @@ object owns (an endpoint's close deregisters every region it registered).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import ClassVar, Self
 
@@ -159,11 +159,33 @@ class RemoteWriter(abc.ABC):
                 bad key or range), the connection broke, or the timeout passed.
         """
 
+    def post_writes_with(self, *, writes: Sequence[RemoteWrite],
+                         alongside: Callable[[], None]) -> int:
+        """:meth:`post_writes`, and run ``alongside()``, which reads the writes'
+        source memory, while they go: here, once they are posted. A backend that
+        sends from a thread of its own runs it there, just before it sends them:
+        the thread that reads the memory next finds it in cache, and no other
+        thread competes with the sending for a CPU. Either way it has run once
+        the batch completes.
+        """
+        ticket = self.post_writes(writes=writes)
+        alongside()
+        return ticket
+
 
 class Endpoint(ControlChannel, MemoryRegistry, RemoteWriter, _Closing):
     """One connection to a peer. ``capabilities`` is what was negotiated."""
 
     capabilities: Capability
+
+    def watch_placements(self, placed: Callable[[int, int], None]) -> bool:
+        """Have ``placed(addr, length)`` called after each of the peer's writes
+        (or each piece of one, where the backend splits them) lands in memory
+        registered here, on the thread that placed it, before it places more;
+        whether this endpoint can. A write placed by a NIC passes no CPU of ours:
+        RDMA cannot, and neither can this base class.
+        """
+        return False
 
 
 class Listener(_Closing):

@@ -18,6 +18,7 @@ A backend that cannot run on this machine is skipped with its own reason. Set
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import tempfile
@@ -226,6 +227,53 @@ class BackendConformance:
         dst.deregister(region=rregion)
         assert dst.pinned_bytes == 0 == src.pinned_bytes
         assert dst.pinned_peak_bytes == 4 * MiB
+
+    def test_work_alongside_a_batch_runs_once_before_it_completes(
+            self, pair: tuple[Endpoint, Endpoint]) -> None:
+        src, dst = pair
+        local, lregion = self._registered(src, 2 * MiB, remote_write=False)
+        remote, rregion = self._registered(dst, 2 * MiB)
+        local[:] = os.urandom(2 * MiB)
+        ran: list[str] = []
+        ticket = src.post_writes_with(
+            writes=[RemoteWrite(region=lregion, offset=at, length=MiB,
+                                remote_addr=rregion.addr + at, rkey=rregion.rkey)
+                    for at in (0, MiB)],
+            alongside=lambda: ran.append("ran"))
+        src.wait_writes(ticket=ticket, timeout=10)
+        assert len(ran) == 1
+        assert remote[:] == local[:]
+
+    def test_a_watched_destination_reports_each_write_as_it_lands(
+            self, pair: tuple[Endpoint, Endpoint]) -> None:
+        # Whether an endpoint can is its own (RDMA cannot); one that says it can
+        # reports every byte written, each range with its bytes in place (a write
+        # whole or the pieces it was split into), before the batch completes.
+        src, dst = pair
+        local, lregion = self._registered(src, 2 * MiB, remote_write=False)
+        remote, rregion = self._registered(dst, 2 * MiB)
+        local[:] = os.urandom(2 * MiB)
+        seen: list[tuple[int, int, bool]] = []
+
+        def placed(addr: int, length: int) -> None:
+            start = addr - rregion.addr
+            landed = remote[start:start + length] == local[start:start + length]
+            seen.append((start, length, landed))
+
+        if not dst.watch_placements(placed):
+            pytest.skip("this backend's writes land without a CPU of the destination")
+        sizes = [4096, MiB - 4096, MiB]
+        writes, at = [], 0
+        for size in sizes:
+            writes.append(RemoteWrite(region=lregion, offset=at, length=size,
+                                      remote_addr=rregion.addr + at, rkey=rregion.rkey))
+            at += size
+        src.wait_writes(ticket=src.post_writes(writes=writes), timeout=10)
+        assert all(landed for _start, _length, landed in seen)
+        ranges = sorted((start, length) for start, length, _landed in seen)
+        assert [start for start, _length in ranges] == list(itertools.accumulate(
+            [0] + [length for _start, length in ranges[:-1]]))
+        assert sum(length for _start, length in ranges) == at
 
     def test_a_write_source_may_be_read_only_memory(
             self, pair: tuple[Endpoint, Endpoint]) -> None:

@@ -89,6 +89,8 @@ class TcpEndpoint(EndpointBase[memoryview]):
         self._last_ticket = 0  # the batch posted last
         self._error: TransportError | None = None
         self._closed = False
+        # Called by a receiver after each write it places (watch_placements).
+        self._placed: Callable[[int, int], None] | None = None
         self._lanes = [Lane(sock, index, on_send_error=self._send_failed)
                        for index, sock in enumerate(socks)]
         self._receivers = [threading.Thread(target=self._receive_loop, args=(lane,),
@@ -166,6 +168,15 @@ class TcpEndpoint(EndpointBase[memoryview]):
     # ------------------------------------------------------------ one-sided writes
 
     def post_writes(self, *, writes: Sequence[RemoteWrite]) -> int:
+        return self._post(writes, None)
+
+    def post_writes_with(self, *, writes: Sequence[RemoteWrite],
+                         alongside: Callable[[], None]) -> int:
+        return self._post(writes, alongside)
+
+    def _post(self, writes: Sequence[RemoteWrite], alongside: Callable[[], None] | None) -> int:
+        """Queue ``writes`` on the lanes; ``alongside`` runs on the first lane that
+        carries some of them, before it sends them."""
         self.check_batch(writes)
         self._check()
         # Per lane, in posting order: the pieces of writes it carries.
@@ -184,8 +195,34 @@ class TcpEndpoint(EndpointBase[memoryview]):
             ticket = self._last_ticket = next(self._tickets)
             for lane, mine in zip(self._lanes, pieces, strict=True):
                 lane.posted_writes += len(mine)
-                lane.push(_write_frames(mine, ticket))
+                first = None
+                if mine and alongside is not None:
+                    first, alongside = self._guarded(alongside), None
+                lane.push(_write_frames(mine, ticket), first=first)
         return ticket
+
+    def _guarded(self, work: Callable[[], None]) -> Callable[[], None]:
+        """``work`` for a lane's thread: what it raises puts the endpoint in the
+        error state (a waiter raises it), and the lane sends nothing more."""
+        def run() -> None:
+            try:
+                work()
+            except Exception as exc:
+                self._fail(TransportError(f"work beside a batch of writes failed: {exc!r}"))
+                raise OSError(errno.ECANCELED, "the batch is not sent") from exc
+        return run
+
+    def watch_placements(self, placed: Callable[[int, int], None]) -> bool:
+        self._placed = self._guarded_placed(placed)
+        return True
+
+    def _guarded_placed(self, placed: Callable[[int, int], None]) -> Callable[[int, int], None]:
+        def run(addr: int, length: int) -> None:
+            try:
+                placed(addr, length)
+            except Exception as exc:
+                self._fail(TransportError(f"watching a placed write failed: {exc!r}"))
+        return run
 
     def _split(self, remote_addr: int, length: int) -> list[tuple[int, int]]:
         """(offset, length) pieces of a write, cut where the remote address crosses
@@ -333,6 +370,8 @@ class TcpEndpoint(EndpointBase[memoryview]):
                     raise ConnectionError("peer closed the connection in a write")
             finally:
                 lane.placing_into = None
+        if self._placed is not None:
+            self._placed(addr, length)
         with self._cond:
             lane.placed_writes += 1
             if self._inbox:  # a control message may be waiting for this write
@@ -409,6 +448,7 @@ class TcpEndpoint(EndpointBase[memoryview]):
             lane.shutdown()
         for thread in self._receivers:
             thread.join(timeout=10)
+        self._placed = None  # it holds the watcher's memory: not for as long as we live
         for lane in self._lanes:
             lane.close(reset=unfinished)
         with self._keys:

@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from rdmamig.transport import MemoryRegion
 
@@ -30,6 +31,13 @@ _ABORT = struct.pack("ii", 1, 0)
 _SHUT_WR = object()
 
 Frames = Sequence[bytes | memoryview | Registered]
+
+
+class _Prepared(NamedTuple):
+    """A queue item: frames, and the work to do on the sender thread before them."""
+
+    first: Callable[[], None]
+    frames: Frames
 
 #: A push of at most this many bytes to an idle lane is sent by the caller.
 DIRECT_SEND_BYTES = 1 << 20
@@ -63,7 +71,7 @@ class Lane:
         #: waits for it.
         self.placing = threading.Lock()
         self.placing_into: MemoryRegion | None = None
-        self._queue: queue.SimpleQueue[Frames | object | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Frames | _Prepared | object | None] = queue.SimpleQueue()
         # Pushes not sent yet, and who may write to the socket: the sender thread or
         # a caller sending directly, one at a time and in push order.
         self._unsent = 0
@@ -76,10 +84,16 @@ class Lane:
                                         name=f"rdmamig-tcp-tx{index}")
         self._sender.start()
 
-    def push(self, frames: Frames) -> None:
+    def push(self, frames: Frames, *, first: Callable[[], None] | None = None) -> None:
         """Send ``frames`` (headers and payloads, without copying) after everything
         pushed before: queued for the sender thread, or sent now when they are
-        small and the lane is idle."""
+        small and the lane is idle. ``first``: run on the sender thread before
+        they are sent (an OSError it raises fails the lane as a send would)."""
+        if first is not None:
+            with self._state:
+                self._unsent += 1
+            self._queue.put(_Prepared(first, frames))
+            return
         with self._state:
             direct = (self._unsent == 0
                       and sum(len(frame) for frame in frames) <= DIRECT_SEND_BYTES)
@@ -112,6 +126,10 @@ class Lane:
                 with self._sending:
                     if item is _SHUT_WR:
                         self.sock.shutdown(socket.SHUT_WR)
+                    elif isinstance(item, _Prepared):
+                        item.first()
+                        send_all(self.sock, item.frames, timeout=FRAME_TIMEOUT,
+                                 pages=self._pages)
                     else:
                         send_all(self.sock, item,  # type: ignore[arg-type]
                                  timeout=FRAME_TIMEOUT, pages=self._pages)
