@@ -325,7 +325,12 @@ class _CountsInFlight:
         self._inner, self._posted, self._waited, self.most = inner, 0, 0, 0
 
     def post_writes(self, *, writes: Any) -> int:
-        ticket = self._inner.post_writes(writes=writes)
+        return self._posting(self._inner.post_writes(writes=writes))
+
+    def post_writes_with(self, *, writes: Any, alongside: Any) -> int:
+        return self._posting(self._inner.post_writes_with(writes=writes, alongside=alongside))
+
+    def _posting(self, ticket: int) -> int:
         self._posted = ticket
         self.most = max(self.most, self._posted - self._waited)
         return ticket

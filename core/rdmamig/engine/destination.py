@@ -335,6 +335,8 @@ class Destination:
         self.grants = GrantTable([block.chunks for block in self.blocks])
         if self.endpoint.capabilities & Capability.CHUNK_HASHES:
             self._arrived = ArrivedChunks(self.blocks)
+            # Before any registration: no write can land before it is watched.
+            self.endpoint.watch_placements(self._arrived.placed)
         offset = 0
         for block in self.blocks:
             self._offsets.append(offset)

@@ -17,6 +17,7 @@ the source waits for the peer's answers. Two modes do that:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -57,7 +58,10 @@ class WritePipeline:
             paces there).
         post_unit: the most bytes to post at once, or None (a paced source posts
             its batches in pieces of this size).
-        on_posted: called with a batch's chunks once all its writes are posted.
+        alongside: called with a batch's chunks beside its writes
+            (:meth:`~rdmamig.transport.RemoteWriter.post_writes_with`: perhaps on
+            the backend's sending thread, before it sends them); it has run once
+            the batch completes.
         on_completed: called with the bytes of each posted piece that completes,
             before the progress sample that follows.
     """
@@ -66,7 +70,7 @@ class WritePipeline:
                  timeout: float | None, on_progress: Callable[[], None],
                  before_post: Callable[[int], None] = lambda nbytes: None,
                  post_unit: Callable[[], int | None] = lambda: None,
-                 on_posted: Callable[[list[ChunkId]], None] = lambda chunks: None,
+                 alongside: Callable[[list[ChunkId]], None] = lambda chunks: None,
                  on_completed: Callable[[int], None] = lambda nbytes: None) -> None:
         self.endpoint = endpoint
         self.batch_chunks = batch_chunks
@@ -76,7 +80,7 @@ class WritePipeline:
         self.sample = on_progress
         self._before_post = before_post
         self._post_unit = post_unit
-        self._on_posted = on_posted
+        self._alongside = alongside
         self._on_completed = on_completed
         self._queued: list[_Batch] = []
         # Posted pieces not yet seen complete, oldest first: ticket, the chunks
@@ -123,13 +127,16 @@ class WritePipeline:
             for index, piece in enumerate(pieces):
                 nbytes = sum(write.length for write in piece)
                 self._before_post(nbytes)
-                ticket = self.endpoint.post_writes(writes=piece)
+                if index == 0:
+                    ticket = self.endpoint.post_writes_with(
+                        writes=piece, alongside=functools.partial(self._alongside, batch.chunks))
+                else:
+                    ticket = self.endpoint.post_writes(writes=piece)
                 # Completions come in order: the batch's chunks are written with its
                 # last piece.
                 self._outstanding.append((ticket, batch.chunks if index == len(pieces) - 1
                                           else [], nbytes))
                 self.posted_since_mark += 1
-            self._on_posted(batch.chunks)
         self.sample()
 
     def post_part(self, parts: int) -> None:

@@ -130,7 +130,7 @@ class Source:
                                       on_progress=self.meter.sample,
                                       before_post=self.meter.before_post,
                                       post_unit=self.meter.post_unit,
-                                      on_posted=self._posted,
+                                      alongside=self._hash_sent,
                                       on_completed=self.meter.completed)
         self._sent = SentChunks(self.blocks)
         #: Made once the blocks are exchanged (:mod:`.registrar`).
@@ -438,11 +438,13 @@ class Source:
                             length=end - start, remote_addr=target.remote_base + start,
                             rkey=target.rkey)
 
-    def _posted(self, chunks: list[ChunkId]) -> None:
-        """The writes of ``chunks`` are posted: while the lanes send them, hash them
-        for CHUNK HASHES once the source is stopped, or from the start when nothing
-        but a caller's ``mark_dirty`` changes its memory (a chunk marked dirty again
-        is hashed again when it is written again)."""
+    def _hash_sent(self, chunks: list[ChunkId]) -> None:
+        """Beside the writes of ``chunks`` (on the backend's sending thread, before
+        it sends them, where it has one): hash them for CHUNK HASHES once the
+        source is stopped, or from the start when nothing but a caller's
+        ``mark_dirty`` changes its memory (a chunk marked dirty again is hashed
+        again when it is written again). The source stops only between passes,
+        with no write in flight."""
         static = self.workload is None and not self.trackers
         if self.endpoint.capabilities & Capability.CHUNK_HASHES and (self._stopped or static):
             self._sent.posted(chunks)
