@@ -172,6 +172,10 @@ class TcpEndpoint(EndpointBase[memoryview]):
 
     def post_writes_with(self, *, writes: Sequence[RemoteWrite],
                          alongside: Callable[[], None]) -> int:
+        if len(self._lanes) > 1:
+            # A lane carries only its share of the batch: reading all of it there
+            # would hold that lane back while the others finish theirs.
+            return super().post_writes_with(writes=writes, alongside=alongside)
         return self._post(writes, alongside)
 
     def _post(self, writes: Sequence[RemoteWrite], alongside: Callable[[], None] | None) -> int:
