@@ -155,6 +155,33 @@ def test_deregistration_waits_for_a_write_into_its_region_and_no_other() -> None
         assert into[:8192] == b"x" * 8192 and into[8192] == 0
 
 
+def test_deregistration_waits_for_the_watcher_of_a_placed_write() -> None:
+    # The watcher reads what was placed (the destination hashes it): the region
+    # must not go, and its memory with it, until the watcher is done.
+    with connected_pair(TcpBackend()) as (src, dst):
+        local, remote = mmap.mmap(-1, LANE_UNIT), mmap.mmap(-1, LANE_UNIT)
+        lregion = src.register(buffer=memoryview(local), remote_write=False)
+        region = dst.register(buffer=memoryview(remote), remote_write=True)
+        writes = [RemoteWrite(region=lregion, offset=0, length=LANE_UNIT,
+                              remote_addr=region.addr, rkey=region.rkey)]
+        watching, release = threading.Event(), threading.Event()
+
+        def watcher(addr: int, length: int) -> None:
+            watching.set()
+            release.wait(5)
+
+        assert dst.watch_placements(watcher)
+        src.post_writes(writes=writes)
+        assert watching.wait(5)
+        waiting = threading.Thread(target=dst.deregister, kwargs={"region": region})
+        waiting.start()
+        waiting.join(timeout=0.2)
+        assert waiting.is_alive(), "deregistered while the watcher read the region"
+        release.set()
+        waiting.join(timeout=5)
+        assert not waiting.is_alive()
+
+
 MEMLOCK_SCRIPT = textwrap.dedent("""
     import mmap, sys
     from rdmamig.errors import MemlockLimitError

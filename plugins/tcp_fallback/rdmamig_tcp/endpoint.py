@@ -372,10 +372,12 @@ class TcpEndpoint(EndpointBase[memoryview]):
                 if not recv_exact(lane.sock, view[start:start + length],
                                   timeout=FRAME_TIMEOUT):
                     raise ConnectionError("peer closed the connection in a write")
+                if self._placed is not None:
+                    # Still placing: deregistering the region waits until the
+                    # watcher has read it.
+                    self._placed(addr, length)
             finally:
                 lane.placing_into = None
-        if self._placed is not None:
-            self._placed(addr, length)
         with self._cond:
             lane.placed_writes += 1
             if self._inbox:  # a control message may be waiting for this write
