@@ -182,8 +182,9 @@ class Endpoint(ControlChannel, MemoryRegistry, RemoteWriter, _Closing):
         """Have ``placed(addr, length)`` called after each of the peer's writes
         (or each piece of one, where the backend splits them) lands in memory
         registered here, on the thread that placed it, before it places more
-        and before the region can be deregistered; whether this endpoint can. A write placed by a NIC passes no CPU of ours:
-        RDMA cannot, and neither can this base class.
+        and before the region can be deregistered; whether this endpoint can. A
+        write placed by a NIC passes no CPU of ours: RDMA cannot, and neither can
+        this base class.
         """
         return False
 
