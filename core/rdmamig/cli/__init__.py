@@ -34,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def _interrupt_after() -> Iterator[None]:
     """Hold a SIGINT until the block ends, then raise it: raised inside an
-    extension module's import (numpy's), it would come out as an ImportError."""
-    if threading.current_thread() is not threading.main_thread():
+    extension module's import (numpy's), it would come out as an ImportError.
+    Nothing where SIGINT is ignored (``rdmamig ... &`` in a script)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
     caught: list[int] = []
