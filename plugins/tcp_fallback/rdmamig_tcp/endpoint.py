@@ -89,7 +89,8 @@ class TcpEndpoint(EndpointBase[memoryview]):
         self._last_ticket = 0  # the batch posted last
         self._error: TransportError | None = None
         self._closed = False
-        # Called by a receiver after each write it places (watch_placements).
+        # Called by a receiver once each write it places has landed, before it
+        # lets go of the region (watch_placements).
         self._placed: Callable[[int, int], None] | None = None
         self._lanes = [Lane(sock, index, on_send_error=self._send_failed)
                        for index, sock in enumerate(socks)]

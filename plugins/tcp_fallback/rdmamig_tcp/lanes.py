@@ -39,6 +39,7 @@ class _Prepared(NamedTuple):
     first: Callable[[], None]
     frames: Frames
 
+
 #: A push of at most this many bytes to an idle lane is sent by the caller.
 DIRECT_SEND_BYTES = 1 << 20
 
